@@ -1,0 +1,95 @@
+"""Cluster membership: which replicas are alive, under leases, and what they report.
+
+`Directory` is a plain class so that its rules are tested without Ray; `directory_actor` wraps
+it in a named Ray actor. Replicas register once and then renew their lease by heartbeat; a
+heartbeat also carries the replica's cache statistics, so reading the cluster's statistics never
+calls a replica. A replica whose lease lapses is dropped; its next heartbeat is refused and it
+registers again, which is also how replicas repopulate a directory that restarted empty.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, NewType
+
+ReplicaId = NewType("ReplicaId", str)
+
+
+@dataclass(frozen=True)
+class Member:
+    """One model replica as the cluster knows it."""
+
+    replica_id: ReplicaId
+    node_id: str
+    peer_address: str = ""
+    weight: float = 1.0
+
+
+@dataclass
+class _Lease:
+    member: Member
+    expires_at: float
+    stats: Mapping[str, Any] = field(default_factory=dict)
+
+
+class Directory:
+    """Members under leases of `lease_s` seconds, with a version that changes with membership."""
+
+    def __init__(self, lease_s: float = 10.0, timer: Callable[[], float] = time.monotonic) -> None:
+        if lease_s <= 0:
+            raise ValueError("lease_s must be > 0")
+        self.lease_s = lease_s
+        self._timer = timer
+        self._leases: dict[ReplicaId, _Lease] = {}
+        self.version = 0
+
+    def register(self, member: Member) -> int:
+        """Add or refresh `member` (idempotent); returns the membership version."""
+        self._expire()
+        previous = self._leases.get(member.replica_id)
+        self._leases[member.replica_id] = _Lease(
+            member, self._timer() + self.lease_s, previous.stats if previous else {}
+        )
+        if previous is None or previous.member != member:
+            self.version += 1
+        return self.version
+
+    def heartbeat(self, replica_id: ReplicaId, stats: Mapping[str, Any] | None = None) -> bool:
+        """Renew the lease of `replica_id` and record its stats.
+
+        Returns False when the replica is not a member (never registered, lease lapsed, or the
+        directory restarted): the caller must `register` again.
+        """
+        self._expire()
+        lease = self._leases.get(replica_id)
+        if lease is None:
+            return False
+        lease.expires_at = self._timer() + self.lease_s
+        if stats is not None:
+            lease.stats = dict(stats)
+        return True
+
+    def deregister(self, replica_id: ReplicaId) -> None:
+        """Remove `replica_id` at once (a replica shutting down cleanly)."""
+        if self._leases.pop(replica_id, None) is not None:
+            self.version += 1
+
+    def members(self) -> list[Member]:
+        """Live members, ordered by replica id."""
+        self._expire()
+        return [self._leases[rid].member for rid in sorted(self._leases)]
+
+    def stats(self) -> dict[ReplicaId, Mapping[str, Any]]:
+        """The last stats each live member reported."""
+        self._expire()
+        return {rid: self._leases[rid].stats for rid in sorted(self._leases)}
+
+    def _expire(self) -> None:
+        now = self._timer()
+        lapsed = [rid for rid, lease in self._leases.items() if lease.expires_at <= now]
+        for rid in lapsed:
+            del self._leases[rid]
+        if lapsed:
+            self.version += 1

@@ -1,0 +1,1 @@
+"""raycache's Ray Serve application: ingress, model replicas, built-in models."""

@@ -1,0 +1,169 @@
+"""Validated `args` of the raycache Serve application.
+
+`build_app(args)` receives the `args` mapping of an application in a Serve config file. Ray Serve
+passes it through untouched, so every key is checked here: unknown keys are rejected with a
+message naming them (Serve itself would ignore a misspelt option silently), and each field
+carries its unit, default and meaning.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+REDIS_URL_ENV = "RAYCACHE_REDIS_URL"
+ADMIN_TOKEN_ENV = "RAYCACHE_ADMIN_TOKEN"
+
+
+class StrictModel(BaseModel):
+    """A frozen pydantic model that rejects unknown keys."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(StrictModel):
+    """One model the replicas serve."""
+
+    id: str = Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$",
+        description="Model name clients send in `model`; also part of cache keys.",
+    )
+    version: str = Field(
+        default="1",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$",
+        description="Version of the weights; answers are cached under it.",
+    )
+    kind: Literal["tiny-gpt"] = Field(
+        default="tiny-gpt", description="Model family; `tiny-gpt` is the built-in byte-level GPT."
+    )
+    seed: int = Field(
+        default=0, ge=0, description="Seed the weights are built from when no checkpoint is given."
+    )
+    checkpoint: str | None = Field(
+        default=None,
+        description="Path of a safetensors checkpoint written by raycache; overrides `seed`.",
+    )
+    n_layers: int = Field(default=4, ge=1, le=64, description="Transformer blocks.")
+    d_model: int = Field(default=256, ge=8, le=8192, description="Width of the residual stream.")
+    n_heads: int = Field(default=4, ge=1, le=128, description="Attention heads per block.")
+    max_context: int = Field(
+        default=4096, ge=16, le=65536, description="Longest sequence (prompt + completion), tokens."
+    )
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> ModelSpec:
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
+            )
+        return self
+
+
+class ResultCacheSettings(StrictModel):
+    """Bounds of each replica's local result cache."""
+
+    max_bytes: int = Field(
+        default=64 * 1024 * 1024, ge=0, description="Byte budget of cached answers (bytes)."
+    )
+    max_entries: int = Field(default=100_000, ge=0, description="Most answers kept (entries).")
+
+
+class LimitSettings(StrictModel):
+    """Request limits enforced at the ingress."""
+
+    max_prompt_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="Longest accepted prompt (tokens); the model's context bounds it regardless.",
+    )
+    max_completion_tokens: int = Field(
+        default=512, ge=1, description="Largest accepted `max_tokens` (tokens)."
+    )
+
+
+class AppArgs(StrictModel):
+    """The `args` of the raycache application in a Serve config file."""
+
+    namespace: str = Field(
+        default="raycache",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9_\-]*$",
+        description="Prefix of every cache key and Redis key; separates deployments.",
+    )
+    models: tuple[ModelSpec, ...] = Field(
+        default=(ModelSpec(id="tiny-gpt"),),
+        min_length=1,
+        description="Models served by every replica.",
+    )
+    result_cache: ResultCacheSettings = Field(default_factory=ResultCacheSettings)
+    limits: LimitSettings = Field(default_factory=LimitSettings)
+    redis_url: str | None = Field(
+        default=None,
+        description=f"Shared Redis tier (`redis://` or `rediss://`); null disables it. "
+        f"{REDIS_URL_ENV} overrides it.",
+    )
+    admin_token: str | None = Field(
+        default=None,
+        description=f"Bearer token admin routes require; {ADMIN_TOKEN_ENV} overrides it.",
+    )
+    tenant_header: str = Field(
+        default="x-raycache-tenant",
+        description="HTTP header naming the tenant; requests without it belong to `default`.",
+    )
+    torch_threads: int = Field(
+        default=1, ge=1, le=256, description="Intra-op threads of each model replica (threads)."
+    )
+    stats_interval_s: float = Field(
+        default=0.2, gt=0, le=60, description="How often replicas report cache stats (seconds)."
+    )
+
+    @model_validator(mode="after")
+    def _unique_model_ids(self) -> AppArgs:
+        ids = [m.id for m in self.models]
+        duplicates = sorted({i for i in ids if ids.count(i) > 1})
+        if duplicates:
+            raise ValueError(f"models: duplicate id(s) {duplicates}")
+        return self
+
+    def model(self, model_id: str) -> ModelSpec | None:
+        """The spec of `model_id`, or None when no such model is served."""
+        return next((m for m in self.models if m.id == model_id), None)
+
+    def with_environment(self, environ: dict[str, str] | None = None) -> AppArgs:
+        """These args with the operator's environment overrides applied.
+
+        Called on the node that runs a deployment, so the pod's environment wins over the file.
+        """
+        environ = os.environ if environ is None else environ
+        updates: dict[str, str | None] = {}
+        if REDIS_URL_ENV in environ:
+            updates["redis_url"] = environ[REDIS_URL_ENV] or None
+        if ADMIN_TOKEN_ENV in environ:
+            updates["admin_token"] = environ[ADMIN_TOKEN_ENV] or None
+        return self.model_copy(update=updates)
+
+
+class ConfigError(ValueError):
+    """The application's args are invalid; the message names every bad field."""
+
+
+def parse_args(raw: dict[str, object] | None) -> AppArgs:
+    """Validate raw application args, raising `ConfigError` that names each bad field."""
+    try:
+        return AppArgs.model_validate(raw or {})
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            where = ".".join(str(part) for part in error["loc"]) or "args"
+            if error["type"] == "extra_forbidden":
+                problems.append(f"{where}: unknown key")
+            else:
+                problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+        raise ConfigError("invalid raycache args: " + "; ".join(problems)) from None

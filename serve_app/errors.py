@@ -1,0 +1,76 @@
+"""The errors the application reports to clients, and how each maps to HTTP and gRPC.
+
+    RaycacheError            (500, INTERNAL)       base; never raised for bad input
+    ├── InvalidRequest       (400, INVALID_ARGUMENT)
+    │   └── PromptTooLong    (400, INVALID_ARGUMENT)
+    ├── Unauthorized         (401, UNAUTHENTICATED)
+    └── ModelNotFound        (404, NOT_FOUND)
+
+Each error names the request field at fault (`param`), so a client can tell what to fix. The
+exceptions are plain and picklable: raised in a replica, they reach a handle caller intact.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class RaycacheError(Exception):
+    """An error with an HTTP status, a gRPC status name, and the field at fault."""
+
+    http_status: ClassVar[int] = 500
+    grpc_status: ClassVar[str] = "INTERNAL"
+    error_type: ClassVar[str] = "server_error"
+    code: ClassVar[str | None] = None
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message, param)
+        self.message = message
+        self.param = param
+
+    def __str__(self) -> str:
+        return f"{self.param}: {self.message}" if self.param else self.message
+
+    def to_json(self) -> dict[str, Any]:
+        """The OpenAI-style error body: `{"error": {message, type, param, code}}`."""
+        return {
+            "error": {
+                "message": str(self),
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class InvalidRequest(RaycacheError):
+    """A field is missing, of the wrong type, or out of range."""
+
+    http_status = 400
+    grpc_status = "INVALID_ARGUMENT"
+    error_type = "invalid_request_error"
+    code = "invalid_value"
+
+
+class PromptTooLong(InvalidRequest):
+    """The prompt does not fit the model's context or the configured limit."""
+
+    code = "context_length_exceeded"
+
+
+class Unauthorized(RaycacheError):
+    """An admin route was called without the configured bearer token."""
+
+    http_status = 401
+    grpc_status = "UNAUTHENTICATED"
+    error_type = "authentication_error"
+    code = "invalid_token"
+
+
+class ModelNotFound(RaycacheError):
+    """The requested model is not served here."""
+
+    http_status = 404
+    grpc_status = "NOT_FOUND"
+    error_type = "invalid_request_error"
+    code = "model_not_found"

@@ -1,0 +1,183 @@
+"""The HTTP ingress and the Ray-handle API of raycache.
+
+HTTP routes (FastAPI, see DESIGN "Interfaces"): `POST /v1/completions`, `GET /v1/models`,
+`GET /v1/cache/stats`, `GET /healthz`. The same operations are methods of `Ingress`, for callers
+holding a handle:
+
+    handle = serve.get_app_handle("raycache")
+    response = await handle.complete.remote({"model": "tiny-gpt", "prompt": "Hi",
+                                             "temperature": 0})
+
+Every error a client can cause is a `RaycacheError`: over HTTP it becomes its status code and an
+OpenAI-style JSON body naming the field; over a handle it is raised as is.
+"""
+
+import json
+import logging
+from typing import Any
+
+import ray
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from cluster.directory_actor import directory_actor
+from cluster.keys import routing_key
+from cluster.redis_probe import RedisProbe
+from serve_app.completions import (
+    CompletionJob,
+    CompletionRequest,
+    completion_response,
+    parse_completion_request,
+)
+from serve_app.config import AppArgs, parse_args
+from serve_app.errors import InvalidRequest, ModelNotFound, PromptTooLong, RaycacheError
+from serve_app.models import ByteTokenizer
+from serve_app.stats import cluster_stats
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_TENANT = "default"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+DIRECTORY_TIMEOUT_S = 5.0
+
+http_app = FastAPI(title="raycache", version="0.1.0")
+
+
+@http_app.exception_handler(RaycacheError)
+async def _raycache_error(_: Request, exc: RaycacheError) -> JSONResponse:
+    return JSONResponse(exc.to_json(), status_code=exc.http_status)
+
+
+@http_app.exception_handler(RequestValidationError)
+async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    error = exc.errors()[0]
+    location = [str(part) for part in error["loc"] if part not in ("body", "path", "query")]
+    param = ".".join(location) or "body"
+    return JSONResponse(InvalidRequest(error["msg"], param=param).to_json(), status_code=400)
+
+
+async def _json_body(request: Request) -> Any:
+    """The request's JSON body; bad or oversized JSON is an `InvalidRequest` on `body`."""
+    raw = await request.body()
+    if len(raw) > MAX_BODY_BYTES:
+        raise InvalidRequest(f"larger than {MAX_BODY_BYTES} bytes", param="body")
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidRequest(f"not valid JSON ({exc})", param="body") from None
+
+
+# Everything the class uses must be defined above it: `serve.ingress` serializes the class
+# when it decorates it, before the rest of this module has run.
+@serve.deployment(name="Ingress")
+@serve.ingress(http_app)
+class Ingress:
+    """Parses, validates and routes requests to the `ModelReplica` deployment."""
+
+    def __init__(self, replicas: DeploymentHandle, args: dict[str, Any]) -> None:
+        self._args: AppArgs = parse_args(args).with_environment()
+        self._replicas = replicas
+        self._tokenizer = ByteTokenizer()
+        self._redis = RedisProbe(self._args.redis_url)
+
+    # -- handle API ---------------------------------------------------------------------------
+
+    async def complete(self, body: dict[str, Any], tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        """Answer an OpenAI-style completion body; raises `RaycacheError` on bad input."""
+        request = parse_completion_request(body)
+        job = self._job(request, tenant)
+        outcome = await self._replicas.complete.remote(job)
+        return completion_response(request.model, outcome)
+
+    async def models(self) -> dict[str, Any]:
+        """The OpenAI model list, with each model's current `version`."""
+        return {
+            "object": "list",
+            "data": [
+                {"id": m.id, "object": "model", "owned_by": "raycache", "version": m.version}
+                for m in self._args.models
+            ],
+        }
+
+    async def cache_stats(self) -> dict[str, Any]:
+        """`{"total": ..., "replicas": {replica_id: ...}}` as last reported by each replica."""
+        directory = directory_actor(self._args.namespace)
+        replicas = await directory.stats.remote()
+        return cluster_stats(replicas)
+
+    async def health(self) -> dict[str, Any]:
+        """`{"status": "ok", "redis": "up" | "down" | "disabled", "replicas": n}`."""
+        try:
+            members = await directory_actor(self._args.namespace).members.remote()
+            replica_count: int | None = len(members)
+        except ray.exceptions.RayError:
+            replica_count = None
+        return {
+            "status": "ok",
+            "redis": await self._redis.status(),
+            "replicas": replica_count,
+            "models": [m.id for m in self._args.models],
+        }
+
+    # -- HTTP routes --------------------------------------------------------------------------
+
+    @http_app.post("/v1/completions")
+    async def http_completions(self, request: Request) -> JSONResponse:
+        body = await _json_body(request)
+        tenant = request.headers.get(self._args.tenant_header) or DEFAULT_TENANT
+        return JSONResponse(await self.complete(body, tenant=tenant))
+
+    @http_app.get("/v1/models")
+    async def http_models(self) -> JSONResponse:
+        return JSONResponse(await self.models())
+
+    @http_app.get("/v1/cache/stats")
+    async def http_cache_stats(self) -> JSONResponse:
+        return JSONResponse(await self.cache_stats())
+
+    @http_app.get("/healthz")
+    async def http_health(self) -> JSONResponse:
+        return JSONResponse(await self.health())
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def _job(self, request: CompletionRequest, tenant: str) -> CompletionJob:
+        spec = self._args.model(request.model)
+        if spec is None:
+            raise ModelNotFound(f"model {request.model!r} does not exist", param="model")
+        limit = self._args.limits.max_completion_tokens
+        if not 1 <= request.max_tokens <= limit:
+            raise InvalidRequest(
+                f"must be between 1 and {limit}, got {request.max_tokens}", param="max_tokens"
+            )
+        if isinstance(request.prompt, str):
+            tokens = self._tokenizer.encode(request.prompt)
+        else:
+            tokens = list(request.prompt)
+            bad = next((t for t in tokens if not 0 <= t < self._tokenizer.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    f"token id {bad} is outside the vocabulary [0, {self._tokenizer.vocab_size})",
+                    param="prompt",
+                )
+        if not tokens:
+            raise InvalidRequest("must not be empty", param="prompt")
+        # At least one position must remain for the first generated token.
+        longest = spec.max_context - 1
+        if self._args.limits.max_prompt_tokens is not None:
+            longest = min(longest, self._args.limits.max_prompt_tokens)
+        if len(tokens) > longest:
+            raise PromptTooLong(
+                f"has {len(tokens)} tokens; the limit for model {spec.id!r} is {longest}",
+                param="prompt",
+            )
+        return CompletionJob(
+            model=spec.id,
+            tenant=tenant,
+            prompt_tokens=tuple(tokens),
+            params=request.sampling_params(),
+            routing_key=routing_key(self._args.namespace, tenant, spec.id, tokens),
+        )

@@ -1,0 +1,145 @@
+"""The model replica: the models, the local result cache, and membership in the directory.
+
+`ModelReplica.complete` answers a validated `CompletionJob`: from the local result cache when
+the request is deterministic and was answered before, otherwise by generating (in a worker
+thread, so the replica's event loop keeps serving hits) and caching the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import msgpack
+import ray
+import torch
+from ray import serve
+
+from cluster.directory import Member, ReplicaId
+from cluster.keys import RequestIdentity, ResultKey, result_key
+from cluster.membership import MembershipHeartbeat
+from cluster.result_cache import ResultCache
+from serve_app.completions import CompletionJob, CompletionOutcome
+from serve_app.config import AppArgs, parse_args
+from serve_app.errors import ModelNotFound
+from serve_app.models import ByteTokenizer, CausalLM, Generation, SamplingParams, generate
+from serve_app.models.loading import load_model
+from serve_app.stats import replica_stats
+
+logger = logging.getLogger(__name__)
+
+COMPLETION_KIND = "completion"
+
+
+def cache_params(params: SamplingParams) -> dict[str, object]:
+    """The parameters that decide a completion, as they enter its key.
+
+    Greedy decoding ignores `top_p` and `seed`, so they are left out of greedy keys: greedy
+    requests that differ only in them share one answer.
+    """
+    key: dict[str, object] = {
+        "max_tokens": params.max_tokens,
+        "temperature": float(params.temperature),
+        "stop": list(params.stop),
+    }
+    if params.temperature > 0:
+        key["top_p"] = float(params.top_p)
+        key["seed"] = params.seed
+    return key
+
+
+def encode_answer(generation: Generation, model_version: str) -> bytes:
+    """The cached form of an answer (msgpack: never pickle)."""
+    return msgpack.packb(
+        {
+            "text": generation.text,
+            "finish_reason": generation.finish_reason,
+            "prompt_tokens": generation.prompt_tokens,
+            "completion_tokens": len(generation.tokens),
+            "model_version": model_version,
+        }
+    )
+
+
+def decode_answer(blob: bytes, tier: str) -> CompletionOutcome:
+    """The outcome stored by `encode_answer`, as served from cache `tier`."""
+    fields = msgpack.unpackb(blob, raw=False)
+    return CompletionOutcome(cached_tokens=0, cache_tier=tier, **fields)
+
+
+@serve.deployment(name="ModelReplica")
+class ModelReplica:
+    """Serves every configured model; see `complete`."""
+
+    def __init__(self, args: dict[str, Any]) -> None:
+        self._args: AppArgs = parse_args(args).with_environment()
+        torch.set_num_threads(self._args.torch_threads)
+        self._tokenizer = ByteTokenizer()
+        self._models: dict[str, CausalLM] = {
+            spec.id: load_model(spec) for spec in self._args.models
+        }
+        self._versions = {spec.id: spec.version for spec in self._args.models}
+        self._cache = ResultCache(
+            max_bytes=self._args.result_cache.max_bytes,
+            max_entries=self._args.result_cache.max_entries,
+        )
+        self._replica_id = ReplicaId(serve.get_replica_context().replica_id.unique_id)
+        self._heartbeat = MembershipHeartbeat(
+            namespace=self._args.namespace,
+            member=Member(replica_id=self._replica_id, node_id=_node_id()),
+            stats=self.stats,
+            interval_s=self._args.stats_interval_s,
+        )
+        self._heartbeat.start()
+        logger.info("replica %s serves %s", self._replica_id, sorted(self._models))
+
+    async def complete(self, job: CompletionJob) -> CompletionOutcome:
+        """Answer `job`, from the local cache when it is deterministic and was seen before."""
+        model = self._models.get(job.model)
+        if model is None:
+            raise ModelNotFound(f"model {job.model!r} is not served", param="model")
+        version = self._versions[job.model]
+        key = None
+        if job.params.is_deterministic:
+            key = self._key(job, version)
+            blob = self._cache.get(key)
+            if blob is not None:
+                return decode_answer(blob, tier="local")
+        generation = await asyncio.to_thread(
+            generate, model, self._tokenizer, job.prompt_tokens, job.params
+        )
+        if key is not None:
+            self._cache.put(key, encode_answer(generation, version))
+        return CompletionOutcome(
+            text=generation.text,
+            finish_reason=generation.finish_reason,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=len(generation.tokens),
+            cached_tokens=0,
+            model_version=version,
+            cache_tier=None,
+        )
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's cache statistics in the `/v1/cache/stats` shape."""
+        return replica_stats(local=self._cache.stats())
+
+    def __del__(self) -> None:
+        heartbeat = getattr(self, "_heartbeat", None)
+        if heartbeat is not None:
+            heartbeat.stop()
+
+    def _key(self, job: CompletionJob, version: str) -> ResultKey:
+        identity = RequestIdentity(
+            namespace=self._args.namespace,
+            tenant=job.tenant,
+            model_id=job.model,
+            model_version=version,
+            kind=COMPLETION_KIND,
+        )
+        return result_key(identity, list(job.prompt_tokens), cache_params(job.params))
+
+
+def _node_id() -> str:
+    return str(ray.get_runtime_context().get_node_id())

@@ -1,0 +1,54 @@
+"""Cache-affinity request routing for the `ModelReplica` deployment.
+
+A request that carries a `routing_key` goes to the replica ranked first for that key
+(`cluster.placement`), where its cached answer lives, unless that replica already has more
+than `max_owner_queue` requests in flight: then the least loaded of the others takes it, and
+the owner stays the last resort. Requests without a key get Serve's usual two random choices.
+Nothing here blocks: ranking is pure hashing over the replicas Serve already knows.
+"""
+
+from __future__ import annotations
+
+import random
+
+from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
+
+from cluster.placement import rank_members
+
+DEFAULT_MAX_OWNER_QUEUE = 8
+
+
+def routing_key_of(request: PendingRequest | None) -> str | None:
+    """The `routing_key` of the request's first argument, if it has one."""
+    if request is None or not request.args:
+        return None
+    key = getattr(request.args[0], "routing_key", None)
+    return key if isinstance(key, str) else None
+
+
+class CacheAffinityRouter(FIFOMixin, RequestRouter):
+    """Routes each keyed request to its key's owner replica, falling back on load."""
+
+    _max_owner_queue = DEFAULT_MAX_OWNER_QUEUE
+
+    def initialize_state(self, max_owner_queue: int = DEFAULT_MAX_OWNER_QUEUE) -> None:
+        """`max_owner_queue`: in-flight requests above which the owner is passed over."""
+        self._max_owner_queue = max_owner_queue
+
+    async def choose_replicas(
+        self,
+        candidate_replicas: list[RunningReplica],
+        pending_request: PendingRequest | None = None,
+    ) -> list[list[RunningReplica]]:
+        if not candidate_replicas:
+            return []
+        key = routing_key_of(pending_request)
+        if key is None:
+            return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        ranked = [by_id[m] for m in rank_members(key, by_id)]
+        owner, others = ranked[0], ranked[1:]
+        owner_queue = self.replica_queue_len_cache.get(owner.replica_id)
+        if others and owner_queue is not None and owner_queue > self._max_owner_queue:
+            return [others, [owner]]
+        return [[owner], others] if others else [[owner]]
