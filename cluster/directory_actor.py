@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import ray
+from ray.actor import ActorHandle
 
 from cluster.directory import Directory, Member, ReplicaId
 
@@ -39,7 +40,7 @@ class DirectoryActor:
         return self._directory.stats()
 
 
-def directory_actor(namespace: str, lease_s: float = 10.0) -> ray.actor.ActorHandle:
+def directory_actor(namespace: str, lease_s: float = 10.0) -> ActorHandle[Any]:
     """The directory actor of raycache namespace `namespace`, created on first use.
 
     Detached, so it outlives the deployment that happened to create it; every replica and

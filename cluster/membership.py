@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import ray
+from ray.actor import ActorHandle
 
 from cluster.directory import Member
 from cluster.directory_actor import directory_actor
@@ -38,7 +39,7 @@ class MembershipHeartbeat:
         self._stats = stats
         self._interval_s = interval_s
         self._lease_s = lease_s
-        self._directory: ray.actor.ActorHandle | None = None
+        self._directory: ActorHandle[Any] | None = None
         self._stopped = threading.Event()
         self._thread = threading.Thread(
             target=self._run, name=f"heartbeat-{member.replica_id}", daemon=True
@@ -63,7 +64,7 @@ class MembershipHeartbeat:
         while not self._stopped.wait(self._interval_s):
             self._beat()
 
-    def _resolve(self) -> ray.actor.ActorHandle:
+    def _resolve(self) -> ActorHandle[Any]:
         if self._directory is None:
             self._directory = directory_actor(self._namespace, self._lease_s)
         return self._directory
@@ -71,9 +72,11 @@ class MembershipHeartbeat:
     def _beat(self) -> None:
         try:
             directory = self._resolve()
-            renewed = ray.get(
-                directory.heartbeat.remote(self._member.replica_id, dict(self._stats())),
-                timeout=CALL_TIMEOUT_S,
+            renewed = bool(
+                ray.get(
+                    directory.heartbeat.remote(self._member.replica_id, dict(self._stats())),
+                    timeout=CALL_TIMEOUT_S,
+                )
             )
             if not renewed:
                 ray.get(directory.register.remote(self._member), timeout=CALL_TIMEOUT_S)

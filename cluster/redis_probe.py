@@ -46,6 +46,7 @@ class RedisProbe:
         return result
 
     async def _ping(self) -> bool:
+        assert self._url is not None
         try:
             if self._client is None:
                 self._client = aioredis.Redis.from_url(

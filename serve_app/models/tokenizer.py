@@ -1,0 +1,36 @@
+"""Byte-level tokenizer: every UTF-8 byte is a token, plus one end-of-sequence token.
+
+It needs no vocabulary file and no download, and any text round-trips exactly, which keeps
+cache keys (token ids) a pure function of the prompt text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+EOS_TOKEN_ID = 256
+"""Id of the end-of-sequence token; it never appears in `encode` output."""
+
+
+class ByteTokenizer:
+    """Token ids 0..255 are the bytes of the UTF-8 encoding; 256 is end-of-sequence."""
+
+    eos_token_id = EOS_TOKEN_ID
+    vocab_size = EOS_TOKEN_ID + 1
+
+    def encode(self, text: str) -> list[int]:
+        """The UTF-8 bytes of `text` as token ids.
+
+        Raises `UnicodeEncodeError` (a `ValueError`) for a lone surrogate, which has no UTF-8
+        encoding.
+        """
+        return list(text.encode("utf-8"))
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text spelled by the byte tokens in `ids`.
+
+        Special ids (>= 256, such as end-of-sequence) are skipped; bytes that are not valid
+        UTF-8, e.g. a multi-byte character cut short, become U+FFFD. Raises `ValueError` for a
+        negative id.
+        """
+        return bytes(i for i in ids if i < EOS_TOKEN_ID).decode("utf-8", errors="replace")

@@ -1,0 +1,111 @@
+"""Session-wide real infrastructure for integration and end-to-end tests.
+
+Unit tests use none of these fixtures and so never start Ray or Redis. Ray is started once per
+test session (by this process, which therefore owns it and shuts it down), Redis once per
+session on a free port, and the application once per session through `serve run`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+from tests.support.processes import RedisServer, ServeRun, free_port, wait_until
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER_YAML = ROOT / "configs" / "cluster.yaml"
+APP_NAME = "raycache"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path_factory.mktemp("redis"))
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A local Ray cluster owned by this test session; yields its GCS address."""
+    import ray
+
+    if ray.is_initialized():  # started by someone else: use it, leave it running
+        yield ray.get_runtime_context().gcs_address
+        return
+    context = ray.init(include_dashboard=False, namespace="raycache-tests", log_to_driver=False)
+    yield context.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@dataclass
+class RunningApp:
+    """The application as started from configs/cluster.yaml."""
+
+    url: str
+    config: dict[str, Any]
+    serve_run: ServeRun
+
+    def http(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, timeout=60)
+
+    def app_args(self) -> dict[str, Any]:
+        return self.config["applications"][0]["args"]
+
+    def replica_count(self) -> int:
+        deployments = self.config["applications"][0]["deployments"]
+        return next(d["num_replicas"] for d in deployments if d["name"] == "ModelReplica")
+
+
+@pytest.fixture(scope="session")
+def running_app(
+    ray_cluster: str, redis_server: RedisServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[RunningApp]:
+    """`serve run configs/cluster.yaml`, changed only where a test machine needs it.
+
+    The HTTP port moves to a free one (8000 may be taken) and Redis to the session's private
+    server; everything else is the file users run.
+    """
+    config = yaml.safe_load(CLUSTER_YAML.read_text())
+    config["http_options"]["port"] = free_port()
+    config["http_options"]["host"] = "127.0.0.1"
+    config["applications"][0]["args"]["redis_url"] = redis_server.url
+    workdir = tmp_path_factory.mktemp("serve")
+    config_path = workdir / "cluster.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    serve_run = ServeRun(config_path, ray_cluster, workdir / "serve-run.log")
+    app = RunningApp(f"http://127.0.0.1:{config['http_options']['port']}", config, serve_run)
+    started = time.monotonic()
+    serve_run.start()
+
+    def ready() -> bool:
+        serve_run.check_alive()
+        try:
+            health = httpx.get(f"{app.url}/healthz", timeout=5)
+        except httpx.HTTPError:
+            return False
+        return health.status_code == 200 and health.json()["replicas"] == app.replica_count()
+
+    try:
+        wait_until(ready, 240, "the application to serve /healthz with every replica", 0.5)
+    except TimeoutError as exc:
+        serve_run.stop()
+        raise TimeoutError(f"{exc}\n{serve_run.log_tail()}") from None
+    print(f"\n[raycache] serve run ready in {time.monotonic() - started:.1f}s")
+    yield app
+    serve_run.stop()
+
+
+@pytest.fixture(scope="session")
+def app_handle(running_app: RunningApp):
+    """A Ray Serve handle to the application's ingress."""
+    from ray import serve
+
+    return serve.get_app_handle(APP_NAME)
