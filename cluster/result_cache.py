@@ -1,17 +1,41 @@
 """The replica-local result cache: request key -> encoded answer.
 
-Bounded by bytes and by entries, least recently used out first. Values are the encoded answers
-(bytes), so an entry's size is exact: its key plus its value. Every operation holds one lock for
-a few dictionary operations, so the cache is safe to share between asyncio tasks and threads.
+Bounded by bytes and by entries; which entry leaves is the eviction policy's decision
+(`cluster.policies`, chosen by name). Each entry carries a TTL with random jitter, so entries
+written together do not expire together, and tags (model, version, tenant) by which it can be
+invalidated. An expired entry is never returned.
+
+Concurrency: safe to share between asyncio tasks and threads. A hit does not take the lock: it
+reads the entry dict (atomic under the GIL), checks the deadline, and appends the key to an
+access buffer. The buffer is applied to the policy under the lock later (when it fills, and on
+every write), as Caffeine does; so the hot path stays a dictionary lookup and a deque append,
+and the policy's bookkeeping runs in batches. Accesses to a key that left before the buffer is
+drained are simply skipped.
 """
 
 from __future__ import annotations
 
+import heapq
+import random
 import threading
-from collections import OrderedDict
+import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from cluster.keys import ResultKey
+from cluster.policies import DEFAULT_POLICY, make_policy
+
+ACCESS_BUFFER_SIZE = 128
+
+
+@dataclass(frozen=True, slots=True)
+class EntryTags:
+    """What an entry belongs to, for invalidation."""
+
+    model: str = ""
+    version: str = ""
+    tenant: str = ""
 
 
 @dataclass(frozen=True)
@@ -23,6 +47,8 @@ class CacheStats:
     evictions: int
     entries: int
     bytes: int
+    expirations: int = 0
+    invalidations: int = 0
 
     @property
     def hit_ratio(self) -> float:
@@ -31,91 +57,230 @@ class CacheStats:
         return self.hits / lookups if lookups else 0.0
 
 
-class ResultCache:
-    """An LRU map from `ResultKey` to bytes within `max_bytes` and `max_entries`."""
+class _Entry:
+    __slots__ = ("charge", "expires_at", "tags", "value")
 
-    def __init__(self, max_bytes: int, max_entries: int) -> None:
+    def __init__(self, value: bytes, charge: int, expires_at: float, tags: EntryTags) -> None:
+        self.value = value
+        self.charge = charge
+        self.expires_at = expires_at
+        self.tags = tags
+
+
+class ResultCache:
+    """A map from `ResultKey` to bytes within `max_bytes` and `max_entries`.
+
+    `ttl_s` is the default lifetime of an entry (None: no expiry); each entry's lifetime is
+    drawn uniformly from `ttl_s * (1 ± ttl_jitter)`. `timer` and `rng` are injectable so tests
+    control time and jitter.
+    """
+
+    def __init__(
+        self,
+        max_bytes: int,
+        max_entries: int,
+        policy: str = DEFAULT_POLICY,
+        ttl_s: float | None = None,
+        ttl_jitter: float = 0.1,
+        timer: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
         if max_bytes < 0 or max_entries < 0:
             raise ValueError("max_bytes and max_entries must be >= 0")
+        if ttl_s is not None and ttl_s <= 0:
+            raise ValueError("ttl_s must be > 0 (or None for no expiry)")
+        if not 0 <= ttl_jitter < 1:
+            raise ValueError("ttl_jitter must be in [0, 1)")
         self.max_bytes = max_bytes
         self.max_entries = max_entries
-        self._entries: OrderedDict[ResultKey, bytes] = OrderedDict()
+        self.ttl_s = ttl_s
+        self.ttl_jitter = ttl_jitter
+        self.policy_name = policy
+        self._policy = make_policy(policy, max_bytes)
+        self._timer = timer
+        self._rng = rng or random.Random()
+        self._entries: dict[ResultKey, _Entry] = {}
+        self._deadlines: list[tuple[float, ResultKey]] = []  # heap; stale items are skipped
+        self._accesses: deque[ResultKey] = deque()
+        self._lock = threading.Lock()
         self._bytes = 0
         self._hits = 0
         self._misses = 0
         self._evictions = 0
-        self._lock = threading.Lock()
+        self._expirations = 0
+        self._invalidations = 0
 
     @staticmethod
     def entry_size(key: ResultKey, value: bytes) -> int:
         """Bytes an entry counts against the budget: its key and its value."""
         return len(key) + len(value)
 
+    # -- reads ----------------------------------------------------------------------------------
+
     def get(self, key: ResultKey) -> bytes | None:
-        """The value of `key`, now most recently used, or None; counts a hit or a miss."""
+        """The live value of `key`, or None; counts a hit or a miss."""
+        entry = self._entries.get(key)
+        if entry is not None and entry.expires_at > self._timer():
+            self._accesses.append(key)
+            if len(self._accesses) >= ACCESS_BUFFER_SIZE and self._lock.acquire(blocking=False):
+                try:
+                    self._drain_accesses()
+                finally:
+                    self._lock.release()
+            return entry.value
         with self._lock:
-            value = self._entries.get(key)
-            if value is None:
-                self._misses += 1
-                return None
-            self._entries.move_to_end(key)
-            self._hits += 1
-            return value
+            self._misses += 1
+            if entry is not None and self._entries.get(key) is entry:
+                self._expirations += 1
+                self._discard(key)
+        return None
 
-    def put(self, key: ResultKey, value: bytes) -> bool:
-        """Store `value` under `key`, evicting least recently used entries to make room.
+    def __contains__(self, key: object) -> bool:
+        """Whether a live entry exists; touches neither recency nor counters."""
+        entry = self._entries.get(key)  # type: ignore[call-overload]
+        return entry is not None and entry.expires_at > self._timer()
 
-        Returns False, storing nothing, when the entry alone exceeds `max_bytes` or the cache
-        holds no entries at all; a previous value of `key` is dropped in that case too, so a
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def put(
+        self,
+        key: ResultKey,
+        value: bytes,
+        tags: EntryTags = EntryTags(),
+        ttl_s: float | None = None,
+    ) -> bool:
+        """Store `value` under `key`; True when it was admitted.
+
+        Not admitted (False) when the entry alone exceeds the budget, the cache holds no entries,
+        or the policy declines it. A previous value of `key` is dropped in every case, so a
         lookup never returns a value older than the last put.
         """
-        size = self.entry_size(key, value)
+        charge = self.entry_size(key, value)
+        lifetime = self.ttl_s if ttl_s is None else ttl_s
         with self._lock:
+            self._drain_accesses()
+            now = self._timer()
+            self._expire(now)
             self._discard(key)
-            if size > self.max_bytes or self.max_entries == 0:
+            if self.max_entries == 0:
                 return False
-            while self._entries and (
-                self._bytes + size > self.max_bytes or len(self._entries) >= self.max_entries
-            ):
-                evicted_key, evicted = self._entries.popitem(last=False)
-                self._bytes -= self.entry_size(evicted_key, evicted)
+            evicted = self._policy.insert(key, charge)
+            admitted = key not in evicted
+            for victim in evicted:
+                if victim != key:
+                    self._evictions += 1
+                    self._discard(victim)
+            if not admitted:
+                return False
+            expires_at = float("inf")
+            if lifetime is not None:
+                jitter = self._rng.uniform(-self.ttl_jitter, self.ttl_jitter)
+                expires_at = now + lifetime * (1 + jitter)
+                heapq.heappush(self._deadlines, (expires_at, key))
+                if len(self._deadlines) > 2 * len(self._entries) + 64:
+                    self._compact_deadlines()
+            self._entries[key] = _Entry(value, charge, expires_at, tags)
+            self._bytes += charge
+            while len(self._entries) > self.max_entries:
+                victim = self._policy.evict_one()
+                if victim is None:
+                    break
                 self._evictions += 1
-            self._entries[key] = value
-            self._bytes += size
-            return True
+                self._discard(victim, in_policy=False)
+            return key in self._entries
 
     def pop(self, key: ResultKey) -> bool:
         """Remove `key`; True when it was present."""
         with self._lock:
             return self._discard(key)
 
+    def invalidate(self, predicate: Callable[[EntryTags], bool]) -> int:
+        """Remove every entry whose tags satisfy `predicate`; returns how many."""
+        with self._lock:
+            doomed = [key for key, entry in self._entries.items() if predicate(entry.tags)]
+            for key in doomed:
+                self._discard(key)
+            self._invalidations += len(doomed)
+            return len(doomed)
+
+    def invalidate_where(
+        self, model: str | None = None, version: str | None = None, tenant: str | None = None
+    ) -> int:
+        """Remove the entries matching every given tag (None matches anything)."""
+        return self.invalidate(
+            lambda tags: (
+                (model is None or tags.model == model)
+                and (version is None or tags.version == version)
+                and (tenant is None or tags.tenant == tenant)
+            )
+        )
+
     def clear(self) -> None:
         """Remove every entry; counters are kept."""
-        with self._lock:
-            self._entries.clear()
-            self._bytes = 0
+        self.invalidate(lambda _: True)
 
     def stats(self) -> CacheStats:
-        """A snapshot of the counters."""
+        """A snapshot of the counters (pending accesses included)."""
         with self._lock:
+            self._drain_accesses()
             return CacheStats(
                 hits=self._hits,
                 misses=self._misses,
                 evictions=self._evictions,
                 entries=len(self._entries),
                 bytes=self._bytes,
+                expirations=self._expirations,
+                invalidations=self._invalidations,
             )
 
-    def __len__(self) -> int:
-        return len(self._entries)
+    def check_integrity(self) -> None:
+        """Raise AssertionError when the entries, the byte count and the policy disagree."""
+        with self._lock:
+            self._drain_accesses()
+            assert self._bytes == sum(e.charge for e in self._entries.values())
+            assert self._bytes <= self.max_bytes and len(self._entries) <= self.max_entries
+            assert len(self._policy) == len(self._entries)
+            assert all(key in self._policy for key in self._entries)
+            self._policy.check_integrity()
 
-    def __contains__(self, key: object) -> bool:
-        """Membership without touching recency or counters."""
-        return key in self._entries
+    # -- internals (lock held) --------------------------------------------------------------------
 
-    def _discard(self, key: ResultKey) -> bool:
-        value = self._entries.pop(key, None)
-        if value is None:
+    def _drain_accesses(self) -> None:
+        accesses = self._accesses
+        policy = self._policy
+        entries = self._entries
+        while accesses:
+            key = accesses.popleft()
+            self._hits += 1
+            if key in entries:
+                policy.hit(key)
+
+    def _expire(self, now: float) -> None:
+        deadlines = self._deadlines
+        while deadlines and deadlines[0][0] <= now:
+            expires_at, key = heapq.heappop(deadlines)
+            entry = self._entries.get(key)
+            if entry is not None and entry.expires_at == expires_at:
+                self._expirations += 1
+                self._discard(key)
+
+    def _compact_deadlines(self) -> None:
+        """Drop heap items of entries that were replaced or removed since they were pushed."""
+        self._deadlines = [
+            (expires_at, key)
+            for expires_at, key in self._deadlines
+            if (entry := self._entries.get(key)) is not None and entry.expires_at == expires_at
+        ]
+        heapq.heapify(self._deadlines)
+
+    def _discard(self, key: ResultKey, in_policy: bool = True) -> bool:
+        entry = self._entries.pop(key, None)
+        if entry is None:
             return False
-        self._bytes -= self.entry_size(key, value)
+        self._bytes -= entry.charge
+        if in_policy:
+            self._policy.remove(key)
         return True

@@ -11,7 +11,16 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from cluster.policies import DEFAULT_POLICY, policy_names
 
 REDIS_URL_ENV = "RAYCACHE_REDIS_URL"
 ADMIN_TOKEN_ENV = "RAYCACHE_ADMIN_TOKEN"
@@ -66,12 +75,57 @@ class ModelSpec(StrictModel):
 
 
 class ResultCacheSettings(StrictModel):
-    """Bounds of each replica's local result cache."""
+    """Each replica's local result cache."""
 
     max_bytes: int = Field(
         default=64 * 1024 * 1024, ge=0, description="Byte budget of cached answers (bytes)."
     )
     max_entries: int = Field(default=100_000, ge=0, description="Most answers kept (entries).")
+    policy: str = Field(
+        default=DEFAULT_POLICY,
+        description=f"Eviction policy, one of {policy_names()}; `{DEFAULT_POLICY}` adapts to "
+        "recency- and frequency-heavy workloads.",
+    )
+    ttl_s: float | None = Field(
+        default=3600.0, gt=0, description="Lifetime of a cached answer (seconds); null: forever."
+    )
+    ttl_jitter: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Each lifetime is drawn from ttl_s * (1 ± ttl_jitter), so that entries "
+        "written together do not expire together (fraction).",
+    )
+
+    @field_validator("policy")
+    @classmethod
+    def _known_policy(cls, policy: str) -> str:
+        if policy not in policy_names():
+            raise ValueError(f"unknown policy {policy!r}; choose one of {policy_names()}")
+        return policy
+
+
+class PinnedPrompt(StrictModel):
+    """A prompt prefix (a system prompt) computed at start-up and never evicted."""
+
+    model: str = Field(description="Id of the model whose prefix cache holds it.")
+    text: str = Field(min_length=1, description="The prefix text; only whole blocks are kept.")
+    tenant: str = Field(default="default", description="Tenant whose requests may reuse it.")
+
+
+class PrefixCacheSettings(StrictModel):
+    """Each replica's local cache of prompt-prefix key/value blocks."""
+
+    enabled: bool = Field(default=True, description="Reuse cached prefix blocks in prefill.")
+    block_size: int = Field(
+        default=16, ge=1, le=1024, description="Tokens per cached block (tokens)."
+    )
+    max_bytes: int = Field(
+        default=256 * 1024 * 1024, ge=0, description="Byte budget of cached blocks (bytes)."
+    )
+    pinned: tuple[PinnedPrompt, ...] = Field(
+        default=(), description="Prefixes computed at start-up and never evicted."
+    )
 
 
 class LimitSettings(StrictModel):
@@ -103,6 +157,13 @@ class AppArgs(StrictModel):
         description="Models served by every replica.",
     )
     result_cache: ResultCacheSettings = Field(default_factory=ResultCacheSettings)
+    prefix_cache: PrefixCacheSettings = Field(default_factory=PrefixCacheSettings)
+    normalize_text: bool = Field(
+        default=False,
+        description="NFC-normalize text prompts and collapse their whitespace before anything "
+        "else, so that prompts differing only there share cache entries (trades exactness for "
+        "hit ratio: the answer is the normalized prompt's).",
+    )
     limits: LimitSettings = Field(default_factory=LimitSettings)
     redis_url: str | None = Field(
         default=None,
@@ -130,6 +191,9 @@ class AppArgs(StrictModel):
         duplicates = sorted({i for i in ids if ids.count(i) > 1})
         if duplicates:
             raise ValueError(f"models: duplicate id(s) {duplicates}")
+        unknown = sorted({p.model for p in self.prefix_cache.pinned} - set(ids))
+        if unknown:
+            raise ValueError(f"prefix_cache.pinned: unknown model(s) {unknown}")
         return self
 
     def model(self, model_id: str) -> ModelSpec | None:

@@ -19,7 +19,7 @@ from ray import serve
 from cluster.directory import Member, ReplicaId
 from cluster.keys import RequestIdentity, ResultKey, result_key
 from cluster.membership import MembershipHeartbeat
-from cluster.result_cache import ResultCache
+from cluster.result_cache import EntryTags, ResultCache
 from serve_app.completions import CompletionJob, CompletionOutcome
 from serve_app.config import AppArgs, parse_args
 from serve_app.errors import ModelNotFound
@@ -80,9 +80,13 @@ class ModelReplica:
             spec.id: load_model(spec) for spec in self._args.models
         }
         self._versions = {spec.id: spec.version for spec in self._args.models}
+        settings = self._args.result_cache
         self._cache = ResultCache(
-            max_bytes=self._args.result_cache.max_bytes,
-            max_entries=self._args.result_cache.max_entries,
+            max_bytes=settings.max_bytes,
+            max_entries=settings.max_entries,
+            policy=settings.policy,
+            ttl_s=settings.ttl_s,
+            ttl_jitter=settings.ttl_jitter,
         )
         self._replica_id = ReplicaId(serve.get_replica_context().replica_id.unique_id)
         self._heartbeat = MembershipHeartbeat(
@@ -110,7 +114,8 @@ class ModelReplica:
             generate, model, self._tokenizer, job.prompt_tokens, job.params
         )
         if key is not None:
-            self._cache.put(key, encode_answer(generation, version))
+            tags = EntryTags(model=job.model, version=version, tenant=job.tenant)
+            self._cache.put(key, encode_answer(generation, version), tags)
         return CompletionOutcome(
             text=generation.text,
             finish_reason=generation.finish_reason,

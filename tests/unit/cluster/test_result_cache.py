@@ -1,17 +1,27 @@
-"""The local result cache: byte and entry bounds, LRU order, counters, thread safety."""
+"""The local result cache: bounds, policy plumbing, TTL, invalidation, counters, threads."""
 
+import random
 import threading
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.keys import ResultKey
-from cluster.result_cache import ResultCache
+from cluster.policies import policy_names
+from cluster.result_cache import EntryTags, ResultCache
 
 
 def k(name: str) -> ResultKey:
     return ResultKey(name)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_get_returns_what_was_put_and_counts():
@@ -25,8 +35,8 @@ def test_get_returns_what_was_put_and_counts():
     assert stats.hit_ratio == 0.5
 
 
-def test_least_recently_used_leaves_first():
-    cache = ResultCache(max_bytes=10_000, max_entries=3)
+def test_lru_policy_evicts_the_least_recently_used():
+    cache = ResultCache(max_bytes=10_000, max_entries=3, policy="lru")
     for name in "abc":
         cache.put(k(name), b"x")
     cache.get(k("a"))  # a is now the most recent; b the least
@@ -37,7 +47,7 @@ def test_least_recently_used_leaves_first():
 
 
 def test_byte_budget_evicts_as_many_as_needed():
-    cache = ResultCache(max_bytes=30, max_entries=100)
+    cache = ResultCache(max_bytes=30, max_entries=100, policy="lru")
     for name in "abc":
         cache.put(k(name), b"123456789")  # 10 bytes each with the key
     cache.put(k("d"), b"1234567890123456789")  # 20 bytes: a and b must go
@@ -46,12 +56,14 @@ def test_byte_budget_evicts_as_many_as_needed():
     assert cache.stats().evictions == 2
 
 
-def test_entry_larger_than_budget_is_refused_and_drops_the_old_value():
-    cache = ResultCache(max_bytes=10, max_entries=10)
+@pytest.mark.parametrize("policy", policy_names())
+def test_entry_larger_than_budget_is_refused_and_drops_the_old_value(policy):
+    cache = ResultCache(max_bytes=10, max_entries=10, policy=policy)
     cache.put(k("a"), b"old")
     assert not cache.put(k("a"), b"x" * 100)
     assert cache.get(k("a")) is None
     assert cache.stats().bytes == 0
+    cache.check_integrity()
 
 
 def test_replacing_a_value_accounts_bytes_once():
@@ -60,6 +72,7 @@ def test_replacing_a_value_accounts_bytes_once():
     cache.put(k("a"), b"12")
     assert cache.stats().bytes == 3
     assert len(cache) == 1
+    cache.check_integrity()
 
 
 def test_zero_entries_caches_nothing():
@@ -68,37 +81,119 @@ def test_zero_entries_caches_nothing():
     assert len(cache) == 0
 
 
-def test_negative_bounds_are_rejected():
-    with pytest.raises(ValueError):
-        ResultCache(max_bytes=-1, max_entries=1)
-
-
-@given(
-    st.lists(
-        st.tuples(st.sampled_from("abcdefgh"), st.binary(max_size=40), st.booleans()),
-        max_size=200,
-    ),
-    st.integers(min_value=0, max_value=120),
-    st.integers(min_value=0, max_value=5),
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"max_bytes": -1}, {"ttl_s": 0}, {"ttl_jitter": 1.0}, {"policy": "no-such-policy"}],
 )
-def test_bounds_are_never_exceeded(operations, max_bytes, max_entries):
-    cache = ResultCache(max_bytes=max_bytes, max_entries=max_entries)
-    for name, value, is_put in operations:
-        if is_put:
-            cache.put(k(name), value)
-        else:
+def test_bad_settings_are_rejected(kwargs):
+    with pytest.raises(ValueError):
+        ResultCache(**{"max_bytes": 10, "max_entries": 10, **kwargs})
+
+
+def test_expired_entries_are_never_returned():
+    clock = Clock()
+    cache = ResultCache(max_bytes=1000, max_entries=10, ttl_s=10, ttl_jitter=0, timer=clock)
+    cache.put(k("a"), b"v")
+    cache.put(k("b"), b"v", ttl_s=100)
+    clock.now = 9.99
+    assert cache.get(k("a")) == b"v"
+    clock.now = 10.0
+    assert k("a") not in cache
+    assert cache.get(k("a")) is None
+    assert cache.get(k("b")) == b"v"
+    stats = cache.stats()
+    assert (stats.expirations, stats.entries, stats.bytes) == (1, 1, 2)
+    cache.check_integrity()
+
+
+def test_expired_entries_free_their_budget_on_the_next_write():
+    clock = Clock()
+    cache = ResultCache(max_bytes=1000, max_entries=100, ttl_s=1, ttl_jitter=0, timer=clock)
+    for i in range(50):
+        cache.put(k(f"old{i}"), b"v")
+    clock.now = 2
+    cache.put(k("new"), b"v")
+    assert len(cache) == 1
+    assert cache.stats().expirations == 50
+    cache.check_integrity()
+
+
+def test_jitter_spreads_deadlines_within_bounds():
+    clock = Clock()
+    cache = ResultCache(
+        max_bytes=10**6, max_entries=1000, ttl_s=100, ttl_jitter=0.2, timer=clock,
+        rng=random.Random(3),
+    )  # fmt: skip
+    for i in range(500):
+        cache.put(k(f"{i}"), b"v")
+    deadlines = sorted(entry.expires_at for entry in cache._entries.values())
+    assert deadlines[0] >= 80 and deadlines[-1] <= 120
+    assert deadlines[-1] - deadlines[0] > 30  # really spread, not synchronized
+    clock.now = 100
+    alive = sum(k(f"{i}") in cache for i in range(500))
+    assert 150 < alive < 350
+
+
+def test_invalidation_by_tags_and_predicate():
+    cache = ResultCache(max_bytes=10_000, max_entries=100)
+    cache.put(k("m1v1a"), b"x", EntryTags("m1", "1", "alice"))
+    cache.put(k("m1v2a"), b"x", EntryTags("m1", "2", "alice"))
+    cache.put(k("m1v2b"), b"x", EntryTags("m1", "2", "bob"))
+    cache.put(k("m2v1b"), b"x", EntryTags("m2", "1", "bob"))
+    assert cache.invalidate_where(model="m1", version="1") == 1
+    assert cache.invalidate_where(tenant="bob") == 2
+    assert [name for name in ("m1v1a", "m1v2a", "m1v2b", "m2v1b") if k(name) in cache] == ["m1v2a"]
+    assert cache.invalidate(lambda tags: tags.model == "m1") == 1
+    assert cache.stats().invalidations == 4
+    assert cache.stats().bytes == 0
+    cache.check_integrity()
+
+
+operations = st.lists(
+    st.tuples(
+        st.sampled_from(["get", "put", "pop", "tick", "invalidate"]),
+        st.sampled_from("abcdefgh"),
+        st.binary(max_size=40),
+    ),
+    max_size=120,
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    operations,
+    st.sampled_from(policy_names()),
+    st.integers(min_value=0, max_value=150),
+    st.integers(min_value=0, max_value=6),
+)
+def test_bounds_and_accounting_hold_under_any_operations(ops, policy, max_bytes, max_entries):
+    clock = Clock()
+    cache = ResultCache(max_bytes, max_entries, policy=policy, ttl_s=5, timer=clock)
+    for op, name, value in ops:
+        if op == "put":
+            cache.put(k(name), value, EntryTags(tenant=name))
+        elif op == "get":
             got = cache.get(k(name))
             assert got is None or isinstance(got, bytes)
-        stats = cache.stats()
-        assert stats.bytes <= max_bytes
-        assert stats.entries <= max_entries
-        assert stats.bytes == sum(
-            ResultCache.entry_size(key, value) for key, value in cache._entries.items()
-        )
+        elif op == "pop":
+            cache.pop(k(name))
+        elif op == "tick":
+            clock.now += len(value) / 10
+        else:
+            cache.invalidate_where(tenant=name)
+        cache.check_integrity()
+
+
+def test_a_get_never_returns_a_value_older_than_the_last_put():
+    cache = ResultCache(max_bytes=10_000, max_entries=100)
+    for i in range(200):
+        cache.put(k("a"), f"{i}".encode())
+        assert cache.get(k("a")) in (None, f"{i}".encode())
 
 
 def test_concurrent_threads_keep_accounting_exact():
     cache = ResultCache(max_bytes=2_000, max_entries=50)
+    lookups_per_thread = sum(1 for i in range(2_000) if i % 3)
 
     def worker(seed: int) -> None:
         for i in range(2_000):
@@ -113,7 +208,6 @@ def test_concurrent_threads_keep_accounting_exact():
         thread.start()
     for thread in threads:
         thread.join()
+    cache.check_integrity()
     stats = cache.stats()
-    assert stats.bytes == sum(ResultCache.entry_size(a, b) for a, b in cache._entries.items())
-    assert stats.bytes <= 2_000 and stats.entries <= 50
-    assert stats.hits + stats.misses == 4 * sum(1 for i in range(2_000) if i % 3)
+    assert stats.hits + stats.misses == 4 * lookups_per_thread
