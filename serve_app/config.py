@@ -20,6 +20,7 @@ from pydantic import (
     model_validator,
 )
 
+from cluster.keys import normalize_text
 from cluster.policies import DEFAULT_POLICY, policy_names
 
 REDIS_URL_ENV = "RAYCACHE_REDIS_URL"
@@ -231,3 +232,8 @@ def parse_args(raw: dict[str, object] | None) -> AppArgs:
             else:
                 problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
         raise ConfigError("invalid raycache args: " + "; ".join(problems)) from None
+
+
+def prompt_text(text: str, args: AppArgs) -> str:
+    """A text prompt as the application tokenizes it: normalized when `normalize_text` is on."""
+    return normalize_text(text) if args.normalize_text else text

@@ -32,7 +32,7 @@ from serve_app.completions import (
     completion_response,
     parse_completion_request,
 )
-from serve_app.config import AppArgs, parse_args
+from serve_app.config import AppArgs, parse_args, prompt_text
 from serve_app.errors import InvalidRequest, ModelNotFound, PromptTooLong, RaycacheError
 from serve_app.models import ByteTokenizer
 from serve_app.stats import cluster_stats
@@ -154,7 +154,7 @@ class Ingress:
                 f"must be between 1 and {limit}, got {request.max_tokens}", param="max_tokens"
             )
         if isinstance(request.prompt, str):
-            tokens = self._tokenizer.encode(request.prompt)
+            tokens = self._tokenizer.encode(prompt_text(request.prompt, self._args))
         else:
             tokens = list(request.prompt)
             bad = next((t for t in tokens if not 0 <= t < self._tokenizer.vocab_size), None)

@@ -16,15 +16,18 @@ import ray
 import torch
 from ray import serve
 
+from cluster.block_hashes import PrefixScope
 from cluster.directory import Member, ReplicaId
 from cluster.keys import RequestIdentity, ResultKey, result_key
 from cluster.membership import MembershipHeartbeat
+from cluster.prefix_cache import PrefixCache
 from cluster.result_cache import EntryTags, ResultCache
 from serve_app.completions import CompletionJob, CompletionOutcome
-from serve_app.config import AppArgs, parse_args
+from serve_app.config import AppArgs, parse_args, prompt_text
 from serve_app.errors import ModelNotFound
 from serve_app.models import ByteTokenizer, CausalLM, Generation, SamplingParams, generate
 from serve_app.models.loading import load_model
+from serve_app.prefix_generation import generate_with_prefix_cache, warm_up_prefix
 from serve_app.stats import replica_stats
 
 logger = logging.getLogger(__name__)
@@ -88,6 +91,7 @@ class ModelReplica:
             ttl_s=settings.ttl_s,
             ttl_jitter=settings.ttl_jitter,
         )
+        self._prefix = self._build_prefix_cache()
         self._replica_id = ReplicaId(serve.get_replica_context().replica_id.unique_id)
         self._heartbeat = MembershipHeartbeat(
             namespace=self._args.namespace,
@@ -110,9 +114,7 @@ class ModelReplica:
             blob = self._cache.get(key)
             if blob is not None:
                 return decode_answer(blob, tier="local")
-        generation = await asyncio.to_thread(
-            generate, model, self._tokenizer, job.prompt_tokens, job.params
-        )
+        generation, cached_tokens = await asyncio.to_thread(self._generate, model, job, version)
         if key is not None:
             tags = EntryTags(model=job.model, version=version, tenant=job.tenant)
             self._cache.put(key, encode_answer(generation, version), tags)
@@ -121,14 +123,43 @@ class ModelReplica:
             finish_reason=generation.finish_reason,
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=len(generation.tokens),
-            cached_tokens=0,
+            cached_tokens=cached_tokens,
             model_version=version,
             cache_tier=None,
         )
 
     def stats(self) -> dict[str, Any]:
         """This replica's cache statistics in the `/v1/cache/stats` shape."""
-        return replica_stats(local=self._cache.stats())
+        prefix = self._prefix.stats() if self._prefix is not None else None
+        return replica_stats(
+            local=self._cache.stats(),
+            prefix_queried_tokens=prefix.queried_tokens if prefix else 0,
+            prefix_cached_tokens=prefix.cached_tokens if prefix else 0,
+        )
+
+    def _generate(
+        self, model: CausalLM, job: CompletionJob, version: str
+    ) -> tuple[Generation, int]:
+        """Generate in a worker thread; returns the generation and its prefix-cached tokens."""
+        if self._prefix is None:
+            return generate(model, self._tokenizer, job.prompt_tokens, job.params), 0
+        scope = PrefixScope(tenant=job.tenant, model_id=job.model, model_version=version)
+        return generate_with_prefix_cache(
+            model, self._tokenizer, job.prompt_tokens, job.params, self._prefix, scope
+        )
+
+    def _build_prefix_cache(self) -> PrefixCache | None:
+        """The prefix cache, with the configured pinned prompts computed and pinned."""
+        settings = self._args.prefix_cache
+        if not settings.enabled:
+            return None
+        cache = PrefixCache(block_size=settings.block_size, max_bytes=settings.max_bytes)
+        for pinned in settings.pinned:
+            scope = PrefixScope(pinned.tenant, pinned.model, self._versions[pinned.model])
+            tokens = self._tokenizer.encode(prompt_text(pinned.text, self._args))
+            cached = warm_up_prefix(self._models[pinned.model], tokens, cache, scope, pin=True)
+            logger.info("pinned %d tokens of a system prompt for %s", cached, pinned.model)
+        return cache
 
     def __del__(self) -> None:
         heartbeat = getattr(self, "_heartbeat", None)
