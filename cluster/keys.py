@@ -10,16 +10,25 @@ tenant's answers.
 The encoding is type-tagged and length-prefixed, so `["ab", "c"]` and `["a", "bc"]`, `1` and
 `1.0`, `"1"` and `b"1"` all differ. Mapping keys are sorted by their encoding, so dict order does
 not matter.
+
+Keys are exact by default. `normalize_text` and `quantize_tensor` trade exactness for hit
+ratio: a caller configured to apply them before keying makes requests that differ only in
+what they normalize away share one key, and so one answer.
 """
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import math
+import re
 import struct
+import unicodedata
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NewType
+
+import torch
 
 ResultKey = NewType("ResultKey", str)
 """Hex digest naming one cached answer."""
@@ -27,14 +36,19 @@ ResultKey = NewType("ResultKey", str)
 DIGEST_BYTES = 32
 
 # One byte tags each encoded value's type so values of different types never share bytes.
-_NONE, _FALSE, _TRUE, _INT, _FLOAT, _STR, _BYTES, _LIST, _MAP = (bytes([c]) for c in b"NFTifsblm")
+_NONE, _FALSE, _TRUE, _INT, _FLOAT, _STR, _BYTES, _LIST, _MAP, _TENSOR = (
+    bytes([c]) for c in b"NFTifsblmt"
+)
 
 
 def canonical_bytes(value: object) -> bytes:
     """Encode `value` deterministically; raises TypeError for unsupported types.
 
-    Supported: None, bool, int, float (NaN rejected, -0.0 folded into 0.0), str, bytes, and
-    lists, tuples and mappings of these (tuples encode as lists, mapping keys must be str).
+    Supported: None, bool, int, float (NaN rejected, -0.0 folded into 0.0), str, bytes, dense
+    torch tensors, and lists, tuples and mappings of these (tuples encode as lists, mapping keys
+    must be str). A tensor encodes as its dtype, shape and the bytes of its values in row-major
+    order, wherever it lives and whatever its strides: equal values of another dtype or shape
+    differ, and so do bit patterns that compare equal (-0.0 and 0.0, NaN payloads).
     """
     parts: list[bytes] = []
     _encode(value, parts)
@@ -58,6 +72,10 @@ def _encode(value: object, out: list[bytes]) -> None:
     elif isinstance(value, str):
         raw = value.encode("utf-8")
         out.append(_STR + struct.pack(">Q", len(raw)) + raw)
+    elif isinstance(value, torch.Tensor):
+        dtype = str(value.dtype).removeprefix("torch.")
+        out.append(_TENSOR)
+        _encode([dtype, list(value.shape), _tensor_bytes(value)], out)
     elif isinstance(value, bytes | bytearray | memoryview):
         raw = bytes(value)
         out.append(_BYTES + struct.pack(">Q", len(raw)) + raw)
@@ -78,6 +96,44 @@ def _encode(value: object, out: list[bytes]) -> None:
             _encode(item, out)
     else:
         raise TypeError(f"no canonical encoding for {type(value).__name__}")
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    if tensor.layout != torch.strided or tensor.is_meta:
+        raise TypeError(f"no canonical encoding for a {tensor.layout} tensor without data")
+    values = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous()
+    return ctypes.string_at(values.data_ptr(), values.numel() * values.element_size())
+
+
+_WHITESPACE = re.compile(r"\s+")
+
+
+def normalize_text(text: str) -> str:
+    """`text` in Unicode NFC, with each run of whitespace one space and none at either end.
+
+    Opt-in: prompts that differ only in Unicode composition or spacing then share a key.
+    """
+    return _WHITESPACE.sub(" ", unicodedata.normalize("NFC", text)).strip()
+
+
+def quantize_tensor(tensor: torch.Tensor, step: float) -> torch.Tensor:
+    """A floating `tensor` rounded to the nearest multiple of `step` (ties to even).
+
+    Opt-in: inputs within `step / 2` of the same multiple then share a key. -0.0 becomes 0.0 and
+    every NaN the same NaN; infinities stay, and so do finite values whose multiple would not be
+    finite in the tensor's dtype. Other dtypes are returned unchanged. The rounding is done in
+    float64, then cast back to the tensor's dtype. Put `step` in the request parameters, so that
+    requests quantized with different steps never share a key.
+    """
+    if not (math.isfinite(step) and step > 0):
+        raise ValueError(f"step must be a positive finite number, got {step!r}")
+    if not tensor.is_floating_point():
+        return tensor
+    values = tensor.to(torch.float64)
+    rounded = (torch.round(values / step) * step).to(tensor.dtype)
+    rounded = torch.where(rounded.isinf() & values.isfinite(), tensor, rounded)
+    rounded = torch.where(rounded == 0, torch.zeros_like(rounded), rounded)
+    return torch.where(rounded.isnan(), torch.full_like(rounded, math.nan), rounded)
 
 
 @dataclass(frozen=True)
