@@ -22,6 +22,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import cast
 
 from cluster.keys import ResultKey
 from cluster.policies import DEFAULT_POLICY, make_policy
@@ -172,7 +173,7 @@ class ResultCache:
             for victim in evicted:
                 if victim != key:
                     self._evictions += 1
-                    self._discard(victim)
+                    self._discard(cast(ResultKey, victim), in_policy=False)
             if not admitted:
                 return False
             expires_at = float("inf")
@@ -189,7 +190,7 @@ class ResultCache:
                 if victim is None:
                     break
                 self._evictions += 1
-                self._discard(victim, in_policy=False)
+                self._discard(cast(ResultKey, victim), in_policy=False)
             return key in self._entries
 
     def pop(self, key: ResultKey) -> bool:

@@ -25,6 +25,7 @@ from cluster.policies import DEFAULT_POLICY, policy_names
 
 REDIS_URL_ENV = "RAYCACHE_REDIS_URL"
 ADMIN_TOKEN_ENV = "RAYCACHE_ADMIN_TOKEN"
+HMAC_SECRET_ENV = "RAYCACHE_HMAC_SECRET"
 
 
 class StrictModel(BaseModel):
@@ -175,6 +176,12 @@ class AppArgs(StrictModel):
         default=None,
         description=f"Bearer token admin routes require; {ADMIN_TOKEN_ENV} overrides it.",
     )
+    hmac_secret: str | None = Field(
+        default=None,
+        min_length=16,
+        description=f"Cluster secret: signs cached values (HMAC-SHA256) and keys their cache "
+        f"keys; every replica must share it. {HMAC_SECRET_ENV} overrides it.",
+    )
     tenant_header: str = Field(
         default="x-raycache-tenant",
         description="HTTP header naming the tenant; requests without it belong to `default`.",
@@ -201,6 +208,10 @@ class AppArgs(StrictModel):
         """The spec of `model_id`, or None when no such model is served."""
         return next((m for m in self.models if m.id == model_id), None)
 
+    def secret_bytes(self) -> bytes | None:
+        """The cluster secret as bytes, or None when none is configured."""
+        return self.hmac_secret.encode() if self.hmac_secret else None
+
     def with_environment(self, environ: dict[str, str] | None = None) -> AppArgs:
         """These args with the operator's environment overrides applied.
 
@@ -212,6 +223,8 @@ class AppArgs(StrictModel):
             updates["redis_url"] = environ[REDIS_URL_ENV] or None
         if ADMIN_TOKEN_ENV in environ:
             updates["admin_token"] = environ[ADMIN_TOKEN_ENV] or None
+        if HMAC_SECRET_ENV in environ:
+            updates["hmac_secret"] = environ[HMAC_SECRET_ENV] or None
         return self.model_copy(update=updates)
 
 

@@ -8,20 +8,22 @@ thread, so the replica's event loop keeps serving hits) and caching the answer.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 from typing import Any
 
-import msgpack
 import ray
 import torch
 from ray import serve
 
-from cluster.block_hashes import PrefixScope
+from cluster.block_hashes import PrefixScope, blake2b_256, keyed_blake2b_256
+from cluster.codec import CodecError
 from cluster.directory import Member, ReplicaId
 from cluster.keys import RequestIdentity, ResultKey, result_key
 from cluster.membership import MembershipHeartbeat
 from cluster.prefix_cache import PrefixCache
 from cluster.result_cache import EntryTags, ResultCache
+from serve_app.answers import decode_answer, encode_answer
 from serve_app.completions import CompletionJob, CompletionOutcome
 from serve_app.config import AppArgs, parse_args, prompt_text
 from serve_app.errors import ModelNotFound
@@ -52,25 +54,6 @@ def cache_params(params: SamplingParams) -> dict[str, object]:
     return key
 
 
-def encode_answer(generation: Generation, model_version: str) -> bytes:
-    """The cached form of an answer (msgpack: never pickle)."""
-    return msgpack.packb(
-        {
-            "text": generation.text,
-            "finish_reason": generation.finish_reason,
-            "prompt_tokens": generation.prompt_tokens,
-            "completion_tokens": len(generation.tokens),
-            "model_version": model_version,
-        }
-    )
-
-
-def decode_answer(blob: bytes, tier: str) -> CompletionOutcome:
-    """The outcome stored by `encode_answer`, as served from cache `tier`."""
-    fields = msgpack.unpackb(blob, raw=False)
-    return CompletionOutcome(cached_tokens=0, cache_tier=tier, **fields)
-
-
 @serve.deployment(name="ModelReplica")
 class ModelReplica:
     """Serves every configured model; see `complete`."""
@@ -79,6 +62,12 @@ class ModelReplica:
         self._args: AppArgs = parse_args(args).with_environment()
         torch.set_num_threads(self._args.torch_threads)
         self._tokenizer = ByteTokenizer()
+        self._secret = self._args.secret_bytes()
+        # BLAKE2b takes a key of at most 64 bytes: key it with a digest of the secret.
+        self._key_secret = (
+            hashlib.blake2b(self._secret, digest_size=32).digest() if self._secret else b""
+        )
+        self._block_hash = keyed_blake2b_256(self._key_secret) if self._secret else blake2b_256
         self._models: dict[str, CausalLM] = {
             spec.id: load_model(spec) for spec in self._args.models
         }
@@ -113,11 +102,16 @@ class ModelReplica:
             key = self._key(job, version)
             blob = self._cache.get(key)
             if blob is not None:
-                return decode_answer(blob, tier="local")
+                try:
+                    return decode_answer(blob, tier="local", secret=self._secret)
+                except CodecError:
+                    logger.warning("dropping an undecodable local entry %s", key)
+                    self._cache.pop(key)
         generation, cached_tokens = await asyncio.to_thread(self._generate, model, job, version)
         if key is not None:
             tags = EntryTags(model=job.model, version=version, tenant=job.tenant)
-            self._cache.put(key, encode_answer(generation, version), tags)
+            answer = encode_answer(generation, job.model, version, secret=self._secret)
+            self._cache.put(key, answer, tags)
         return CompletionOutcome(
             text=generation.text,
             finish_reason=generation.finish_reason,
@@ -145,7 +139,13 @@ class ModelReplica:
             return generate(model, self._tokenizer, job.prompt_tokens, job.params), 0
         scope = PrefixScope(tenant=job.tenant, model_id=job.model, model_version=version)
         return generate_with_prefix_cache(
-            model, self._tokenizer, job.prompt_tokens, job.params, self._prefix, scope
+            model,
+            self._tokenizer,
+            job.prompt_tokens,
+            job.params,
+            self._prefix,
+            scope,
+            hash_fn=self._block_hash,
         )
 
     def _build_prefix_cache(self) -> PrefixCache | None:
@@ -157,7 +157,9 @@ class ModelReplica:
         for pinned in settings.pinned:
             scope = PrefixScope(pinned.tenant, pinned.model, self._versions[pinned.model])
             tokens = self._tokenizer.encode(prompt_text(pinned.text, self._args))
-            cached = warm_up_prefix(self._models[pinned.model], tokens, cache, scope, pin=True)
+            cached = warm_up_prefix(
+                self._models[pinned.model], tokens, cache, scope, pin=True, hash_fn=self._block_hash
+            )
             logger.info("pinned %d tokens of a system prompt for %s", cached, pinned.model)
         return cache
 
@@ -174,7 +176,9 @@ class ModelReplica:
             model_version=version,
             kind=COMPLETION_KIND,
         )
-        return result_key(identity, list(job.prompt_tokens), cache_params(job.params))
+        return result_key(
+            identity, list(job.prompt_tokens), cache_params(job.params), self._key_secret
+        )
 
 
 def _node_id() -> str:

@@ -1,0 +1,74 @@
+"""The cached form of a completion answer: a codec envelope around a small msgpack map.
+
+The same bytes live in the local result cache and travel to peers and Redis, so decoding treats
+them as untrusted: the envelope's checksum (and HMAC, with a cluster secret) is verified, the
+map is read with msgpack's limits, and every field is type-checked. Anything wrong is a
+`CodecError`, which callers count as a miss.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgpack
+
+from cluster.codec import CodecError, decode, encode
+from serve_app.completions import CacheTier, CompletionOutcome
+from serve_app.models import Generation
+
+ANSWER_KIND = "completion"
+MAX_ANSWER_BYTES = 4 * 1024 * 1024
+_FIELDS: dict[str, type] = {
+    "text": str,
+    "finish_reason": str,
+    "prompt_tokens": int,
+    "completion_tokens": int,
+}
+
+
+def encode_answer(
+    generation: Generation, model: str, version: str, secret: bytes | None = None
+) -> bytes:
+    """The envelope of `generation`, produced by `model` at `version`."""
+    answer = {
+        "text": generation.text,
+        "finish_reason": generation.finish_reason,
+        "prompt_tokens": generation.prompt_tokens,
+        "completion_tokens": len(generation.tokens),
+    }
+    return encode(
+        ANSWER_KIND,
+        model,
+        version,
+        created_at=time.time(),
+        blob=msgpack.packb(answer),
+        secret=secret,
+    )
+
+
+def decode_answer(blob: bytes, tier: CacheTier, secret: bytes | None = None) -> CompletionOutcome:
+    """The outcome stored by `encode_answer`, as served from `tier`; raises `CodecError`."""
+    envelope = decode(blob, secret=secret, max_bytes=MAX_ANSWER_BYTES, expect_kind=ANSWER_KIND)
+    try:
+        fields: Any = msgpack.unpackb(
+            envelope.blob, raw=False, strict_map_key=True, max_str_len=MAX_ANSWER_BYTES
+        )
+    except (ValueError, msgpack.UnpackException) as exc:
+        raise CodecError("header", f"answer is not valid msgpack: {exc}") from None
+    if not isinstance(fields, dict) or set(fields) != set(_FIELDS):
+        raise CodecError("header", "answer fields are not the expected ones")
+    for name, kind in _FIELDS.items():
+        if type(fields[name]) is not kind:
+            raise CodecError("header", f"answer field {name} is not {kind.__name__}")
+    if fields["finish_reason"] not in ("stop", "length"):
+        raise CodecError("header", "answer finish_reason is invalid")
+    return CompletionOutcome(
+        text=fields["text"],
+        finish_reason=fields["finish_reason"],
+        prompt_tokens=fields["prompt_tokens"],
+        completion_tokens=fields["completion_tokens"],
+        cached_tokens=0,
+        model_version=envelope.version,
+        cache_tier=tier,
+    )
