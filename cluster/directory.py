@@ -5,14 +5,22 @@ it in a named Ray actor. Replicas register once and then renew their lease by he
 heartbeat also carries the replica's cache statistics, so reading the cluster's statistics never
 calls a replica. A replica whose lease lapses is dropped; its next heartbeat is refused and it
 registers again, which is also how replicas repopulate a directory that restarted empty.
+
+Membership is published as a `RingSnapshot`: the live members, a version that grows with every
+change, and the `epoch` of the directory incarnation (a restarted directory starts a new epoch
+at version 0, so a replica compares (epoch, version) pairs for equality, never versions alone).
+Replicas build their `Ring` from the snapshot and compute owners locally.
 """
 
 from __future__ import annotations
 
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, NewType
+
+from cluster.ring import DEFAULT_VNODES_PER_WEIGHT, Ring
 
 ReplicaId = NewType("ReplicaId", str)
 
@@ -27,6 +35,23 @@ class Member:
     weight: float = 1.0
 
 
+@dataclass(frozen=True)
+class RingSnapshot:
+    """Membership at one version of one directory incarnation."""
+
+    epoch: str
+    version: int
+    members: tuple[Member, ...]
+
+    def ring(self, vnodes_per_weight: int = DEFAULT_VNODES_PER_WEIGHT) -> Ring:
+        """The consistent-hash ring of these members (ids and weights)."""
+        return Ring({m.replica_id: m.weight for m in self.members}, vnodes_per_weight, self.version)
+
+    def member(self, replica_id: str) -> Member | None:
+        """The member with `replica_id`, if present."""
+        return next((m for m in self.members if m.replica_id == replica_id), None)
+
+
 @dataclass
 class _Lease:
     member: Member
@@ -37,10 +62,16 @@ class _Lease:
 class Directory:
     """Members under leases of `lease_s` seconds, with a version that changes with membership."""
 
-    def __init__(self, lease_s: float = 10.0, timer: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        lease_s: float = 10.0,
+        timer: Callable[[], float] = time.monotonic,
+        epoch: str | None = None,
+    ) -> None:
         if lease_s <= 0:
             raise ValueError("lease_s must be > 0")
         self.lease_s = lease_s
+        self.epoch = epoch or uuid.uuid4().hex
         self._timer = timer
         self._leases: dict[ReplicaId, _Lease] = {}
         self.version = 0
@@ -80,6 +111,11 @@ class Directory:
         """Live members, ordered by replica id."""
         self._expire()
         return [self._leases[rid].member for rid in sorted(self._leases)]
+
+    def snapshot(self) -> RingSnapshot:
+        """The live members at the current version."""
+        members = self.members()
+        return RingSnapshot(self.epoch, self.version, tuple(members))
 
     def stats(self) -> dict[ReplicaId, Mapping[str, Any]]:
         """The last stats each live member reported."""

@@ -20,7 +20,7 @@ from cluster.block_hashes import PrefixScope, blake2b_256, keyed_blake2b_256
 from cluster.codec import CodecError
 from cluster.directory import Member, ReplicaId
 from cluster.keys import RequestIdentity, ResultKey, result_key
-from cluster.membership import MembershipHeartbeat
+from cluster.membership import Membership
 from cluster.prefix_cache import PrefixCache
 from cluster.result_cache import EntryTags, ResultCache
 from serve_app.answers import decode_answer, encode_answer
@@ -82,13 +82,13 @@ class ModelReplica:
         )
         self._prefix = self._build_prefix_cache()
         self._replica_id = ReplicaId(serve.get_replica_context().replica_id.unique_id)
-        self._heartbeat = MembershipHeartbeat(
+        self._membership = Membership(
             namespace=self._args.namespace,
             member=Member(replica_id=self._replica_id, node_id=_node_id()),
             stats=self.stats,
             interval_s=self._args.stats_interval_s,
         )
-        self._heartbeat.start()
+        self._membership.start()
         logger.info("replica %s serves %s", self._replica_id, sorted(self._models))
 
     async def complete(self, job: CompletionJob) -> CompletionOutcome:
@@ -164,9 +164,9 @@ class ModelReplica:
         return cache
 
     def __del__(self) -> None:
-        heartbeat = getattr(self, "_heartbeat", None)
-        if heartbeat is not None:
-            heartbeat.stop()
+        membership = getattr(self, "_membership", None)
+        if membership is not None:
+            membership.stop()
 
     def _key(self, job: CompletionJob, version: str) -> ResultKey:
         identity = RequestIdentity(
