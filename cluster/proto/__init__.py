@@ -1,0 +1,1 @@
+"""Protocol Buffers of the cluster's own services, and the modules generated from them."""
