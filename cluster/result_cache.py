@@ -136,6 +136,17 @@ class ResultCache:
                 self._discard(key)
         return None
 
+    def peek(self, key: ResultKey) -> bytes | None:
+        """The live value of `key` for another replica: recorded as an access for the policy,
+        but not counted as this replica's hit or miss."""
+        entry = self._entries.get(key)
+        if entry is None or entry.expires_at <= self._timer():
+            return None
+        with self._lock:
+            if key in self._entries:
+                self._policy.hit(key)
+        return entry.value
+
     def __contains__(self, key: object) -> bool:
         """Whether a live entry exists; touches neither recency nor counters."""
         entry = self._entries.get(key)  # type: ignore[call-overload]

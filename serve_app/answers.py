@@ -14,6 +14,7 @@ from typing import Any
 import msgpack
 
 from cluster.codec import CodecError, decode, encode
+from cluster.result_cache import EntryTags
 from serve_app.completions import CacheTier, CompletionOutcome
 from serve_app.models import Generation
 
@@ -28,9 +29,13 @@ _FIELDS: dict[str, type] = {
 
 
 def encode_answer(
-    generation: Generation, model: str, version: str, secret: bytes | None = None
+    generation: Generation,
+    model: str,
+    version: str,
+    tenant: str,
+    secret: bytes | None = None,
 ) -> bytes:
-    """The envelope of `generation`, produced by `model` at `version`."""
+    """The envelope of `generation`, produced by `model` at `version` for `tenant`."""
     answer = {
         "text": generation.text,
         "finish_reason": generation.finish_reason,
@@ -43,8 +48,19 @@ def encode_answer(
         version,
         created_at=time.time(),
         blob=msgpack.packb(answer),
+        meta={"tenant": tenant},
         secret=secret,
     )
+
+
+def answer_tags(blob: bytes, secret: bytes | None = None) -> EntryTags:
+    """The tags of a verified answer envelope (for storing one a peer sent); raises CodecError."""
+    envelope = decode(blob, secret=secret, max_bytes=MAX_ANSWER_BYTES, expect_kind=ANSWER_KIND)
+    tenant = envelope.meta.get("tenant")
+    if not isinstance(tenant, str):
+        raise CodecError("header", "answer has no tenant")
+    decode_answer(blob, "peer", secret)  # the whole answer must be valid too
+    return EntryTags(model=envelope.model, version=envelope.version, tenant=tenant)
 
 
 def decode_answer(blob: bytes, tier: CacheTier, secret: bytes | None = None) -> CompletionOutcome:

@@ -130,6 +130,15 @@ class PrefixCacheSettings(StrictModel):
     )
 
 
+class PeerSettings(StrictModel):
+    """Replica-to-replica fetches from the owner of a key."""
+
+    enabled: bool = Field(default=True, description="Ask the owner replica on a local miss.")
+    timeout_s: float = Field(
+        default=0.2, gt=0, le=10, description="Deadline of one peer fetch (seconds)."
+    )
+
+
 class LimitSettings(StrictModel):
     """Request limits enforced at the ingress."""
 
@@ -160,6 +169,7 @@ class AppArgs(StrictModel):
     )
     result_cache: ResultCacheSettings = Field(default_factory=ResultCacheSettings)
     prefix_cache: PrefixCacheSettings = Field(default_factory=PrefixCacheSettings)
+    peer: PeerSettings = Field(default_factory=PeerSettings)
     normalize_text: bool = Field(
         default=False,
         description="NFC-normalize text prompts and collapse their whitespace before anything "
@@ -169,8 +179,9 @@ class AppArgs(StrictModel):
     limits: LimitSettings = Field(default_factory=LimitSettings)
     redis_url: str | None = Field(
         default=None,
-        description=f"Shared Redis tier (`redis://` or `rediss://`); null disables it. "
-        f"{REDIS_URL_ENV} overrides it.",
+        description=f"Shared Redis tier (`redis://`, `rediss://`, or `redis+cluster://` / "
+        f"`rediss+cluster://` for Redis Cluster; user and password in the URL); null disables "
+        f"it. {REDIS_URL_ENV} overrides it.",
     )
     admin_token: str | None = Field(
         default=None,

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+from dataclasses import replace
 from typing import Any
 
 import ray
@@ -17,18 +18,21 @@ import torch
 from ray import serve
 
 from cluster.block_hashes import PrefixScope, blake2b_256, keyed_blake2b_256
-from cluster.codec import CodecError
 from cluster.directory import Member, ReplicaId
 from cluster.keys import RequestIdentity, ResultKey, result_key
 from cluster.membership import Membership
+from cluster.peer import PeerClient, PeerServer
 from cluster.prefix_cache import PrefixCache
+from cluster.redis_store import RedisStore, redis_key
 from cluster.result_cache import EntryTags, ResultCache
+from cluster.tiered import Placement, TieredCache
 from serve_app.answers import decode_answer, encode_answer
 from serve_app.completions import CompletionJob, CompletionOutcome
 from serve_app.config import AppArgs, parse_args, prompt_text
 from serve_app.errors import ModelNotFound
 from serve_app.models import ByteTokenizer, CausalLM, Generation, SamplingParams, generate
 from serve_app.models.loading import load_model
+from serve_app.peer_backend import ResultPeerBackend
 from serve_app.prefix_generation import generate_with_prefix_cache, warm_up_prefix
 from serve_app.stats import replica_stats
 
@@ -58,7 +62,9 @@ def cache_params(params: SamplingParams) -> dict[str, object]:
 class ModelReplica:
     """Serves every configured model; see `complete`."""
 
-    def __init__(self, args: dict[str, Any]) -> None:
+    # Serve awaits an async constructor on the replica's event loop, where the peer server
+    # must run; instantiating the class any other way is not supported.
+    async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]
         self._args: AppArgs = parse_args(args).with_environment()
         torch.set_num_threads(self._args.torch_threads)
         self._tokenizer = ByteTokenizer()
@@ -82,9 +88,23 @@ class ModelReplica:
         )
         self._prefix = self._build_prefix_cache()
         self._replica_id = ReplicaId(serve.get_replica_context().replica_id.unique_id)
+        self._redis = RedisStore(self._args.redis_url) if self._args.redis_url else None
+        self._peer_client = PeerClient() if self._args.peer.enabled else None
+        self._peer_server = PeerServer(ResultPeerBackend(self._cache, self._secret))
+        peer_address = await self._peer_server.start(
+            host="0.0.0.0", port=0, advertise_host=ray.util.get_node_ip_address()
+        )
+        self._tiered: TieredCache[CompletionOutcome] = TieredCache(
+            self._cache,
+            decode=lambda blob: decode_answer(blob, tier="local", secret=self._secret),
+            peer=self._peer_client,
+            redis=self._redis,
+            peer_timeout_s=self._args.peer.timeout_s,
+            redis_ttl_s=self._args.result_cache.ttl_s,
+        )
         self._membership = Membership(
             namespace=self._args.namespace,
-            member=Member(replica_id=self._replica_id, node_id=_node_id()),
+            member=Member(self._replica_id, node_id=_node_id(), peer_address=peer_address),
             stats=self.stats,
             interval_s=self._args.stats_interval_s,
         )
@@ -92,27 +112,30 @@ class ModelReplica:
         logger.info("replica %s serves %s", self._replica_id, sorted(self._models))
 
     async def complete(self, job: CompletionJob) -> CompletionOutcome:
-        """Answer `job`, from the local cache when it is deterministic and was seen before."""
+        """Answer `job`: from a cache tier when it is deterministic and was answered before
+        (here, by its owner replica, or in Redis), otherwise by generating it once."""
         model = self._models.get(job.model)
         if model is None:
             raise ModelNotFound(f"model {job.model!r} is not served", param="model")
         version = self._versions[job.model]
-        key = None
-        if job.params.is_deterministic:
-            key = self._key(job, version)
-            blob = self._cache.get(key)
-            if blob is not None:
-                try:
-                    return decode_answer(blob, tier="local", secret=self._secret)
-                except CodecError:
-                    logger.warning("dropping an undecodable local entry %s", key)
-                    self._cache.pop(key)
+        if not job.params.is_deterministic:
+            return (await self._compute(model, job, version))[0]
+        key = self._key(job, version)
+        tags = EntryTags(model=job.model, version=version, tenant=job.tenant)
+        outcome, tier = await self._tiered.get_or_compute(
+            key,
+            self._placement(job, key, version),
+            tags,
+            lambda: self._compute(model, job, version),
+        )
+        return outcome if tier is None else replace(outcome, cache_tier=tier, cached_tokens=0)
+
+    async def _compute(
+        self, model: CausalLM, job: CompletionJob, version: str
+    ) -> tuple[CompletionOutcome, bytes]:
+        """Generate the answer (in a worker thread) and its cached form."""
         generation, cached_tokens = await asyncio.to_thread(self._generate, model, job, version)
-        if key is not None:
-            tags = EntryTags(model=job.model, version=version, tenant=job.tenant)
-            answer = encode_answer(generation, job.model, version, secret=self._secret)
-            self._cache.put(key, answer, tags)
-        return CompletionOutcome(
+        outcome = CompletionOutcome(
             text=generation.text,
             finish_reason=generation.finish_reason,
             prompt_tokens=generation.prompt_tokens,
@@ -121,12 +144,29 @@ class ModelReplica:
             model_version=version,
             cache_tier=None,
         )
+        return outcome, encode_answer(generation, job.model, version, job.tenant, self._secret)
+
+    def _placement(self, job: CompletionJob, key: ResultKey, version: str) -> Placement:
+        """Where `key` lives beyond this replica: its owner on the ring, and its Redis key."""
+        owner_address = None
+        snapshot = self._membership.snapshot
+        if self._peer_client is not None and snapshot is not None and job.routing_key:
+            owner = snapshot.member(self._membership.ring().owner(job.routing_key) or "")
+            if owner is not None and owner.replica_id != self._replica_id:
+                owner_address = owner.peer_address or None
+        redis = None
+        if self._redis is not None:
+            redis = redis_key(self._args.namespace, job.model, version, "r", key)
+        return Placement(redis_key=redis, owner_address=owner_address)
 
     def stats(self) -> dict[str, Any]:
         """This replica's cache statistics in the `/v1/cache/stats` shape."""
         prefix = self._prefix.stats() if self._prefix is not None else None
+        tiers = self._tiered.stats
         return replica_stats(
             local=self._cache.stats(),
+            peer=tiers.peer.as_cache_stats(),
+            redis=tiers.redis.as_cache_stats(),
             prefix_queried_tokens=prefix.queried_tokens if prefix else 0,
             prefix_cached_tokens=prefix.cached_tokens if prefix else 0,
         )
@@ -163,10 +203,21 @@ class ModelReplica:
             logger.info("pinned %d tokens of a system prompt for %s", cached, pinned.model)
         return cache
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        """Serve's shutdown hook: leave the ring, stop serving peers, close connections."""
         membership = getattr(self, "_membership", None)
         if membership is not None:
             membership.stop()
+        for closing in (
+            getattr(self, "_tiered", None),
+            getattr(self, "_peer_client", None),
+            getattr(self, "_redis", None),
+        ):
+            if closing is not None:
+                await closing.close()
+        server = getattr(self, "_peer_server", None)
+        if server is not None:
+            await server.stop(grace_s=0.5)
 
     def _key(self, job: CompletionJob, version: str) -> ResultKey:
         identity = RequestIdentity(

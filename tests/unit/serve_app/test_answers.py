@@ -13,14 +13,14 @@ SECRET = b"0123456789abcdef-cluster-secret"
 
 @pytest.mark.parametrize("secret", [None, SECRET])
 def test_round_trip(secret):
-    outcome = decode_answer(encode_answer(GENERATION, "m", "7", secret), "redis", secret)
+    outcome = decode_answer(encode_answer(GENERATION, "m", "7", "t", secret), "redis", secret)
     assert (outcome.text, outcome.finish_reason) == ("hi", "length")
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (5, 2)
     assert (outcome.model_version, outcome.cache_tier) == ("7", "redis")
 
 
 def test_tampering_and_wrong_secrets_are_rejected():
-    blob = bytearray(encode_answer(GENERATION, "m", "7", SECRET))
+    blob = bytearray(encode_answer(GENERATION, "m", "7", "t", SECRET))
     with pytest.raises(CodecError):
         decode_answer(bytes(blob), "peer", b"another-secret-of-16+")
     with pytest.raises(CodecError):
@@ -53,3 +53,12 @@ def test_a_valid_envelope_with_a_bad_answer_inside_is_rejected(inner):
 def test_another_kind_of_envelope_is_rejected():
     with pytest.raises(CodecError):
         decode_answer(encode("kv", "m", "1", created_at=0.0), "redis")
+
+
+def test_tags_come_from_a_verified_envelope():
+    from serve_app.answers import answer_tags
+
+    tags = answer_tags(encode_answer(GENERATION, "m", "7", "alice", SECRET), SECRET)
+    assert (tags.model, tags.version, tags.tenant) == ("m", "7", "alice")
+    with pytest.raises(CodecError):
+        answer_tags(encode(ANSWER_KIND, "m", "1", created_at=0.0, blob=b"x"))
