@@ -92,6 +92,8 @@ class CompletionJob:
     params: SamplingParams
     routing_key: str | None = None
     """Placement key read by `serve_app.router.CacheAffinityRouter`."""
+    replica: str | None = None
+    """Send to this replica id when it is running, whatever the key (operators, tests)."""
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ A request that carries a `routing_key` goes to the owner of that key on the cons
 ring of the running replicas (`cluster.ring`, the same placement the replicas compute from the
 directory, so the request lands where its answer and prefix blocks live), unless that replica
 already has more than `max_owner_queue` requests in flight: then the least loaded of the others
-takes it, with the ring's next members preferred, and the owner stays the last resort. Requests
-without a key get Serve's usual two random choices. Nothing here blocks or calls an actor:
+takes it, with the ring's next members preferred, and the owner stays the last resort. A request
+that names a `replica` goes there while it runs. Requests without a key get Serve's usual two
+random choices. Nothing here blocks or calls an actor:
 placement is pure hashing over the replicas Serve already knows.
 """
 
@@ -20,12 +21,12 @@ from cluster.ring import Ring
 DEFAULT_MAX_OWNER_QUEUE = 8
 
 
-def routing_key_of(request: PendingRequest | None) -> str | None:
-    """The `routing_key` of the request's first argument, if it has one."""
+def _argument(request: PendingRequest | None, name: str) -> str | None:
+    """Attribute `name` of the request's first argument, when it is a string."""
     if request is None or not request.args:
         return None
-    key = getattr(request.args[0], "routing_key", None)
-    return key if isinstance(key, str) else None
+    value = getattr(request.args[0], name, None)
+    return value if isinstance(value, str) else None
 
 
 class CacheAffinityRouter(FIFOMixin, RequestRouter):
@@ -45,10 +46,13 @@ class CacheAffinityRouter(FIFOMixin, RequestRouter):
     ) -> list[list[RunningReplica]]:
         if not candidate_replicas:
             return []
-        key = routing_key_of(pending_request)
+        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
+        chosen = _argument(pending_request, "replica")
+        if chosen in by_id:
+            return [[by_id[chosen]]]
+        key = _argument(pending_request, "routing_key")
         if key is None:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
-        by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         if set(self._ring.weights) != by_id.keys():
             self._ring = Ring(dict.fromkeys(by_id, 1.0))
         ranked = [by_id[m] for m in self._ring.owners(key, len(by_id))]

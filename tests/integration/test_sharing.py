@@ -1,0 +1,144 @@
+"""What one replica computed, another serves: through the owner peer, and through Redis.
+
+Each test deploys the application with two model replicas in the session's Ray cluster, once
+with the peer path only (Redis disabled) and once with Redis only (peer path disabled), asks
+the owner replica of a key to compute an answer, then asks the OTHER replica for the same key
+and checks that it came from the expected tier, identical, without being computed again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+
+import pytest
+import ray
+from ray import serve
+from ray.serve.config import RequestRouterConfig
+
+from cluster.directory_actor import directory_actor
+from cluster.keys import routing_key
+from cluster.ring import Ring
+from serve_app.completions import CompletionJob
+from serve_app.config import parse_args
+from serve_app.ingress import Ingress
+from serve_app.models import ByteTokenizer, SamplingParams
+from serve_app.replica import ModelReplica
+from tests.support.processes import free_port, wait_until
+
+pytestmark = pytest.mark.integration
+
+TENANT = "default"
+MODEL = "tiny-gpt"
+
+
+def deploy(name: str, args: dict) -> None:
+    """The application with two model replicas, as configs/cluster.yaml deploys it."""
+    if not serve.status().applications and not _serve_running():
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
+    validated = parse_args(args).model_dump(mode="json")
+    replicas = ModelReplica.options(
+        num_replicas=2,
+        max_ongoing_requests=64,
+        ray_actor_options={"num_cpus": 0.25},
+        request_router_config=RequestRouterConfig(
+            request_router_class="serve_app.router:CacheAffinityRouter"
+        ),
+    )
+    ingress = Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.05})
+    serve.run(ingress.bind(replicas.bind(validated), validated), name=name, route_prefix=f"/{name}")
+    directory = directory_actor(args["namespace"])
+    wait_until(
+        lambda: len(ray.get(directory.members.remote())) == 2, 60, f"{name}: two members", 0.2
+    )
+
+
+def _serve_running() -> bool:
+    try:
+        serve.context._get_global_client()
+        return True
+    except Exception:
+        return False
+
+
+def replica_ids_by_ownership(namespace: str, key: str) -> tuple[str, str]:
+    members = ray.get(directory_actor(namespace).members.remote())
+    ring = Ring({m.replica_id: m.weight for m in members})
+    owner = ring.owner(key)
+    other = next(m.replica_id for m in members if m.replica_id != owner)
+    return owner, other
+
+
+def job_for(namespace: str, prompt: str) -> CompletionJob:
+    tokens = tuple(ByteTokenizer().encode(prompt))
+    return CompletionJob(
+        model=MODEL,
+        tenant=TENANT,
+        prompt_tokens=tokens,
+        params=SamplingParams(max_tokens=8, temperature=0.0),
+        routing_key=routing_key(namespace, TENANT, MODEL, tokens),
+    )
+
+
+def computed_on(namespace: str, replica_id: str) -> int:
+    """Answers a replica computed so far: its local misses less what other tiers answered."""
+    stats = ray.get(directory_actor(namespace).stats.remote())[replica_id]
+    return stats["misses"]
+
+
+@pytest.fixture(scope="module")
+def peer_only(ray_cluster):
+    name = f"share-peer-{uuid.uuid4().hex[:6]}"
+    deploy(name, {"namespace": name, "redis_url": None, "stats_interval_s": 0.1})
+    yield name
+    serve.delete(name)
+
+
+@pytest.fixture(scope="module")
+def redis_only(ray_cluster, redis_server):
+    name = f"share-redis-{uuid.uuid4().hex[:6]}"
+    args = {
+        "namespace": name,
+        "redis_url": redis_server.url,
+        "peer": {"enabled": False},
+        "stats_interval_s": 0.1,
+    }
+    deploy(name, args)
+    yield name
+    serve.delete(name)
+
+
+@pytest.mark.parametrize(("app", "tier"), [("peer_only", "peer"), ("redis_only", "redis")])
+def test_a_result_computed_on_one_replica_is_served_by_the_other(request, redis_server, app, tier):
+    namespace = request.getfixturevalue(app)
+    handle = serve.get_deployment_handle("ModelReplica", app_name=namespace)
+    job = job_for(namespace, f"shared across replicas via {tier}")
+    owner, other = replica_ids_by_ownership(namespace, job.routing_key)
+
+    def ask(replica: str):
+        return handle.complete.remote(dataclasses.replace(job, replica=replica)).result(
+            timeout_s=60
+        )
+
+    first = ask(owner)
+    assert first.cache_tier is None  # computed on the owner
+    if tier == "redis":  # the owner writes to Redis in the background
+        wait_until(
+            lambda: redis_server.client().keys(f"{namespace}:{MODEL}:*:r:*"), 10, "the Redis write"
+        )
+    before = computed_on(namespace, other)
+    second = ask(other)
+    assert second.cache_tier == tier, second
+    assert (second.text, second.finish_reason, second.completion_tokens) == (
+        first.text,
+        first.finish_reason,
+        first.completion_tokens,
+    )
+    assert ask(other).cache_tier == "local"  # and now kept on the other replica too
+
+    def other_counted_the_hit() -> bool:
+        stats = ray.get(directory_actor(namespace).stats.remote())[other]
+        return stats["tiers"][tier]["hits"] >= 1
+
+    wait_until(other_counted_the_hit, 10, f"the other replica's {tier} hit in its stats")
+    assert computed_on(namespace, other) == before  # nothing was recomputed there
