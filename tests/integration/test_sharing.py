@@ -40,12 +40,12 @@ def deploy(name: str, args: dict) -> None:
     replicas = ModelReplica.options(
         num_replicas=2,
         max_ongoing_requests=64,
-        ray_actor_options={"num_cpus": 0.25},
+        ray_actor_options={"num_cpus": 0.1},
         request_router_config=RequestRouterConfig(
             request_router_class="serve_app.router:CacheAffinityRouter"
         ),
     )
-    ingress = Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.05})
+    ingress = Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.02})
     serve.run(ingress.bind(replicas.bind(validated), validated), name=name, route_prefix=f"/{name}")
     directory = directory_actor(args["namespace"])
     wait_until(
@@ -86,7 +86,7 @@ def computed_on(namespace: str, replica_id: str) -> int:
     return stats["misses"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def peer_only(ray_cluster):
     name = f"share-peer-{uuid.uuid4().hex[:6]}"
     deploy(name, {"namespace": name, "redis_url": None, "stats_interval_s": 0.1})
@@ -94,7 +94,7 @@ def peer_only(ray_cluster):
     serve.delete(name)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def redis_only(ray_cluster, redis_server):
     name = f"share-redis-{uuid.uuid4().hex[:6]}"
     args = {
