@@ -142,3 +142,46 @@ def test_a_result_computed_on_one_replica_is_served_by_the_other(request, redis_
 
     wait_until(other_counted_the_hit, 10, f"the other replica's {tier} hit in its stats")
     assert computed_on(namespace, other) == before  # nothing was recomputed there
+
+
+def test_redis_failures_and_corruption_never_reach_a_client(redis_only, redis_server):
+    """A corrupt value under a live key is never served; a dead Redis is a miss, then recovers."""
+    namespace = redis_only
+    handle = serve.get_deployment_handle("ModelReplica", app_name=namespace)
+    job = job_for(namespace, "poisoned key")
+    owner, other = replica_ids_by_ownership(namespace, job.routing_key)
+
+    def ask(replica: str, which: CompletionJob = job):
+        return handle.complete.remote(dataclasses.replace(which, replica=replica)).result(
+            timeout_s=60
+        )
+
+    truth = ask(owner)
+    pattern = f"{namespace}:{MODEL}:*:r:*"
+    wait_until(lambda: redis_server.client().keys(pattern), 10, "the Redis write")
+    (live_key,) = redis_server.client().keys(pattern)
+    redis_server.client().set(live_key, b"RCEV" + b"\x00" * 64)  # looks like ours, is not
+    served = ask(other)
+    assert served.cache_tier is None  # recomputed, not served from the corrupt value
+    assert served.text == truth.text
+    wait_until(
+        lambda: redis_server.client().get(live_key) != b"RCEV" + b"\x00" * 64,
+        10,
+        "the corrupt value to be deleted or replaced",
+    )
+
+    redis_server.stop()
+    try:
+        for i in range(5):
+            outcome = ask(other, job_for(namespace, f"while Redis is down {i}"))
+            assert outcome.text  # every request still succeeds
+    finally:
+        redis_server.start()
+
+    # The restarted server is empty (it keeps nothing on disk). The breaker lets a probe through
+    # after its reset timeout, so new answers reach Redis again without any intervention.
+    def writes_again() -> bool:
+        ask(owner, job_for(namespace, f"after Redis came back {uuid.uuid4().hex}"))
+        return bool(redis_server.client().keys(pattern))
+
+    wait_until(writes_again, 20, "writes to reach Redis again", 0.5)
