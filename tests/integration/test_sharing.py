@@ -185,3 +185,42 @@ def test_redis_failures_and_corruption_never_reach_a_client(redis_only, redis_se
         return bool(redis_server.client().keys(pattern))
 
     wait_until(writes_again, 20, "writes to reach Redis again", 0.5)
+
+
+def test_a_killed_replica_leaves_the_ring_and_requests_keep_succeeding(peer_only):
+    namespace = peer_only
+    directory = directory_actor(namespace)
+    handle = serve.get_deployment_handle("ModelReplica", app_name=namespace)
+    before = {m.replica_id for m in ray.get(directory.members.remote())}
+    victim = sorted(before)[0]
+    actor = next(
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and a["name"].endswith(victim)
+    )
+    ray.kill(ray.get_actor(actor["name"], namespace="serve"), no_restart=True)
+    for i in range(6):  # served by the survivor (or Serve's replacement) throughout
+        assert handle.complete.remote(job_for(namespace, f"during loss {i}")).result(timeout_s=60)
+
+    def victim_left() -> bool:
+        return victim not in {m.replica_id for m in ray.get(directory.members.remote())}
+
+    wait_until(victim_left, 15, "the dead replica's lease to lapse", 0.5)
+    # Serve replaces the replica; the newcomer registers and the ring is whole again.
+    wait_until(lambda: len(ray.get(directory.members.remote())) == 2, 90, "a replacement", 0.5)
+
+
+def test_a_killed_directory_is_rebuilt_by_the_running_replicas(peer_only):
+    namespace = peer_only
+    directory = directory_actor(namespace)
+    members = {m.replica_id for m in ray.get(directory.members.remote())}
+    epoch = ray.get(directory.snapshot.remote()).epoch
+    ray.kill(directory, no_restart=False)  # its state is lost; Ray restarts it
+
+    def rebuilt() -> bool:
+        snapshot = ray.get(directory_actor(namespace).snapshot.remote())
+        return snapshot.epoch != epoch and {m.replica_id for m in snapshot.members} == members
+
+    wait_until(rebuilt, 30, "the replicas to re-register", 0.5)
+    handle = serve.get_deployment_handle("ModelReplica", app_name=namespace)
+    assert handle.complete.remote(job_for(namespace, "after the restart")).result(timeout_s=60)
