@@ -306,6 +306,17 @@ class PrefixCache:
                 n += 1
             return n
 
+    def block_kv(self, block_hash: BlockHash) -> tuple[torch.Tensor, object | None] | None:
+        """The keys and values of one cached block and its chain's `extra`, for another
+        replica; changes nothing.
+
+        Blocks are never written after insertion, so the tensor stays valid to read even if
+        the block is evicted meanwhile.
+        """
+        with self._lock:
+            block = self._blocks.get(block_hash)
+            return None if block is None else (block.kv, block.extra)
+
     def __contains__(self, block_hash: object) -> bool:
         """Whether a lookup would find `block_hash`; changes nothing."""
         return block_hash in self._blocks

@@ -1,4 +1,4 @@
-"""What a replica serves to its peers: its local result cache, read and written as envelopes.
+"""What a replica serves to its peers: its result cache and its prefix blocks, as envelopes.
 
 Reads do not count as this replica's hits or misses (they are the asking replica's). Writes
 come from another process, so each value is verified (checksum, HMAC, well-formed answer) before
@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
+from cluster.block_hashes import BlockHash, PrefixScope
 from cluster.codec import CodecError
 from cluster.keys import ResultKey
+from cluster.prefix_cache import PrefixCache
 from cluster.result_cache import ResultCache
 from serve_app.answers import answer_tags
+from serve_app.shared_blocks import encode_block
 
 logger = logging.getLogger(__name__)
 
@@ -21,8 +24,11 @@ logger = logging.getLogger(__name__)
 class ResultPeerBackend:
     """A `cluster.peer.PeerBackend` over one replica's result cache."""
 
-    def __init__(self, cache: ResultCache, secret: bytes | None) -> None:
+    def __init__(
+        self, cache: ResultCache, prefix: PrefixCache | None, secret: bytes | None
+    ) -> None:
         self._cache = cache
+        self._prefix = prefix
         self._secret = secret
         self.rejected = 0
 
@@ -40,8 +46,15 @@ class ResultPeerBackend:
             self._cache.put(ResultKey(key), value, tags)
 
     async def get_blocks(self, hashes: Sequence[bytes]) -> list[bytes | None]:
-        # Prefix blocks are not shared between replicas yet: every block is a miss.
-        return [None] * len(hashes)
+        blobs: list[bytes | None] = []
+        for block_hash in hashes:
+            found = self._prefix.block_kv(BlockHash(block_hash)) if self._prefix else None
+            if found is None or not isinstance(found[1], PrefixScope):
+                blobs.append(None)
+                continue
+            kv, scope = found
+            blobs.append(encode_block(kv, BlockHash(block_hash), scope, self._secret))
+        return blobs
 
     async def put_blocks(self, items: Sequence[tuple[bytes, bytes]]) -> None:
         return None

@@ -17,7 +17,12 @@ import ray
 import torch
 from ray import serve
 
-from cluster.block_hashes import PrefixScope, blake2b_256, keyed_blake2b_256
+from cluster.block_hashes import (
+    PrefixScope,
+    blake2b_256,
+    keyed_blake2b_256,
+    prompt_block_hashes,
+)
 from cluster.directory import Member, ReplicaId
 from cluster.keys import RequestIdentity, ResultKey, result_key
 from cluster.membership import Membership
@@ -34,6 +39,7 @@ from serve_app.models import ByteTokenizer, CausalLM, Generation, SamplingParams
 from serve_app.models.loading import load_model
 from serve_app.peer_backend import ResultPeerBackend
 from serve_app.prefix_generation import generate_with_prefix_cache, warm_up_prefix
+from serve_app.shared_blocks import fetch_prefix_from_owner
 from serve_app.stats import replica_stats
 
 logger = logging.getLogger(__name__)
@@ -78,6 +84,8 @@ class ModelReplica:
             spec.id: load_model(spec) for spec in self._args.models
         }
         self._versions = {spec.id: spec.version for spec in self._args.models}
+        self._specs = {spec.id: spec for spec in self._args.models}
+        self._fetched_blocks = 0
         settings = self._args.result_cache
         self._cache = ResultCache(
             max_bytes=settings.max_bytes,
@@ -90,7 +98,7 @@ class ModelReplica:
         self._replica_id = ReplicaId(serve.get_replica_context().replica_id.unique_id)
         self._redis = RedisStore(self._args.redis_url) if self._args.redis_url else None
         self._peer_client = PeerClient() if self._args.peer.enabled else None
-        self._peer_server = PeerServer(ResultPeerBackend(self._cache, self._secret))
+        self._peer_server = PeerServer(ResultPeerBackend(self._cache, self._prefix, self._secret))
         peer_address = await self._peer_server.start(
             host="0.0.0.0", port=0, advertise_host=ray.util.get_node_ip_address()
         )
@@ -133,7 +141,14 @@ class ModelReplica:
     async def _compute(
         self, model: CausalLM, job: CompletionJob, version: str
     ) -> tuple[CompletionOutcome, bytes]:
-        """Generate the answer (in a worker thread) and its cached form."""
+        """Generate the answer (in a worker thread) and its cached form.
+
+        When another replica owns the prompt, the blocks of its prefix that the owner holds are
+        copied first, so that only the rest is prefilled here.
+        """
+        owner_address = self._owner_address(job)
+        if owner_address is not None and self._prefix is not None:
+            await self._fetch_prefix(model, job, version, owner_address)
         generation, cached_tokens = await asyncio.to_thread(self._generate, model, job, version)
         outcome = CompletionOutcome(
             text=generation.text,
@@ -146,18 +161,47 @@ class ModelReplica:
         )
         return outcome, encode_answer(generation, job.model, version, job.tenant, self._secret)
 
+    def _owner_address(self, job: CompletionJob) -> str | None:
+        """Peer address of the replica owning `job`'s prompt, when that is another replica."""
+        snapshot = self._membership.snapshot
+        if self._peer_client is None or snapshot is None or not job.routing_key:
+            return None
+        owner = snapshot.member(self._membership.ring().owner(job.routing_key) or "")
+        if owner is None or owner.replica_id == self._replica_id:
+            return None
+        return owner.peer_address or None
+
     def _placement(self, job: CompletionJob, key: ResultKey, version: str) -> Placement:
         """Where `key` lives beyond this replica: its owner on the ring, and its Redis key."""
-        owner_address = None
-        snapshot = self._membership.snapshot
-        if self._peer_client is not None and snapshot is not None and job.routing_key:
-            owner = snapshot.member(self._membership.ring().owner(job.routing_key) or "")
-            if owner is not None and owner.replica_id != self._replica_id:
-                owner_address = owner.peer_address or None
         redis = None
         if self._redis is not None:
             redis = redis_key(self._args.namespace, job.model, version, "r", key)
-        return Placement(redis_key=redis, owner_address=owner_address)
+        return Placement(redis_key=redis, owner_address=self._owner_address(job))
+
+    async def _fetch_prefix(
+        self, model: CausalLM, job: CompletionJob, version: str, owner_address: str
+    ) -> None:
+        """Copy the owner's cached blocks of `job`'s prompt into the local prefix cache."""
+        assert self._prefix is not None and self._peer_client is not None
+        spec = self._specs[job.model]
+        size = self._prefix.block_size
+        scope = PrefixScope(tenant=job.tenant, model_id=job.model, model_version=version)
+        hashes = prompt_block_hashes(job.prompt_tokens, size, scope, self._block_hash)
+        shape = torch.Size((spec.n_layers, 2, spec.n_heads, size, spec.d_model // spec.n_heads))
+        added = await fetch_prefix_from_owner(
+            self._prefix,
+            hashes,
+            usable=(len(job.prompt_tokens) - 1) // size,
+            extra=scope,
+            peer=self._peer_client,
+            owner_address=owner_address,
+            block_shape=shape,
+            dtype=torch.float32,
+            device=model.device,
+            timeout_s=self._args.peer.timeout_s,
+            secret=self._secret,
+        )
+        self._fetched_blocks += added
 
     def stats(self) -> dict[str, Any]:
         """This replica's cache statistics in the `/v1/cache/stats` shape."""

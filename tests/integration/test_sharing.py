@@ -22,7 +22,8 @@ from cluster.ring import Ring
 from serve_app.completions import CompletionJob
 from serve_app.config import parse_args
 from serve_app.ingress import Ingress
-from serve_app.models import ByteTokenizer, SamplingParams
+from serve_app.models import ByteTokenizer, SamplingParams, generate
+from serve_app.models.loading import load_model
 from serve_app.replica import ModelReplica
 from tests.support.processes import free_port, wait_until
 
@@ -224,3 +225,34 @@ def test_a_killed_directory_is_rebuilt_by_the_running_replicas(peer_only):
     wait_until(rebuilt, 30, "the replicas to re-register", 0.5)
     handle = serve.get_deployment_handle("ModelReplica", app_name=namespace)
     assert handle.complete.remote(job_for(namespace, "after the restart")).result(timeout_s=60)
+
+
+def test_prefix_blocks_computed_on_the_owner_are_reused_by_the_other(peer_only):
+    namespace = peer_only
+    handle = serve.get_deployment_handle("ModelReplica", app_name=namespace)
+    document = "A long shared document that both questions start with. " * 8
+    first_job = job_for(namespace, document + "Question one?")
+    second_job = job_for(namespace, document + "Question two, asked elsewhere?")
+    assert first_job.routing_key == second_job.routing_key  # the same owner for both
+    owner, other = replica_ids_by_ownership(namespace, first_job.routing_key)
+
+    first = handle.complete.remote(dataclasses.replace(first_job, replica=owner)).result(
+        timeout_s=60
+    )
+    second = handle.complete.remote(dataclasses.replace(second_job, replica=other)).result(
+        timeout_s=60
+    )
+    block = parse_args({}).prefix_cache.block_size
+    shared_blocks = len(document.encode()) // block
+    assert first.cache_tier is None and second.cache_tier is None  # both answers are new
+    # The other replica prefilled only what follows the owner's cached blocks of the document.
+    assert second.cached_tokens >= (shared_blocks - 1) * block
+    tokenizer = ByteTokenizer()
+    spec = parse_args({}).model(MODEL)
+    expected = generate(
+        load_model(spec, device="cpu"),
+        tokenizer,
+        list(second_job.prompt_tokens),
+        SamplingParams(max_tokens=8, temperature=0.0),
+    )
+    assert second.text == expected.text  # identical to a full prefill
