@@ -207,13 +207,28 @@ class ModelReplica:
         """This replica's cache statistics in the `/v1/cache/stats` shape."""
         prefix = self._prefix.stats() if self._prefix is not None else None
         tiers = self._tiered.stats
-        return replica_stats(
+        snapshot = self._membership.snapshot
+        redis = self._redis.stats() if self._redis is not None else None
+        cluster = {
+            "ring_size": len(snapshot.members) if snapshot else 0,
+            "ring_version": snapshot.version if snapshot else None,
+            "redis_breaker": redis.breaker_state if redis else "disabled",
+            "redis_errors": redis.errors if redis else 0,
+            "peer_fetch_ms": _mean_ms(tiers.peer.fetch_seconds, tiers.peer.fetches),
+            "redis_fetch_ms": _mean_ms(tiers.redis.fetch_seconds, tiers.redis.fetches),
+            "corrupt_values": tiers.peer.corrupt + tiers.redis.corrupt,
+            "single_flight_waits": tiers.single_flight_waits,
+            "stores_dropped": tiers.stores_dropped,
+            "prefix_blocks_from_peers": self._fetched_blocks,
+        }
+        counters = replica_stats(
             local=self._cache.stats(),
             peer=tiers.peer.as_cache_stats(),
             redis=tiers.redis.as_cache_stats(),
             prefix_queried_tokens=prefix.queried_tokens if prefix else 0,
             prefix_cached_tokens=prefix.cached_tokens if prefix else 0,
         )
+        return {**counters, "cluster": cluster}
 
     def _generate(
         self, model: CausalLM, job: CompletionJob, version: str
@@ -274,6 +289,10 @@ class ModelReplica:
         return result_key(
             identity, list(job.prompt_tokens), cache_params(job.params), self._key_secret
         )
+
+
+def _mean_ms(seconds: float, count: int) -> float:
+    return 1000 * seconds / count if count else 0.0
 
 
 def _node_id() -> str:

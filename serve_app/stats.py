@@ -6,7 +6,9 @@ Shape of one replica's entry (and of `total`):
      "tiers": {"local" | "peer" | "redis": {same six counters}},
      "prefix": {"queried_tokens", "cached_tokens"}}
 
-Tiers a replica does not have yet report zeros, so dashboards can rely on every name.
+Tiers a replica does not have report zeros, so dashboards can rely on every name. A replica's
+entry also has `cluster`: its ring size and version, Redis breaker state, mean peer and Redis
+fetch latencies, corrupt values seen, single-flight waits and dropped background stores.
 """
 
 from __future__ import annotations

@@ -136,6 +136,9 @@ def test_stats_count_hits_and_misses_per_replica(running_app):
     assert set(total["tiers"]) == {"local", "peer", "redis"}
     assert total["tiers"]["peer"]["hits"] == total["tiers"]["redis"]["hits"] == 0
     assert set(total["prefix"]) == {"queried_tokens", "cached_tokens"}
+    for replica in stats["replicas"].values():
+        assert replica["cluster"]["ring_size"] == running_app.replica_count()
+        assert replica["cluster"]["redis_breaker"] == "closed"
 
 
 def test_healthz_reports_redis(running_app):
