@@ -187,10 +187,10 @@ class TieredCache(Generic[T]):
         self.local.put(key, encoded, tags)
         if self._peer is not None and placement.owner_address is not None:
             peer, address = self._peer, placement.owner_address
-            self._enqueue(lambda: peer.put_results(address, [(key, encoded)], self._peer_timeout_s))
+            self.enqueue(lambda: peer.put_results(address, [(key, encoded)], self._peer_timeout_s))
         if self._redis is not None and placement.redis_key is not None:
             redis, redis_key = self._redis, placement.redis_key
-            self._enqueue(lambda: redis.set_many([(redis_key, encoded)], self._redis_ttl_s))
+            self.enqueue(lambda: redis.set_many([(redis_key, encoded)], self._redis_ttl_s))
 
     async def drain(self) -> None:
         """Wait until every queued store has run (tests and shutdown)."""
@@ -237,7 +237,8 @@ class TieredCache(Generic[T]):
         counters.bytes_read += len(blob)
         return value, blob
 
-    def _enqueue(self, store: Callable[[], Awaitable[object]]) -> None:
+    def enqueue(self, store: Callable[[], Awaitable[object]]) -> None:
+        """Run `store` in the background; dropped (and counted) when the queue is full."""
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_forever())
         try:

@@ -125,6 +125,12 @@ class PrefixCacheSettings(StrictModel):
     max_bytes: int = Field(
         default=256 * 1024 * 1024, ge=0, description="Byte budget of cached blocks (bytes)."
     )
+    redis_chunk_blocks: int = Field(
+        default=16,
+        ge=1,
+        le=1024,
+        description="Blocks per Redis value when prefixes are shared through Redis (blocks).",
+    )
     pinned: tuple[PinnedPrompt, ...] = Field(
         default=(), description="Prefixes computed at start-up and never evicted."
     )

@@ -18,6 +18,7 @@ import torch
 from ray import serve
 
 from cluster.block_hashes import (
+    BlockHash,
     PrefixScope,
     blake2b_256,
     keyed_blake2b_256,
@@ -39,7 +40,11 @@ from serve_app.models import ByteTokenizer, CausalLM, Generation, SamplingParams
 from serve_app.models.loading import load_model
 from serve_app.peer_backend import ResultPeerBackend
 from serve_app.prefix_generation import generate_with_prefix_cache, warm_up_prefix
-from serve_app.shared_blocks import fetch_prefix_from_owner
+from serve_app.shared_blocks import (
+    fetch_prefix_from_owner,
+    fetch_prefix_from_redis,
+    store_prefix_in_redis,
+)
 from serve_app.stats import replica_stats
 
 logger = logging.getLogger(__name__)
@@ -86,6 +91,7 @@ class ModelReplica:
         self._versions = {spec.id: spec.version for spec in self._args.models}
         self._specs = {spec.id: spec for spec in self._args.models}
         self._fetched_blocks = 0
+        self._redis_blocks = 0
         settings = self._args.result_cache
         self._cache = ResultCache(
             max_bytes=settings.max_bytes,
@@ -146,10 +152,11 @@ class ModelReplica:
         When another replica owns the prompt, the blocks of its prefix that the owner holds are
         copied first, so that only the rest is prefilled here.
         """
-        owner_address = self._owner_address(job)
-        if owner_address is not None and self._prefix is not None:
-            await self._fetch_prefix(model, job, version, owner_address)
+        if self._prefix is not None:
+            await self._fetch_prefix(model, job, version)
         generation, cached_tokens = await asyncio.to_thread(self._generate, model, job, version)
+        if self._prefix is not None and self._redis is not None:
+            self._share_prefix(job, version, already_shared=cached_tokens)
         outcome = CompletionOutcome(
             text=generation.text,
             finish_reason=generation.finish_reason,
@@ -178,30 +185,70 @@ class ModelReplica:
             redis = redis_key(self._args.namespace, job.model, version, "r", key)
         return Placement(redis_key=redis, owner_address=self._owner_address(job))
 
-    async def _fetch_prefix(
-        self, model: CausalLM, job: CompletionJob, version: str, owner_address: str
-    ) -> None:
-        """Copy the owner's cached blocks of `job`'s prompt into the local prefix cache."""
-        assert self._prefix is not None and self._peer_client is not None
+    def _prefix_chain(
+        self, job: CompletionJob, version: str
+    ) -> tuple[PrefixScope, list[BlockHash], torch.Size]:
+        """The scope, block hashes and block shape of `job`'s prompt."""
+        assert self._prefix is not None
         spec = self._specs[job.model]
         size = self._prefix.block_size
         scope = PrefixScope(tenant=job.tenant, model_id=job.model, model_version=version)
         hashes = prompt_block_hashes(job.prompt_tokens, size, scope, self._block_hash)
         shape = torch.Size((spec.n_layers, 2, spec.n_heads, size, spec.d_model // spec.n_heads))
-        added = await fetch_prefix_from_owner(
-            self._prefix,
-            hashes,
-            usable=(len(job.prompt_tokens) - 1) // size,
-            extra=scope,
-            peer=self._peer_client,
-            owner_address=owner_address,
-            block_shape=shape,
-            dtype=torch.float32,
-            device=model.device,
-            timeout_s=self._args.peer.timeout_s,
-            secret=self._secret,
+        return scope, hashes, shape
+
+    async def _fetch_prefix(self, model: CausalLM, job: CompletionJob, version: str) -> None:
+        """Copy cached blocks of `job`'s prompt from the owner replica, then from Redis."""
+        assert self._prefix is not None
+        scope, hashes, shape = self._prefix_chain(job, version)
+        usable = (len(job.prompt_tokens) - 1) // self._prefix.block_size
+        owner_address = self._owner_address(job)
+        if owner_address is not None and self._peer_client is not None:
+            self._fetched_blocks += await fetch_prefix_from_owner(
+                self._prefix,
+                hashes,
+                usable=usable,
+                extra=scope,
+                peer=self._peer_client,
+                owner_address=owner_address,
+                block_shape=shape,
+                dtype=torch.float32,
+                device=model.device,
+                timeout_s=self._args.peer.timeout_s,
+                secret=self._secret,
+            )
+        if self._redis is not None:
+            self._redis_blocks += await fetch_prefix_from_redis(
+                self._redis,
+                self._prefix,
+                hashes,
+                usable=usable,
+                scope=scope,
+                namespace=self._args.namespace,
+                chunk_blocks=self._args.prefix_cache.redis_chunk_blocks,
+                block_shape=shape,
+                dtype=torch.float32,
+                device=model.device,
+                secret=self._secret,
+            )
+
+    def _share_prefix(self, job: CompletionJob, version: str, already_shared: int) -> None:
+        """Write the prompt's new blocks to Redis in the background."""
+        assert self._prefix is not None and self._redis is not None
+        scope, hashes, _ = self._prefix_chain(job, version)
+        prefix, redis = self._prefix, self._redis
+        self._tiered.enqueue(
+            lambda: store_prefix_in_redis(
+                redis,
+                prefix,
+                hashes,
+                already_shared=already_shared // prefix.block_size,
+                scope=scope,
+                namespace=self._args.namespace,
+                chunk_blocks=self._args.prefix_cache.redis_chunk_blocks,
+                secret=self._secret,
+            )
         )
-        self._fetched_blocks += added
 
     def stats(self) -> dict[str, Any]:
         """This replica's cache statistics in the `/v1/cache/stats` shape."""
@@ -220,6 +267,7 @@ class ModelReplica:
             "single_flight_waits": tiers.single_flight_waits,
             "stores_dropped": tiers.stores_dropped,
             "prefix_blocks_from_peers": self._fetched_blocks,
+            "prefix_blocks_from_redis": self._redis_blocks,
         }
         counters = replica_stats(
             local=self._cache.stats(),

@@ -256,3 +256,31 @@ def test_prefix_blocks_computed_on_the_owner_are_reused_by_the_other(peer_only):
         SamplingParams(max_tokens=8, temperature=0.0),
     )
     assert second.text == expected.text  # identical to a full prefill
+
+
+def test_prefix_chunks_in_redis_are_reused_by_another_replica(redis_only, redis_server):
+    namespace = redis_only
+    handle = serve.get_deployment_handle("ModelReplica", app_name=namespace)
+    document = "Chunks of key/value blocks travel through Redis. " * 10
+    first_job = job_for(namespace, document + "First?")
+    second_job = job_for(namespace, document + "Second, on the other replica?")
+    owner, other = replica_ids_by_ownership(namespace, first_job.routing_key)
+    handle.complete.remote(dataclasses.replace(first_job, replica=owner)).result(timeout_s=60)
+    wait_until(
+        lambda: redis_server.client().keys(f"{namespace}:{MODEL}:*:kv:*"), 10, "chunks in Redis"
+    )
+    second = handle.complete.remote(dataclasses.replace(second_job, replica=other)).result(
+        timeout_s=60
+    )
+    settings = parse_args({}).prefix_cache
+    whole_chunks = len(document.encode()) // (settings.block_size * settings.redis_chunk_blocks)
+    assert whole_chunks >= 1
+    assert second.cached_tokens >= whole_chunks * settings.redis_chunk_blocks * settings.block_size
+    spec = parse_args({}).model(MODEL)
+    expected = generate(
+        load_model(spec, device="cpu"),
+        ByteTokenizer(),
+        list(second_job.prompt_tokens),
+        SamplingParams(max_tokens=8, temperature=0.0),
+    )
+    assert second.text == expected.text
