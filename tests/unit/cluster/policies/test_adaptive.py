@@ -1,0 +1,90 @@
+"""The default policy adapts: window by hill climbing, admission margin by a paired rival."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cluster.policies import make_policy
+from cluster.policies.adaptive import AdaptiveTinyLFUPolicy, HillClimber
+
+
+def replay(policy, keys) -> int:
+    hits = 0
+    for key in keys:
+        if key in policy:
+            policy.hit(key)
+            hits += 1
+        else:
+            policy.insert(key)
+    return hits
+
+
+def shifting_working_sets(capacity: int, phases: int) -> list[int]:
+    """Recency-friendly: a working set of 3/4 of the capacity, replaced every 15 capacities."""
+    rng = np.random.default_rng(3)
+    size = 3 * capacity // 4
+    keys: list[int] = []
+    for phase in range(phases):
+        keys += (phase * size + rng.integers(0, size, 15 * capacity)).tolist()
+    return keys
+
+
+def zipf(capacity: int, requests: int) -> list[int]:
+    """Frequency-friendly: Zipf(0.9) over 25 capacities' worth of keys."""
+    rng = np.random.default_rng(5)
+    weights = np.arange(1, 25 * capacity + 1) ** -0.9
+    return rng.choice(len(weights), size=requests, p=weights / weights.sum()).tolist()
+
+
+def test_hill_climber_follows_caffeine_rule() -> None:
+    climber = HillClimber(1000)
+    assert climber.step == -62.5  # Caffeine's first move shrinks
+    assert climber.adjustment(0.50) == -62.5  # a 50-point change: restart at full step
+    climber.orient(grow=True)
+    assert climber.adjustment(0.52) == 62.5  # no drop: keep going, decay the step
+    assert climber.step == pytest.approx(61.25)
+    assert climber.adjustment(0.51) == pytest.approx(-61.25)  # a drop: reverse
+    assert climber.adjustment(0.40) == pytest.approx(60.025)  # a big drop: reverse, restart
+    assert climber.step == pytest.approx(62.5)
+
+
+def test_window_grows_on_a_recency_friendly_workload() -> None:
+    capacity = 200
+    keys = shifting_working_sets(capacity, phases=12)
+    policy = AdaptiveTinyLFUPolicy(capacity)
+    hits = replay(policy, keys)
+    lru_hits = replay(make_policy("lru", capacity), keys)
+    fixed_hits = replay(make_policy("tinylfu", capacity), keys)
+    assert policy.window_max >= capacity // 2
+    assert hits >= 0.95 * lru_hits
+    assert hits >= 1.15 * fixed_hits
+    policy.check_integrity()
+
+
+def test_window_shrinks_on_a_frequency_friendly_workload() -> None:
+    capacity = 200
+    keys = zipf(capacity, 60_000)
+    policy = AdaptiveTinyLFUPolicy(capacity, window_fraction=0.5)
+    replay(policy, keys)
+    assert policy.window_max <= 0.35 * capacity
+    policy.check_integrity()
+
+
+def test_rival_switches_to_the_loop_friendly_admission() -> None:
+    policy = AdaptiveTinyLFUPolicy(100, admit_margin=0)
+    keys = list(range(1000)) * 30
+    hits = replay(policy, keys)
+    assert policy.admit_margin == 1
+    assert hits > 0.05 * len(keys)
+
+
+def test_shadows_can_be_turned_off() -> None:
+    policy = AdaptiveTinyLFUPolicy(50, adaptive_admission=False, lru_guard=None)
+    replay(policy, list(range(200)) * 20)
+    policy.check_integrity()
+
+
+def test_invalid_margin_is_refused() -> None:
+    with pytest.raises(ValueError, match="admit_margin"):
+        AdaptiveTinyLFUPolicy(10, admit_margin=2)

@@ -1,0 +1,123 @@
+"""The frequency sketch: estimates, saturation, aging, the doorkeeper, growth, stable hashing."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cluster.policies.sketch import FrequencySketch, stable_key_hash
+
+ROOT = Path(__file__).resolve().parents[4]
+
+
+def test_estimates_count_sightings_and_never_undercount() -> None:
+    sketch = FrequencySketch(1000)
+    for key in range(200):
+        for _ in range(key % 7):
+            sketch.increment(key)
+    exact = sum(sketch.frequency(key) == key % 7 for key in range(200))
+    assert all(sketch.frequency(key) >= key % 7 for key in range(200))
+    assert exact >= 190, "with 16 counters per entry, collisions should be rare"
+
+
+def test_counters_saturate_at_fifteen() -> None:
+    sketch = FrequencySketch(100)
+    for _ in range(40):
+        sketch.increment("hot")
+    assert sketch.frequency("hot") == 15
+
+
+def test_aging_halves_after_the_sample_size() -> None:
+    sketch = FrequencySketch(1024, sample_factor=0.2)
+    assert sketch.sample_size == 204
+    for _ in range(12):
+        sketch.increment("a")
+    for _ in range(8):
+        sketch.increment("b")
+    assert sketch.frequency("a") == 12
+    for key in range(1000, 1183):  # one sighting short of the sample size
+        sketch.increment(key)
+    assert sketch.frequency("a") == 12
+    sketch.increment(5000)
+    assert sketch.frequency("a") == 6
+    assert sketch.frequency("b") == 4
+
+
+def test_explicit_age_halves_every_counter() -> None:
+    sketch = FrequencySketch(64)
+    for _ in range(9):
+        sketch.increment(7)
+    sketch.age()
+    assert sketch.frequency(7) == 4
+
+
+def test_doorkeeper_absorbs_first_sightings_and_resets_at_aging() -> None:
+    sketch = FrequencySketch(64, doorkeeper=True)
+    sketch.increment("once")
+    assert sketch.frequency("once") == 1  # the doorkeeper bit, no counter yet
+    for _ in range(4):
+        sketch.increment("thrice+1")
+    assert sketch.frequency("thrice+1") == 4  # 3 counted + the doorkeeper
+    sketch.age()
+    assert sketch.frequency("once") == 0
+    assert sketch.frequency("thrice+1") == 1  # 3 halved, doorkeeper cleared
+
+
+def test_growth_keeps_estimates() -> None:
+    sketch = FrequencySketch(16)
+    for key in range(40):
+        for _ in range(key % 5):
+            sketch.increment(key)
+    before = [sketch.frequency(key) for key in range(40)]
+    width = sketch.width
+    sketch.ensure_capacity(5000)
+    assert sketch.width > width
+    assert [sketch.frequency(key) for key in range(40)] == before
+    sketch.ensure_capacity(10)  # never shrinks
+    assert sketch.width > width
+
+
+def test_sample_size_follows_the_expected_entries() -> None:
+    sketch = FrequencySketch(16)
+    sketch.ensure_capacity(1000)
+    assert sketch.sample_size == 10_000
+
+
+def test_invalid_options_are_refused() -> None:
+    with pytest.raises(ValueError, match="width_factor"):
+        FrequencySketch(10, width_factor=3)
+    with pytest.raises(ValueError, match="sample_factor"):
+        FrequencySketch(10, sample_factor=0)
+
+
+def test_stable_key_hash_is_fixed_for_text_bytes_ints_and_tuples() -> None:
+    assert stable_key_hash(5) == 5
+    assert stable_key_hash(-1) == (1 << 64) - 1
+    assert stable_key_hash("abc") == stable_key_hash(b"abc") == 0x44BC2CF5AD770999
+    assert stable_key_hash(("t", 1)) == stable_key_hash(("t", 1))
+    assert stable_key_hash(True) == 1
+
+
+def test_string_estimates_do_not_depend_on_the_process_hash_seed() -> None:
+    """Python seeds `hash(str)` per process; the sketch must not follow it."""
+    program = (
+        "from cluster.policies.sketch import FrequencySketch\n"
+        "s = FrequencySketch(16, seed=3)\n"
+        "keys = [f'k{i}' for i in range(300)]\n"
+        "for i, k in enumerate(keys):\n"
+        "    for _ in range(i % 4):\n"
+        "        s.increment(k)\n"
+        "print([s.frequency(k) for k in keys])\n"
+    )
+    outputs = set()
+    for seed in ("1", "2"):
+        env = {**os.environ, "PYTHONHASHSEED": seed, "PYTHONPATH": str(ROOT)}
+        result = subprocess.run(
+            [sys.executable, "-c", program], env=env, capture_output=True, text=True, check=True
+        )
+        outputs.add(result.stdout)
+    assert len(outputs) == 1
