@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Literal
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-RedisStatus = Literal["up", "down", "disabled"]
+from cluster.redis_store import RedisStatus
 
 
 class RedisProbe:

@@ -152,11 +152,12 @@ class ModelReplica:
         When another replica owns the prompt, the blocks of its prefix that the owner holds are
         copied first, so that only the rest is prefilled here.
         """
-        if self._prefix is not None:
-            await self._fetch_prefix(model, job, version)
+        chain = self._prefix_chain(job, version) if self._prefix is not None else None
+        if chain is not None:
+            await self._fetch_prefix(model, job, chain)
         generation, cached_tokens = await asyncio.to_thread(self._generate, model, job, version)
-        if self._prefix is not None and self._redis is not None:
-            self._share_prefix(job, version, already_shared=cached_tokens)
+        if chain is not None and self._redis is not None:
+            self._share_prefix(chain, already_shared=cached_tokens)
         outcome = CompletionOutcome(
             text=generation.text,
             finish_reason=generation.finish_reason,
@@ -197,10 +198,15 @@ class ModelReplica:
         shape = torch.Size((spec.n_layers, 2, spec.n_heads, size, spec.d_model // spec.n_heads))
         return scope, hashes, shape
 
-    async def _fetch_prefix(self, model: CausalLM, job: CompletionJob, version: str) -> None:
+    async def _fetch_prefix(
+        self,
+        model: CausalLM,
+        job: CompletionJob,
+        chain: tuple[PrefixScope, list[BlockHash], torch.Size],
+    ) -> None:
         """Copy cached blocks of `job`'s prompt from the owner replica, then from Redis."""
         assert self._prefix is not None
-        scope, hashes, shape = self._prefix_chain(job, version)
+        scope, hashes, shape = chain
         usable = (len(job.prompt_tokens) - 1) // self._prefix.block_size
         owner_address = self._owner_address(job)
         if owner_address is not None and self._peer_client is not None:
@@ -232,10 +238,12 @@ class ModelReplica:
                 secret=self._secret,
             )
 
-    def _share_prefix(self, job: CompletionJob, version: str, already_shared: int) -> None:
+    def _share_prefix(
+        self, chain: tuple[PrefixScope, list[BlockHash], torch.Size], already_shared: int
+    ) -> None:
         """Write the prompt's new blocks to Redis in the background."""
         assert self._prefix is not None and self._redis is not None
-        scope, hashes, _ = self._prefix_chain(job, version)
+        scope, hashes, _ = chain
         prefix, redis = self._prefix, self._redis
         self._tiered.enqueue(
             lambda: store_prefix_in_redis(
