@@ -74,6 +74,7 @@ class Directory:
         self.epoch = epoch or uuid.uuid4().hex
         self._timer = timer
         self._leases: dict[ReplicaId, _Lease] = {}
+        self._excluded: set[ReplicaId] = set()
         self.version = 0
 
     def register(self, member: Member) -> int:
@@ -107,14 +108,31 @@ class Directory:
         if self._leases.pop(replica_id, None) is not None:
             self.version += 1
 
+    def exclude(self, replica_ids: list[ReplicaId]) -> int:
+        """Keep `replica_ids` out of the ring (they stay members) until `readmit`; returns the
+        membership version. The version actor excludes replicas behind on a model version."""
+        fresh = set(replica_ids) - self._excluded
+        if fresh:
+            self._excluded |= fresh
+            self.version += 1
+        return self.version
+
+    def readmit(self, replica_ids: list[ReplicaId]) -> int:
+        """Undo `exclude` for `replica_ids`; returns the membership version."""
+        back = set(replica_ids) & self._excluded
+        if back:
+            self._excluded -= back
+            self.version += 1
+        return self.version
+
     def members(self) -> list[Member]:
         """Live members, ordered by replica id."""
         self._expire()
         return [self._leases[rid].member for rid in sorted(self._leases)]
 
     def snapshot(self) -> RingSnapshot:
-        """The live members at the current version."""
-        members = self.members()
+        """The live members in the ring (not excluded) at the current version."""
+        members = [m for m in self.members() if m.replica_id not in self._excluded]
         return RingSnapshot(self.epoch, self.version, tuple(members))
 
     def stats(self) -> dict[ReplicaId, Mapping[str, Any]]:

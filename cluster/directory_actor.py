@@ -50,6 +50,12 @@ class DirectoryActor:
         self._directory.deregister(replica_id)
         self._publish(self._directory.version)
 
+    async def exclude(self, replica_ids: list[ReplicaId]) -> int:
+        return self._publish(self._directory.exclude(replica_ids))
+
+    async def readmit(self, replica_ids: list[ReplicaId]) -> int:
+        return self._publish(self._directory.readmit(replica_ids))
+
     async def members(self) -> list[Member]:
         return self._directory.members()
 

@@ -3,8 +3,10 @@
 `TieredCache.get_or_compute` answers a key from the first tier that has a value that decodes,
 computing it when none does. Concurrent identical misses on one replica wait for a single
 computation (single-flight). What a remote tier returns is untrusted: it is decoded by the
-caller's `decode` (which raises on anything malformed), and a value that fails is a miss,
-counted as corrupt, and deleted from Redis so it is not served again.
+caller's `decode_remote` (default: `decode`), which raises on anything malformed, and a value
+that fails is a miss, counted as corrupt, and deleted from Redis so it is not served again. A
+value that decodes but that an invalidation covers (`StaleValue`) is handled alike and counted
+as stale.
 
 Stores go to the local cache at once and to the owner peer and Redis in the background, through
 a bounded queue: when the queue is full the store is dropped and counted, so a slow tier never
@@ -72,6 +74,7 @@ class TierCounters:
     hits: int = 0
     misses: int = 0
     corrupt: int = 0
+    stale: int = 0
     bytes_read: int = 0
     fetch_seconds: float = 0.0
     fetches: int = 0
@@ -95,6 +98,10 @@ class TieredStats:
     stores_failed: int = 0
 
 
+class StaleValue(ValueError):
+    """A fetched value is well-formed but no longer valid (an invalidation covers it)."""
+
+
 class TieredCache(Generic[T]):
     """Looks keys up tier by tier and computes misses once; see the module docstring."""
 
@@ -108,9 +115,11 @@ class TieredCache(Generic[T]):
         redis_ttl_s: float | None = None,
         queue_size: int = DEFAULT_QUEUE_SIZE,
         timer: Callable[[], float] = time.perf_counter,
+        decode_remote: Callable[[bytes], T] | None = None,
     ) -> None:
         self.local = local
         self._decode = decode
+        self._decode_remote = decode if decode_remote is None else decode_remote
         self._peer = peer
         self._redis = redis
         self._peer_timeout_s = peer_timeout_s
@@ -228,7 +237,11 @@ class TieredCache(Generic[T]):
             counters.misses += 1
             return None
         try:
-            value = self._decode(blob)
+            value = self._decode_remote(blob)
+        except StaleValue:
+            counters.stale += 1
+            counters.misses += 1
+            return None
         except ValueError:
             counters.corrupt += 1
             counters.misses += 1

@@ -14,7 +14,9 @@ from typing import Any
 import msgpack
 
 from cluster.codec import CodecError, decode, encode
+from cluster.invalidation import InvalidationRules
 from cluster.result_cache import EntryTags
+from cluster.tiered import StaleValue
 from serve_app.completions import CacheTier, CompletionOutcome
 from serve_app.models import Generation
 
@@ -34,8 +36,10 @@ def encode_answer(
     version: str,
     tenant: str,
     secret: bytes | None = None,
+    key: str | None = None,
 ) -> bytes:
-    """The envelope of `generation`, produced by `model` at `version` for `tenant`."""
+    """The envelope of `generation`, produced by `model` at `version` for `tenant`, cached
+    under the result key `key` (hex; recorded so invalidation by key reaches every copy)."""
     answer = {
         "text": generation.text,
         "finish_reason": generation.finish_reason,
@@ -48,7 +52,7 @@ def encode_answer(
         version,
         created_at=time.time(),
         blob=msgpack.packb(answer),
-        meta={"tenant": tenant},
+        meta={"tenant": tenant} if key is None else {"tenant": tenant, "key": key},
         secret=secret,
     )
 
@@ -63,9 +67,23 @@ def answer_tags(blob: bytes, secret: bytes | None = None) -> EntryTags:
     return EntryTags(model=envelope.model, version=envelope.version, tenant=tenant)
 
 
-def decode_answer(blob: bytes, tier: CacheTier, secret: bytes | None = None) -> CompletionOutcome:
-    """The outcome stored by `encode_answer`, as served from `tier`; raises `CodecError`."""
+def decode_answer(
+    blob: bytes,
+    tier: CacheTier,
+    secret: bytes | None = None,
+    rules: InvalidationRules | None = None,
+) -> CompletionOutcome:
+    """The outcome stored by `encode_answer`, as served from `tier`.
+
+    Raises `CodecError` for a malformed value, and `StaleValue` for one that an invalidation
+    rule in `rules` covers.
+    """
     envelope = decode(blob, secret=secret, max_bytes=MAX_ANSWER_BYTES, expect_kind=ANSWER_KIND)
+    if rules is not None and len(rules):
+        tenant, key = envelope.meta.get("tenant"), envelope.meta.get("key")
+        tags = EntryTags(model=envelope.model, version=envelope.version, tenant=str(tenant))
+        if rules.covers(tags, key if isinstance(key, str) else None, envelope.created_at):
+            raise StaleValue(f"answer of {envelope.model} {envelope.version} was invalidated")
     try:
         fields: Any = msgpack.unpackb(
             envelope.blob, raw=False, strict_map_key=True, max_str_len=MAX_ANSWER_BYTES

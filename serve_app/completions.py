@@ -107,6 +107,7 @@ class CompletionOutcome:
     cached_tokens: int
     model_version: str
     cache_tier: CacheTier | None
+    cache_key: str | None = None
 
 
 def completion_response(model: str, outcome: CompletionOutcome) -> dict[str, Any]:
@@ -131,5 +132,9 @@ def completion_response(model: str, outcome: CompletionOutcome) -> dict[str, Any
             "prompt_tokens_details": {"cached_tokens": outcome.cached_tokens},
         },
         "model_version": outcome.model_version,
-        "cache": {"hit": outcome.cache_tier is not None, "tier": outcome.cache_tier},
+        "cache": {
+            "hit": outcome.cache_tier is not None,
+            "tier": outcome.cache_tier,
+            "key": outcome.cache_key,
+        },
     }

@@ -209,6 +209,13 @@ class AppArgs(StrictModel):
     stats_interval_s: float = Field(
         default=0.2, gt=0, le=60, description="How often replicas report cache stats (seconds)."
     )
+    version_wait_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="How long a request waits for its replica to switch to a newly published "
+        "version before failing with 503 (seconds); answers never come from older weights.",
+    )
 
     @model_validator(mode="after")
     def _unique_model_ids(self) -> AppArgs:
@@ -245,6 +252,47 @@ class AppArgs(StrictModel):
         return self.model_copy(update=updates)
 
 
+class ModelUpdate(StrictModel):
+    """A version of one model to roll out: in `user_config`, or the body of
+    `POST /v1/models/{model}/version`."""
+
+    version: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$",
+        description="The new version's label; answers are cached under it.",
+    )
+    seed: int | None = Field(
+        default=None, ge=0, description="Build the weights from this seed (built-in model)."
+    )
+    checkpoint: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=4096,
+        description="Load the weights from this safetensors checkpoint (a path every replica "
+        "can read). Without seed and checkpoint the configured source is reloaded.",
+    )
+    force: bool = Field(
+        default=False,
+        description="Allow a label published before (going back); its old answers are invalidated.",
+    )
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ModelUpdate:
+        if self.seed is not None and self.checkpoint is not None:
+            raise ValueError("give seed or checkpoint, not both")
+        return self
+
+
+class ReplicaUserConfig(StrictModel):
+    """The `user_config` of the `ModelReplica` deployment: `serve deploy` with a new version
+    here rolls it out to the running replicas (through the version-broadcast actor)."""
+
+    models: dict[str, ModelUpdate] = Field(
+        default_factory=dict, description="Model id -> the version it must serve."
+    )
+
+
 class ConfigError(ValueError):
     """The application's args are invalid; the message names every bad field."""
 
@@ -254,14 +302,30 @@ def parse_args(raw: dict[str, object] | None) -> AppArgs:
     try:
         return AppArgs.model_validate(raw or {})
     except ValidationError as exc:
-        problems = []
-        for error in exc.errors():
-            where = ".".join(str(part) for part in error["loc"]) or "args"
-            if error["type"] == "extra_forbidden":
-                problems.append(f"{where}: unknown key")
-            else:
-                problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
-        raise ConfigError("invalid raycache args: " + "; ".join(problems)) from None
+        raise ConfigError("invalid raycache args: " + _problems(exc)) from None
+
+
+def parse_user_config(raw: dict[str, object] | None, args: AppArgs) -> ReplicaUserConfig:
+    """Validate a `ModelReplica` `user_config` against `args`; `ConfigError` names bad fields."""
+    try:
+        config = ReplicaUserConfig.model_validate(raw or {})
+    except ValidationError as exc:
+        raise ConfigError("invalid ModelReplica user_config: " + _problems(exc)) from None
+    unknown = sorted(set(config.models) - {m.id for m in args.models})
+    if unknown:
+        raise ConfigError(f"invalid ModelReplica user_config: models: unknown model(s) {unknown}")
+    return config
+
+
+def _problems(exc: ValidationError) -> str:
+    problems = []
+    for error in exc.errors():
+        where = ".".join(str(part) for part in error["loc"]) or "args"
+        if error["type"] == "extra_forbidden":
+            problems.append(f"{where}: unknown key")
+        else:
+            problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
+    return "; ".join(problems)
 
 
 def prompt_text(text: str, args: AppArgs) -> str:

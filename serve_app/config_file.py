@@ -3,7 +3,8 @@
 Ray Serve validates a config file with its own schema but ignores keys it does not know, so a
 misspelt `max_ongoing_request` or `num_replica` silently takes the default. This module checks
 the file against Serve's schema, rejects every unknown key at any depth, and validates the
-raycache application's `args` with `serve_app.config`:
+raycache application's `args` (and the `ModelReplica` deployment's `user_config`) with
+`serve_app.config`:
 
     python -m serve_app.config_file configs/cluster.yaml
 """
@@ -21,7 +22,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import ConfigError, parse_args
+from serve_app.config import ConfigError, parse_args, parse_user_config
 
 RAYCACHE_IMPORT_PATH = "serve_app.app:build_app"
 
@@ -88,9 +89,17 @@ def validate_config(raw: Mapping[str, Any]) -> list[str]:
         if app.get("import_path") != RAYCACHE_IMPORT_PATH:
             continue
         try:
-            parse_args(app.get("args"))
+            args = parse_args(app.get("args"))
         except ConfigError as exc:
             problems.append(f"applications[{index}].args: {exc}")
+            continue
+        for deployment in app.get("deployments", []):
+            if deployment.get("name") != "ModelReplica" or "user_config" not in deployment:
+                continue
+            try:
+                parse_user_config(deployment["user_config"], args)
+            except ConfigError as exc:
+                problems.append(f"applications[{index}].deployments.ModelReplica: {exc}")
     return problems
 
 

@@ -4,7 +4,9 @@
     ├── InvalidRequest       (400, INVALID_ARGUMENT)
     │   └── PromptTooLong    (400, INVALID_ARGUMENT)
     ├── Unauthorized         (401, UNAUTHENTICATED)
-    └── ModelNotFound        (404, NOT_FOUND)
+    ├── ModelNotFound        (404, NOT_FOUND)
+    ├── VersionConflict      (409, FAILED_PRECONDITION)
+    └── ModelUpdating        (503, UNAVAILABLE)
 
 Each error names the request field at fault (`param`), so a client can tell what to fix. The
 exceptions are plain and picklable: raised in a replica, they reach a handle caller intact.
@@ -74,3 +76,21 @@ class ModelNotFound(RaycacheError):
     grpc_status = "NOT_FOUND"
     error_type = "invalid_request_error"
     code = "model_not_found"
+
+
+class VersionConflict(RaycacheError):
+    """A published version would go backwards (or relabel other weights) without `force`."""
+
+    http_status = 409
+    grpc_status = "FAILED_PRECONDITION"
+    error_type = "invalid_request_error"
+    code = "version_conflict"
+
+
+class ModelUpdating(RaycacheError):
+    """The replica is switching the model to a new version and did not finish in time."""
+
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+    error_type = "server_error"
+    code = "model_updating"

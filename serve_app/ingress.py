@@ -1,8 +1,10 @@
 """The HTTP ingress and the Ray-handle API of raycache.
 
 HTTP routes (FastAPI, see DESIGN "Interfaces"): `POST /v1/completions`, `GET /v1/models`,
-`GET /v1/cache/stats`, `GET /healthz`. The same operations are methods of `Ingress`, for callers
-holding a handle:
+`GET /v1/cache/stats`, `GET /healthz`, and the admin routes `POST /v1/models/{model}/version`
+and `POST /v1/cache/invalidate` (which need `Authorization: Bearer <admin_token>` when an admin
+token is configured). The same operations are methods of `Ingress`, for callers holding a
+handle (a handle is already inside the cluster: its admin methods take no token):
 
     handle = serve.get_app_handle("raycache")
     response = await handle.complete.remote({"model": "tiny-gpt", "prompt": "Hi",
@@ -26,6 +28,9 @@ from ray.serve.handle import DeploymentHandle
 from cluster.directory_actor import directory_actor
 from cluster.keys import routing_key
 from cluster.redis_probe import RedisProbe
+from cluster.version_actor import version_actor
+from cluster.versions import VersionRegression
+from serve_app.admin import check_admin_token, parse_invalidation, parse_version_update
 from serve_app.completions import (
     CompletionJob,
     CompletionRequest,
@@ -33,7 +38,13 @@ from serve_app.completions import (
     parse_completion_request,
 )
 from serve_app.config import AppArgs, parse_args, prompt_text
-from serve_app.errors import InvalidRequest, ModelNotFound, PromptTooLong, RaycacheError
+from serve_app.errors import (
+    InvalidRequest,
+    ModelNotFound,
+    PromptTooLong,
+    RaycacheError,
+    VersionConflict,
+)
 from serve_app.models import ByteTokenizer
 from serve_app.stats import cluster_stats
 
@@ -82,6 +93,7 @@ class Ingress:
         self._replicas = replicas
         self._tokenizer = ByteTokenizer()
         self._redis = RedisProbe(self._args.redis_url)
+        self._versions = version_actor(self._args.namespace, self._args.redis_url)
 
     # -- handle API ---------------------------------------------------------------------------
 
@@ -93,13 +105,66 @@ class Ingress:
         return completion_response(request.model, outcome)
 
     async def models(self) -> dict[str, Any]:
-        """The OpenAI model list, with each model's current `version`."""
+        """The OpenAI model list, with each model's current `version` (the configured one
+        until a version is published)."""
+        try:
+            current = await self._versions.current.remote()
+        except ray.exceptions.RayError:
+            current = {}
+        data = []
+        for spec in self._args.models:
+            record = current.get(spec.id)
+            data.append(
+                {
+                    "id": spec.id,
+                    "object": "model",
+                    "owned_by": "raycache",
+                    "version": record.version if record else spec.version,
+                    "generation": record.generation if record else 0,
+                }
+            )
+        return {"object": "list", "data": data}
+
+    async def publish_version(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
+        """Roll out a new version of `model` (body: `version`, optional `seed` or `checkpoint`,
+        `force`, `timeout_s`); returns who acknowledged. Raises `RaycacheError`."""
+        if self._args.model(model) is None:
+            raise ModelNotFound(f"model {model!r} does not exist", param="model")
+        update = parse_version_update(body)
+        try:
+            outcome = await self._versions.publish.remote(
+                model,
+                update.version,
+                source="admin",
+                seed=update.seed,
+                checkpoint=update.checkpoint,
+                force=update.force,
+                timeout_s=update.timeout_s,
+            )
+        except VersionRegression as exc:
+            raise VersionConflict(str(exc.args[0] if exc.args else exc), param="version") from None
+        return {"object": "model.version", **outcome.as_json()}
+
+    async def invalidate(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Invalidate cached answers by `model`, `version`, `tenant` and/or `key` on every
+        replica and in Redis; returns who acknowledged. Raises `RaycacheError`."""
+        request = parse_invalidation(body)
+        if request.model is not None and self._args.model(request.model) is None:
+            raise ModelNotFound(f"model {request.model!r} does not exist", param="model")
+        outcome = await self._versions.invalidate.remote(
+            model=request.model,
+            version=request.version,
+            tenant=request.tenant,
+            key=request.key,
+            timeout_s=request.timeout_s,
+        )
+        selector = request.model_dump(exclude={"timeout_s"}, exclude_none=True)
+        result = outcome.as_json()
         return {
-            "object": "list",
-            "data": [
-                {"id": m.id, "object": "model", "owned_by": "raycache", "version": m.version}
-                for m in self._args.models
-            ],
+            "object": "cache.invalidation",
+            "selector": selector,
+            "acknowledged": result["acknowledged"],
+            "missing": result["missing"],
         }
 
     async def cache_stats(self) -> dict[str, Any]:
@@ -133,6 +198,16 @@ class Ingress:
     @http_app.get("/v1/models")
     async def http_models(self) -> JSONResponse:
         return JSONResponse(await self.models())
+
+    @http_app.post("/v1/models/{model}/version")
+    async def http_publish_version(self, model: str, request: Request) -> JSONResponse:
+        check_admin_token(request.headers.get("authorization"), self._args.admin_token)
+        return JSONResponse(await self.publish_version(model, await _json_body(request)))
+
+    @http_app.post("/v1/cache/invalidate")
+    async def http_invalidate(self, request: Request) -> JSONResponse:
+        check_admin_token(request.headers.get("authorization"), self._args.admin_token)
+        return JSONResponse(await self.invalidate(await _json_body(request)))
 
     @http_app.get("/v1/cache/stats")
     async def http_cache_stats(self) -> JSONResponse:

@@ -3,6 +3,13 @@
 `ModelReplica.complete` answers a validated `CompletionJob`: from the local result cache when
 the request is deterministic and was answered before, otherwise by generating (in a worker
 thread, so the replica's event loop keeps serving hits) and caching the answer.
+
+Versions: at start-up the replica publishes its configured versions (a no-op when they are
+current; refused, and followed instead, when a newer one was published since) and loads the
+current ones. A `VersionFollower` then applies every new version (`_apply_version`: load,
+switch, drop the model's entries, wait for requests on the old weights, warm pinned prompts)
+and every invalidation rule before the version actor counts the replica as acknowledged.
+`reconfigure` publishes the versions of the deployment's `user_config` through the same actor.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import time
 from dataclasses import replace
 from typing import Any
 
@@ -25,6 +33,7 @@ from cluster.block_hashes import (
     prompt_block_hashes,
 )
 from cluster.directory import Member, ReplicaId
+from cluster.invalidation import InvalidationRule, InvalidationRules
 from cluster.keys import RequestIdentity, ResultKey, result_key
 from cluster.membership import Membership
 from cluster.peer import PeerClient, PeerServer
@@ -32,14 +41,19 @@ from cluster.prefix_cache import PrefixCache
 from cluster.redis_store import RedisStore, redis_key
 from cluster.result_cache import EntryTags, ResultCache
 from cluster.tiered import Placement, TieredCache
+from cluster.version_actor import version_actor
+from cluster.version_follower import VersionFollower
+from cluster.version_store import VersionStore
+from cluster.versions import ModelVersion, VersionRegression
 from serve_app.answers import decode_answer, encode_answer
 from serve_app.completions import CompletionJob, CompletionOutcome
-from serve_app.config import AppArgs, parse_args, prompt_text
-from serve_app.errors import ModelNotFound
+from serve_app.config import AppArgs, parse_args, parse_user_config, prompt_text
+from serve_app.errors import ModelNotFound, ModelUpdating
 from serve_app.models import ByteTokenizer, CausalLM, Generation, SamplingParams, generate
 from serve_app.models.loading import load_model
 from serve_app.peer_backend import ResultPeerBackend
 from serve_app.prefix_generation import generate_with_prefix_cache, warm_up_prefix
+from serve_app.serving import ServingModel, config_version, weights_spec
 from serve_app.shared_blocks import (
     fetch_prefix_from_owner,
     fetch_prefix_from_redis,
@@ -50,6 +64,8 @@ from serve_app.stats import replica_stats
 logger = logging.getLogger(__name__)
 
 COMPLETION_KIND = "completion"
+RECONFIGURE_TIMEOUT_S = 60.0
+DRAIN_TIMEOUT_S = 30.0
 
 
 def cache_params(params: SamplingParams) -> dict[str, object]:
@@ -85,11 +101,16 @@ class ModelReplica:
             hashlib.blake2b(self._secret, digest_size=32).digest() if self._secret else b""
         )
         self._block_hash = keyed_blake2b_256(self._key_secret) if self._secret else blake2b_256
-        self._models: dict[str, CausalLM] = {
-            spec.id: load_model(spec) for spec in self._args.models
-        }
-        self._versions = {spec.id: spec.version for spec in self._args.models}
         self._specs = {spec.id: spec for spec in self._args.models}
+        self._version_actor = version_actor(
+            self._args.namespace, self._args.redis_url, rule_lifetime_s=self._rule_lifetime_s()
+        )
+        current = await self._startup_versions()
+        self._serving: dict[str, ServingModel] = {
+            model: ServingModel(load_model(weights_spec(self._specs[model], record)), record)
+            for model, record in current.items()
+        }
+        self._rules = InvalidationRules()
         self._fetched_blocks = 0
         self._redis_blocks = 0
         settings = self._args.result_cache
@@ -111,6 +132,9 @@ class ModelReplica:
         self._tiered: TieredCache[CompletionOutcome] = TieredCache(
             self._cache,
             decode=lambda blob: decode_answer(blob, tier="local", secret=self._secret),
+            decode_remote=lambda blob: decode_answer(
+                blob, tier="local", secret=self._secret, rules=self._rules
+            ),
             peer=self._peer_client,
             redis=self._redis,
             peer_timeout_s=self._args.peer.timeout_s,
@@ -123,15 +147,52 @@ class ModelReplica:
             interval_s=self._args.stats_interval_s,
         )
         self._membership.start()
-        logger.info("replica %s serves %s", self._replica_id, sorted(self._models))
+        self._follower = VersionFollower(
+            self._replica_id,
+            actor=lambda: self._version_actor,
+            initial=current,
+            apply_version=self._apply_version,
+            apply_rules=self._apply_rules,
+            store=(
+                VersionStore(self._args.redis_url, self._args.namespace)
+                if self._args.redis_url
+                else None
+            ),
+        )
+        self._follower.start()
+        logger.info(
+            "replica %s serves %s",
+            self._replica_id,
+            {model: serving.version for model, serving in self._serving.items()},
+        )
 
     async def complete(self, job: CompletionJob) -> CompletionOutcome:
         """Answer `job`: from a cache tier when it is deterministic and was answered before
-        (here, by its owner replica, or in Redis), otherwise by generating it once."""
-        model = self._models.get(job.model)
-        if model is None:
+        (here, by its owner replica, or in Redis), otherwise by generating it once.
+
+        Never from weights older than a version this replica has heard of: while it switches,
+        the request waits (up to `version_wait_s`, then `ModelUpdating`).
+        """
+        if job.model not in self._serving:
             raise ModelNotFound(f"model {job.model!r} is not served", param="model")
-        version = self._versions[job.model]
+        if self._follower.lagging(job.model):
+            caught_up = await asyncio.to_thread(
+                self._follower.wait_caught_up, job.model, self._args.version_wait_s
+            )
+            if not caught_up:
+                raise ModelUpdating(
+                    f"model {job.model!r} is switching to a new version on this replica",
+                    param="model",
+                )
+        serving = self._serving[job.model]
+        serving.inflight += 1
+        try:
+            return await self._answer(serving, job)
+        finally:
+            serving.inflight -= 1
+
+    async def _answer(self, serving: ServingModel, job: CompletionJob) -> CompletionOutcome:
+        model, version = serving.model, serving.version
         if not job.params.is_deterministic:
             return (await self._compute(model, job, version))[0]
         key = self._key(job, version)
@@ -142,7 +203,29 @@ class ModelReplica:
             tags,
             lambda: self._compute(model, job, version),
         )
+        outcome = replace(outcome, cache_key=key)
         return outcome if tier is None else replace(outcome, cache_tier=tier, cached_tokens=0)
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Serve's `user_config` hook: publish each listed version through the version actor
+        and wait for the replicas. A version older than the current one is ignored (logged):
+        a replica restarting with an old `user_config` follows the newer version instead."""
+        config = parse_user_config(user_config, self._args)
+        for model, update in sorted(config.models.items()):
+            try:
+                outcome = await self._version_actor.publish.remote(
+                    model,
+                    update.version,
+                    source="user_config",
+                    seed=update.seed,
+                    checkpoint=update.checkpoint,
+                    force=update.force,
+                    timeout_s=RECONFIGURE_TIMEOUT_S,
+                )
+            except VersionRegression as exc:
+                logger.warning("user_config version of %s not published: %s", model, exc)
+                continue
+            logger.info("user_config published %s: %s", model, outcome.as_json())
 
     async def _compute(
         self, model: CausalLM, job: CompletionJob, version: str
@@ -167,7 +250,10 @@ class ModelReplica:
             model_version=version,
             cache_tier=None,
         )
-        return outcome, encode_answer(generation, job.model, version, job.tenant, self._secret)
+        encoded = encode_answer(
+            generation, job.model, version, job.tenant, self._secret, key=self._key(job, version)
+        )
+        return outcome, encoded
 
     def _owner_address(self, job: CompletionJob) -> str | None:
         """Peer address of the replica owning `job`'s prompt, when that is another replica."""
@@ -264,7 +350,22 @@ class ModelReplica:
         tiers = self._tiered.stats
         snapshot = self._membership.snapshot
         redis = self._redis.stats() if self._redis is not None else None
+        follower = getattr(self, "_follower", None)
+        versions = {
+            model: {
+                "version": serving.version,
+                "generation": serving.record.generation,
+                "lagging": follower.lagging(model) if follower else False,
+            }
+            for model, serving in self._serving.items()
+        }
         cluster = {
+            "versions": versions,
+            "version_failures": {
+                model: error
+                for model, (_, error) in (follower.failures() if follower else {}).items()
+            },
+            "invalidation_rules": len(self._rules),
             "ring_size": len(snapshot.members) if snapshot else 0,
             "ring_version": snapshot.version if snapshot else None,
             "redis_breaker": redis.breaker_state if redis else "disabled",
@@ -272,6 +373,7 @@ class ModelReplica:
             "peer_fetch_ms": _mean_ms(tiers.peer.fetch_seconds, tiers.peer.fetches),
             "redis_fetch_ms": _mean_ms(tiers.redis.fetch_seconds, tiers.redis.fetches),
             "corrupt_values": tiers.peer.corrupt + tiers.redis.corrupt,
+            "stale_values": tiers.peer.stale + tiers.redis.stale,
             "single_flight_waits": tiers.single_flight_waits,
             "stores_dropped": tiers.stores_dropped,
             "prefix_blocks_from_peers": self._fetched_blocks,
@@ -309,20 +411,115 @@ class ModelReplica:
         if not settings.enabled:
             return None
         cache = PrefixCache(block_size=settings.block_size, max_bytes=settings.max_bytes)
-        for pinned in settings.pinned:
-            scope = PrefixScope(pinned.tenant, pinned.model, self._versions[pinned.model])
+        for model in self._serving:
+            self._pin_prompts(cache, model)
+        return cache
+
+    def _pin_prompts(self, cache: PrefixCache, model_id: str) -> None:
+        """Compute and pin the configured prompts of `model_id` at its serving version."""
+        serving = self._serving[model_id]
+        for pinned in self._args.prefix_cache.pinned:
+            if pinned.model != model_id:
+                continue
+            scope = PrefixScope(pinned.tenant, pinned.model, serving.version)
             tokens = self._tokenizer.encode(prompt_text(pinned.text, self._args))
             cached = warm_up_prefix(
-                self._models[pinned.model], tokens, cache, scope, pin=True, hash_fn=self._block_hash
+                serving.model, tokens, cache, scope, pin=True, hash_fn=self._block_hash
             )
             logger.info("pinned %d tokens of a system prompt for %s", cached, pinned.model)
-        return cache
+
+    # -- versions -----------------------------------------------------------------------------
+
+    async def _startup_versions(self) -> dict[str, ModelVersion]:
+        """Publish the configured versions (no wait) and return the current ones.
+
+        A configured version that was published before a newer one is refused by the actor:
+        the newer one is served. Without an answer from the actor the config is served.
+        """
+        current = {spec.id: config_version(spec) for spec in self._args.models}
+        try:
+            for spec in self._args.models:
+                record = current[spec.id]
+                try:
+                    await self._version_actor.publish.remote(
+                        spec.id,
+                        spec.version,
+                        source="config",
+                        seed=record.seed,
+                        checkpoint=record.checkpoint,
+                        timeout_s=0.0,
+                    )
+                except VersionRegression:
+                    logger.info("configured version of %s is older than the current", spec.id)
+            published = await self._version_actor.current.remote()
+        except ray.exceptions.RayError:
+            logger.warning("version actor unavailable; serving the configured versions")
+            return current
+        for model in current:
+            if model in published:
+                current[model] = published[model]
+        return current
+
+    def _apply_version(self, record: ModelVersion) -> None:
+        """Switch `record.model` to `record` (in the follower's thread); raises when the
+        weights do not load, and then nothing changed."""
+        model = load_model(weights_spec(self._specs[record.model], record))
+        old = self._serving[record.model]
+        self._serving = {**self._serving, record.model: ServingModel(model, record)}
+        self._drop_entries(record.model)
+        if not old.wait_drained(DRAIN_TIMEOUT_S):
+            logger.warning("requests on %s %s outlived the switch", record.model, old.version)
+        # What the old weights' last requests stored while draining goes too.
+        self._drop_entries(record.model)
+        if self._prefix is not None:
+            self._pin_prompts(self._prefix, record.model)
+
+    def _drop_entries(self, model_id: str) -> None:
+        """Drop every local result and prefix block of `model_id`."""
+        dropped = self._cache.invalidate(lambda tags: tags.model == model_id)
+        if self._prefix is not None:
+            dropped += self._prefix.invalidate(
+                lambda extra: isinstance(extra, PrefixScope) and extra.model_id == model_id
+            )
+        logger.info("dropped %d cached entries of %s", dropped, model_id)
+
+    def _apply_rules(self, rules: list[InvalidationRule]) -> None:
+        """Enforce invalidation `rules` (in the follower's thread): first for values fetched
+        from peers and Redis, then by dropping matching local entries."""
+        self._rules.add(rules)
+        if self._args.result_cache.ttl_s is not None:
+            lifetime = self._args.result_cache.ttl_s * (1 + self._args.result_cache.ttl_jitter)
+            self._rules.prune(time.time() - lifetime)
+        for rule in rules:
+            if rule.key is not None:
+                self._cache.pop(ResultKey(rule.key))
+                continue
+            self._cache.invalidate(rule.matches)
+            if self._prefix is not None:
+                self._prefix.invalidate(
+                    lambda extra, rule=rule: (
+                        isinstance(extra, PrefixScope)
+                        and rule.matches(
+                            EntryTags(extra.model_id, extra.model_version, extra.tenant)
+                        )
+                    )
+                )
+
+    def _rule_lifetime_s(self) -> float:
+        """How long an invalidation rule matters: the longest life of a cached answer."""
+        settings = self._args.result_cache
+        if settings.ttl_s is None:
+            return 365 * 24 * 3600.0
+        return settings.ttl_s * (1 + settings.ttl_jitter)
 
     async def __del__(self) -> None:
         """Serve's shutdown hook: leave the ring, stop serving peers, close connections."""
         membership = getattr(self, "_membership", None)
         if membership is not None:
             membership.stop()
+        follower = getattr(self, "_follower", None)
+        if follower is not None:
+            follower.stop()
         for closing in (
             getattr(self, "_tiered", None),
             getattr(self, "_peer_client", None),

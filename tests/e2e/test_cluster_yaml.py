@@ -31,8 +31,9 @@ def test_http_completion_is_served_from_cache_the_second_time(running_app):
         second = http.post("/v1/completions", json=completion("The cache remembers"))
     assert first.status_code == second.status_code == 200, first.text
     first, second = first.json(), second.json()
-    assert first["cache"] == {"hit": False, "tier": None}
-    assert second["cache"] == {"hit": True, "tier": "local"}
+    assert first["cache"] == {"hit": False, "tier": None, "key": second["cache"]["key"]}
+    assert second["cache"] == {"hit": True, "tier": "local", "key": first["cache"]["key"]}
+    assert len(first["cache"]["key"]) == 64  # hex of a 256-bit result key
     assert answer_of(first) == answer_of(second)
     assert first["object"] == "text_completion" and first["model"] == MODEL
     assert first["usage"]["prompt_tokens"] == len(b"The cache remembers")
@@ -62,7 +63,7 @@ def test_handle_completion_is_served_from_cache_the_second_time(app_handle):
     first = app_handle.complete.remote(body).result(timeout_s=60)
     second = app_handle.complete.remote(body).result(timeout_s=60)
     assert first["cache"]["hit"] is False
-    assert second["cache"] == {"hit": True, "tier": "local"}
+    assert {k: second["cache"][k] for k in ("hit", "tier")} == {"hit": True, "tier": "local"}
     assert answer_of(first) == answer_of(second)
 
 

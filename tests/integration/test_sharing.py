@@ -14,52 +14,21 @@ import uuid
 import pytest
 import ray
 from ray import serve
-from ray.serve.config import RequestRouterConfig
 
 from cluster.directory_actor import directory_actor
 from cluster.keys import routing_key
 from cluster.ring import Ring
 from serve_app.completions import CompletionJob
 from serve_app.config import parse_args
-from serve_app.ingress import Ingress
 from serve_app.models import ByteTokenizer, SamplingParams, generate
 from serve_app.models.loading import load_model
-from serve_app.replica import ModelReplica
-from tests.support.processes import free_port, wait_until
+from tests.support.deployments import deploy
+from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.integration
 
 TENANT = "default"
 MODEL = "tiny-gpt"
-
-
-def deploy(name: str, args: dict) -> None:
-    """The application with two model replicas, as configs/cluster.yaml deploys it."""
-    if not serve.status().applications and not _serve_running():
-        serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
-    validated = parse_args(args).model_dump(mode="json")
-    replicas = ModelReplica.options(
-        num_replicas=2,
-        max_ongoing_requests=64,
-        ray_actor_options={"num_cpus": 0.1},
-        request_router_config=RequestRouterConfig(
-            request_router_class="serve_app.router:CacheAffinityRouter"
-        ),
-    )
-    ingress = Ingress.options(num_replicas=1, ray_actor_options={"num_cpus": 0.02})
-    serve.run(ingress.bind(replicas.bind(validated), validated), name=name, route_prefix=f"/{name}")
-    directory = directory_actor(args["namespace"])
-    wait_until(
-        lambda: len(ray.get(directory.members.remote())) == 2, 60, f"{name}: two members", 0.2
-    )
-
-
-def _serve_running() -> bool:
-    try:
-        serve.context._get_global_client()
-        return True
-    except Exception:
-        return False
 
 
 def replica_ids_by_ownership(namespace: str, key: str) -> tuple[str, str]:

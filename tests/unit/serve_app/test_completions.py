@@ -78,4 +78,4 @@ def test_response_has_the_contract_fields():
         "prompt_tokens_details": {"cached_tokens": 0},
     }
     assert response["model_version"] == "7"
-    assert response["cache"] == {"hit": True, "tier": "local"}
+    assert response["cache"] == {"hit": True, "tier": "local", "key": None}

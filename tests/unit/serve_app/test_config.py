@@ -88,6 +88,8 @@ def test_cluster_yaml_has_no_unknown_keys():
         (("applications", 0, "deployments", 1, "request_router_config"), "request_router_kwarg"),
         (("applications", 0, "args"), "redis_uri"),
         (("applications", 0, "args", "models", 0), "seeds"),
+        (("applications", 0, "deployments", 1, "user_config"), "model"),
+        (("applications", 0, "deployments", 1, "user_config", "models", "tiny-gpt"), "versoin"),
     ],
 )
 def test_a_misspelt_key_anywhere_is_reported(path, key):
@@ -99,5 +101,13 @@ def test_a_misspelt_key_anywhere_is_reported(path, key):
     problems = validate_config(raw)
     assert len(problems) == 1 and key in problems[0], problems
     # Serve's own schema does not notice, which is why this check exists.
-    if path[:3] != ("applications", 0, "args"):
+    if path[:3] != ("applications", 0, "args") and "user_config" not in path:
         ServeDeploySchema.model_validate(raw)
+
+
+def test_user_config_must_name_served_models():
+    raw = load_cluster_yaml()
+    replica = raw["applications"][0]["deployments"][1]
+    replica["user_config"]["models"]["no-such-model"] = {"version": "2"}
+    problems = validate_config(raw)
+    assert len(problems) == 1 and "no-such-model" in problems[0], problems

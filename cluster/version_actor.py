@@ -1,0 +1,352 @@
+"""The version-broadcast actor: publishes model versions and invalidations to every replica.
+
+A thin Ray shell over `VersionRegistry`, `Subscriptions` and `InvalidationRules`:
+
+- Replicas follow it by long-polling `watch` (`cluster.version_follower`). Each call renews the
+  replica's subscription lease and reports what it has applied (generation per model, last rule,
+  failures), so a call doubles as the acknowledgement of everything applied before it.
+- `publish` makes a version current, stores it in Redis (which announces it on pub/sub), wakes
+  every watcher, and waits, up to its deadline, until each replica subscribed when it began has
+  applied it. Replicas that did not, or failed to load the weights, are returned and taken out
+  of the directory's ring until they catch up (the next `watch` that shows them caught up puts
+  them back). Old-version keys in Redis are then purged in the background.
+- `invalidate` does the same for an `InvalidationRule`.
+
+State survives a restart through Redis (versions and rules are reloaded on first use) and,
+when Redis is away too, through the replicas: a `watch` carrying a newer record than the actor
+holds is adopted. All methods are idempotent (Ray may retry them after a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+from ray.actor import ActorHandle
+
+from cluster.directory_actor import ACTOR_NAMESPACE, directory_actor
+from cluster.invalidation import InvalidationRule, InvalidationRules
+from cluster.redis_store import RedisStore, redis_key_pattern
+from cluster.version_store import VersionStore
+from cluster.versions import ModelVersion, PublishOutcome, Subscriptions, VersionRegistry
+
+__all__ = ["VersionActor", "VersionUpdate", "version_actor"]
+
+logger = logging.getLogger(__name__)
+
+LOAD_RETRY_S = 1.0
+DIRECTORY_TIMEOUT_S = 5.0
+RULE_LIFETIME_S = 7 * 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class VersionUpdate:
+    """What a replica has not applied yet: newer versions, and rules after its last one."""
+
+    records: tuple[ModelVersion, ...]
+    rules: tuple[InvalidationRule, ...]
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=-1)
+class VersionActor:
+    """See the module docstring."""
+
+    def __init__(
+        self, namespace: str, redis_url: str | None, lease_s: float, rule_lifetime_s: float
+    ) -> None:
+        self._namespace = namespace
+        self._redis_url = redis_url
+        self._store = VersionStore(redis_url, namespace) if redis_url else None
+        self._registry = VersionRegistry()
+        self._subscriptions = Subscriptions(lease_s)
+        self._rules = InvalidationRules()
+        self._rule_lifetime_s = rule_lifetime_s
+        self._next_rule_seq = 1
+        self._loaded = self._store is None
+        self._last_load_attempt = float("-inf")
+        self._changed: asyncio.Event | None = None
+        self._acked: asyncio.Event | None = None
+        self._excluded: set[str] = set()
+        self._purges: set[asyncio.Task[None]] = set()
+
+    # -- queries ------------------------------------------------------------------------------
+
+    async def current(self) -> dict[str, ModelVersion]:
+        """The current version of every model published so far."""
+        await self._load()
+        return self._registry.all()
+
+    async def subscribers(self) -> list[str]:
+        """Replicas whose subscription lease holds."""
+        return self._subscriptions.alive(time.monotonic())
+
+    # -- replicas -----------------------------------------------------------------------------
+
+    async def watch(
+        self,
+        replica_id: str,
+        applied: Mapping[str, ModelVersion],
+        rules_seq: int,
+        failures: Mapping[str, tuple[int, str]],
+        timeout_s: float,
+    ) -> VersionUpdate:
+        """Acknowledge what `replica_id` applied, then return what it lacks as soon as there is
+        something, or an empty update after `timeout_s`."""
+        await self._load()
+        for record in applied.values():
+            if record.generation > 0 and self._registry.adopt(record):
+                logger.info("adopted %s %s from a replica", record.model, record.version)
+                await self._persist(record)
+        self._next_rule_seq = max(self._next_rule_seq, rules_seq + 1)
+        generations = {model: record.generation for model, record in applied.items()}
+        self._subscriptions.acknowledge(
+            replica_id, generations, rules_seq, failures, time.monotonic()
+        )
+        self._events()[1].set()
+        await self._readmit_if_caught_up(replica_id)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            update = self._update_for(generations, rules_seq)
+            remaining = deadline - time.monotonic()
+            if update.records or update.rules or remaining <= 0:
+                return update
+            changed = self._events()[0]
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), timeout=remaining)
+            self._subscriptions.renew(replica_id, time.monotonic())
+
+    # -- operators ----------------------------------------------------------------------------
+
+    async def publish(
+        self,
+        model: str,
+        version: str,
+        source: str = "admin",
+        seed: int | None = None,
+        checkpoint: str | None = None,
+        force: bool = False,
+        timeout_s: float = 30.0,
+    ) -> PublishOutcome:
+        """Make `version` current and wait up to `timeout_s` for every subscribed replica.
+
+        Raises `VersionRegression` (see `VersionRegistry.publish`) without changing anything.
+        """
+        await self._load(refresh=True)
+        before = self._registry.current(model)
+        record = self._registry.publish(
+            model,
+            version,
+            source=source,
+            now=time.time(),
+            seed=seed,
+            checkpoint=checkpoint,
+            force=force,
+        )
+        if record is not before:
+            stored = await self._persist(record)
+            if stored is not None and stored.generation > record.generation:
+                self._registry.adopt(stored)  # another publisher got there first
+                record = stored
+            if before is not None and force and record.version in (before.version, *before.history):
+                # The label is reused for other weights: its old answers must not be reachable.
+                await self._add_rule(model=model, version=record.version)
+            self._wake()
+            if before is not None and before.version != record.version:
+                self._purge_later(redis_key_pattern(self._namespace, model, before.version))
+        targets = self._subscriptions.alive(time.monotonic())
+        await self._wait_for(
+            targets,
+            lambda rid: (
+                self._subscriptions.has_applied(rid, model, record.generation)
+                or self._subscriptions.failure(rid, model, record.generation) is not None
+            ),
+            timeout_s,
+        )
+        return await self._outcome(record, targets)
+
+    async def invalidate(
+        self,
+        model: str | None = None,
+        version: str | None = None,
+        tenant: str | None = None,
+        key: str | None = None,
+        timeout_s: float = 30.0,
+    ) -> PublishOutcome:
+        """Make every cached answer matching the selectors invalid on every replica and in
+        Redis; waits up to `timeout_s` for every subscribed replica to apply it."""
+        await self._load()
+        rule = await self._add_rule(model=model, version=version, tenant=tenant, key=key)
+        targets = self._subscriptions.alive(time.monotonic())
+        await self._wait_for(
+            targets, lambda rid: self._subscriptions.has_rules(rid, rule.seq), timeout_s
+        )
+        if tenant is None:
+            if key is not None:
+                self._purge_later(f"{self._namespace}:{model or '*'}:{version or '*'}:r:{key}")
+            else:
+                self._purge_later(redis_key_pattern(self._namespace, model, version))
+        return await self._outcome(None, targets, rule_seq=rule.seq)
+
+    # -- internals ----------------------------------------------------------------------------
+
+    def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
+        # Created on the actor's event loop, on first use.
+        if self._changed is None or self._acked is None:
+            self._changed, self._acked = asyncio.Event(), asyncio.Event()
+        return self._changed, self._acked
+
+    def _wake(self) -> None:
+        changed, _ = self._events()
+        changed.set()
+        self._changed = asyncio.Event()  # later watchers wait on a fresh event
+
+    def _update_for(self, generations: Mapping[str, int], rules_seq: int) -> VersionUpdate:
+        records = tuple(
+            record
+            for model, record in sorted(self._registry.all().items())
+            if record.generation > generations.get(model, 0)
+        )
+        rules = tuple(rule for rule in self._rules if rule.seq > rules_seq)
+        return VersionUpdate(records, rules)
+
+    async def _wait_for(self, targets: list[str], done: Any, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            alive = set(self._subscriptions.alive(time.monotonic()))
+            if all(done(rid) or rid not in alive for rid in targets):
+                return
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            _, acked = self._events()
+            acked.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(acked.wait(), timeout=min(remaining, 0.5))
+
+    async def _outcome(
+        self, record: ModelVersion | None, targets: list[str], rule_seq: int = 0
+    ) -> PublishOutcome:
+        acknowledged, missing, failed = [], [], {}
+        for rid in targets:
+            failure = (
+                self._subscriptions.failure(rid, record.model, record.generation)
+                if record is not None
+                else None
+            )
+            if failure is not None:
+                failed[rid] = failure
+            elif self._has_reached(rid, record, rule_seq):
+                acknowledged.append(rid)
+            else:
+                missing.append(rid)
+        behind = [*missing, *failed]
+        if behind:
+            await self._exclude(behind)
+        return PublishOutcome(record, tuple(acknowledged), tuple(missing), failed)
+
+    def _has_reached(self, replica_id: str, record: ModelVersion | None, rule_seq: int) -> bool:
+        if record is None:
+            return self._subscriptions.has_rules(replica_id, rule_seq)
+        return self._subscriptions.has_applied(replica_id, record.model, record.generation)
+
+    async def _add_rule(self, **selectors: str | None) -> InvalidationRule:
+        rule = InvalidationRule(seq=self._next_rule_seq, issued_at=time.time(), **selectors)
+        self._next_rule_seq += 1
+        self._rules.add([rule])
+        self._rules.prune(time.time() - self._rule_lifetime_s)
+        if self._store is not None:
+            await asyncio.to_thread(self._store.save_rules, list(self._rules))
+        self._wake()
+        return rule
+
+    async def _persist(self, record: ModelVersion) -> ModelVersion | None:
+        if self._store is None:
+            return None
+        return await asyncio.to_thread(self._store.save, record)
+
+    async def _load(self, refresh: bool = False) -> None:
+        """Read versions and rules from Redis: once, retried while Redis is away; `refresh`
+        re-reads versions (another cluster may have published)."""
+        store = self._store
+        if store is None or (self._loaded and not refresh):
+            return
+        now = time.monotonic()
+        if not self._loaded and now - self._last_load_attempt < LOAD_RETRY_S and not refresh:
+            return
+        self._last_load_attempt = now
+        records = await asyncio.to_thread(store.load)
+        if records is None:
+            return
+        for record in records.values():
+            self._registry.adopt(record)
+        if not self._loaded:
+            rules = await asyncio.to_thread(store.load_rules)
+            if rules is None:
+                return
+            self._rules.add(rules)
+            self._next_rule_seq = max(self._next_rule_seq, self._rules.last_seq + 1)
+            self._loaded = True
+
+    async def _exclude(self, replica_ids: list[str]) -> None:
+        fresh = [rid for rid in replica_ids if rid not in self._excluded]
+        if not fresh:
+            return
+        try:
+            directory = directory_actor(self._namespace)
+            await asyncio.wait_for(directory.exclude.remote(fresh), DIRECTORY_TIMEOUT_S)
+            self._excluded.update(fresh)
+        except (ray.exceptions.RayError, TimeoutError):
+            logger.warning("could not take %s out of the ring", fresh, exc_info=True)
+
+    async def _readmit_if_caught_up(self, replica_id: str) -> None:
+        if replica_id not in self._excluded:
+            return
+        if replica_id in self._subscriptions.lagging(self._registry, time.monotonic()):
+            return
+        try:
+            directory = directory_actor(self._namespace)
+            await asyncio.wait_for(directory.readmit.remote([replica_id]), DIRECTORY_TIMEOUT_S)
+            self._excluded.discard(replica_id)
+        except (ray.exceptions.RayError, TimeoutError):
+            logger.warning("could not put %s back in the ring", replica_id, exc_info=True)
+
+    def _purge_later(self, pattern: str) -> None:
+        if self._redis_url is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._purge(pattern))
+        self._purges.add(task)
+        task.add_done_callback(self._purges.discard)
+
+    async def _purge(self, pattern: str) -> None:
+        assert self._redis_url is not None
+        store = RedisStore(self._redis_url)
+        try:
+            removed = await store.purge(pattern, batch=500, pause_s=0.01)
+            logger.info("purged %d Redis keys matching %s", removed, pattern)
+        finally:
+            await store.close()
+
+
+def version_actor(
+    namespace: str,
+    redis_url: str | None,
+    lease_s: float = 10.0,
+    rule_lifetime_s: float = RULE_LIFETIME_S,
+) -> ActorHandle[Any]:
+    """The version-broadcast actor of raycache namespace `namespace`, created on first use.
+
+    Detached and named ``versions-{namespace}`` in the Ray namespace of the directory; whoever
+    creates it first decides its Redis URL (every replica of an application shares one).
+    """
+    return VersionActor.options(  # type: ignore[attr-defined,no-any-return]
+        name=f"versions-{namespace}",
+        namespace=ACTOR_NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+    ).remote(namespace, redis_url, lease_s, rule_lifetime_s)

@@ -1,0 +1,179 @@
+"""The replica side of the version-broadcast actor: apply new versions and rules, acknowledge.
+
+Two daemon threads feed one serialized `apply` step:
+
+- the watcher long-polls the actor's `watch` (which also carries the acknowledgement of what
+  was applied before the call, so acknowledging is simply calling again);
+- the Redis listener (when Redis is configured) re-reads the stored versions on every
+  (re)connect and takes every pub/sub announcement, so a replica follows versions published by
+  another cluster sharing the Redis, and catches up by itself after Redis comes back.
+
+Versions are compared by generation only; a record is applied once, in generation order per
+model. Applying means calling `apply_version(record)` (load the weights, switch, drop the old
+entries; it may raise, and is then retried on the next round) and `apply_rules(rules)`.
+
+`lagging(model)` is true between hearing of a newer version and having applied it: the replica
+must not answer from the old version then (`wait_caught_up`).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Mapping
+from typing import Any, cast
+
+import ray
+from ray.actor import ActorHandle
+
+from cluster.invalidation import InvalidationRule
+from cluster.version_actor import VersionUpdate
+from cluster.version_store import VersionStore
+from cluster.versions import ModelVersion
+
+__all__ = ["VersionFollower"]
+
+logger = logging.getLogger(__name__)
+
+WATCH_TIMEOUT_S = 5.0
+CALL_TIMEOUT_S = 5.0
+RETRY_PAUSE_S = 0.5
+
+
+class VersionFollower:
+    """Keeps one replica on the published versions; see the module docstring."""
+
+    def __init__(
+        self,
+        replica_id: str,
+        actor: Callable[[], ActorHandle[Any]],
+        initial: Mapping[str, ModelVersion],
+        apply_version: Callable[[ModelVersion], None],
+        apply_rules: Callable[[list[InvalidationRule]], None],
+        store: VersionStore | None = None,
+        watch_timeout_s: float = WATCH_TIMEOUT_S,
+    ) -> None:
+        self.replica_id = replica_id
+        self._actor = actor
+        self._apply_version = apply_version
+        self._apply_rules = apply_rules
+        self._store = store
+        self._watch_timeout_s = watch_timeout_s
+        self._applied: dict[str, ModelVersion] = dict(initial)
+        self._heard: dict[str, ModelVersion] = dict(initial)
+        self._failures: dict[str, tuple[int, str]] = {}
+        self._rules_seq = 0
+        self._changed = threading.Condition()
+        self._applying = threading.Lock()
+        self._stopped = threading.Event()
+        self._threads = [threading.Thread(target=self._watch_forever, name="raycache-versions")]
+        if store is not None:
+            self._threads.append(
+                threading.Thread(
+                    target=store.follow,
+                    args=(self.offer, self._stopped),
+                    name="raycache-versions-redis",
+                )
+            )
+        for thread in self._threads:
+            thread.daemon = True
+
+    # -- state --------------------------------------------------------------------------------
+
+    def applied(self, model: str) -> ModelVersion | None:
+        """The version this replica serves for `model`."""
+        return self._applied.get(model)
+
+    def lagging(self, model: str) -> bool:
+        """Whether a newer version of `model` is known but not applied yet."""
+        heard, applied = self._heard.get(model), self._applied.get(model)
+        return heard is not None and (applied is None or heard.generation > applied.generation)
+
+    def wait_caught_up(self, model: str, timeout_s: float) -> bool:
+        """Block until `model` is not `lagging` (True) or `timeout_s` passed (False)."""
+        with self._changed:
+            return self._changed.wait_for(lambda: not self.lagging(model), timeout=timeout_s)
+
+    def failures(self) -> dict[str, tuple[int, str]]:
+        """Models whose newest version could not be applied: (its generation, the error)."""
+        return dict(self._failures)
+
+    @property
+    def rules_seq(self) -> int:
+        return self._rules_seq
+
+    # -- feeding ------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        for thread in self._threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+
+    def offer(self, record: ModelVersion) -> None:
+        """Take `record` if it is newer than what was heard of `record.model`, and apply it."""
+        with self._changed:
+            heard = self._heard.get(record.model)
+            if heard is not None and heard.generation >= record.generation:
+                return
+            self._heard[record.model] = record
+            self._changed.notify_all()
+        self.catch_up()
+
+    def offer_rules(self, rules: list[InvalidationRule]) -> None:
+        """Apply `rules` (those after the last one applied)."""
+        with self._applying:
+            fresh = [rule for rule in rules if rule.seq > self._rules_seq]
+            if fresh:
+                self._apply_rules(fresh)
+                self._rules_seq = max(rule.seq for rule in fresh)
+
+    def catch_up(self) -> None:
+        """Apply every heard version not applied yet (one at a time, in generation order)."""
+        with self._applying:
+            for model, record in sorted(self._heard.items()):
+                applied = self._applied.get(model)
+                if applied is not None and applied.generation >= record.generation:
+                    continue
+                try:
+                    self._apply_version(record)
+                except Exception as exc:  # reported to the actor, retried next round
+                    logger.exception("could not apply version %s of %s", record.version, model)
+                    self._failures[model] = (record.generation, f"{type(exc).__name__}: {exc}")
+                    continue
+                self._failures.pop(model, None)
+                with self._changed:
+                    self._applied[model] = record
+                    self._changed.notify_all()
+                logger.info("now serving %s version %s", model, record.version)
+
+    def _watch_forever(self) -> None:
+        while not self._stopped.is_set():
+            try:
+                update = cast(
+                    VersionUpdate,
+                    ray.get(
+                        self._actor().watch.remote(
+                            self.replica_id,
+                            dict(self._applied),
+                            self._rules_seq,
+                            self.failures(),
+                            self._watch_timeout_s,
+                        ),
+                        timeout=self._watch_timeout_s + CALL_TIMEOUT_S,
+                    ),
+                )
+            except Exception:  # the actor may be restarting; retried after a pause
+                logger.info("version watch failed; retrying", exc_info=True)
+                self._stopped.wait(RETRY_PAUSE_S)
+                continue
+            for record in update.records:
+                with self._changed:
+                    heard = self._heard.get(record.model)
+                    if heard is None or heard.generation < record.generation:
+                        self._heard[record.model] = record
+                        self._changed.notify_all()
+            self.catch_up()
+            if update.rules:
+                self.offer_rules(list(update.rules))

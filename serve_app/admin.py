@@ -1,0 +1,86 @@
+"""The admin operations' inputs: bearer-token checks and the bodies of the admin routes.
+
+`POST /v1/models/{model}/version` takes a `ModelUpdate` (`version`, optional `seed` or
+`checkpoint`, `force`, plus `timeout_s`); `POST /v1/cache/invalidate` an `InvalidationRequest`.
+Each parse raises `InvalidRequest` naming the bad field, so a bad body is a 400, never a 500.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+from typing import Any, TypeVar
+
+from pydantic import Field, ValidationError, model_validator
+
+from serve_app.config import ModelUpdate, StrictModel
+from serve_app.errors import InvalidRequest, Unauthorized
+
+_LABEL = r"^[A-Za-z0-9][A-Za-z0-9._\-]*$"
+_Body = TypeVar("_Body", bound=StrictModel)
+
+
+class VersionUpdateRequest(ModelUpdate):
+    """The body of `POST /v1/models/{model}/version`."""
+
+    timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=600,
+        description="How long to wait for every replica to acknowledge (seconds).",
+    )
+
+
+class InvalidationRequest(StrictModel):
+    """The body of `POST /v1/cache/invalidate`: entries matching every given field go."""
+
+    model: str | None = Field(default=None, min_length=1, max_length=128, pattern=_LABEL)
+    version: str | None = Field(default=None, min_length=1, max_length=64, pattern=_LABEL)
+    tenant: str | None = Field(default=None, min_length=1, max_length=256)
+    key: str | None = Field(
+        default=None,
+        pattern=r"^[0-9a-f]{16,128}$",
+        description="A result key, as a completion reports it in `cache.key`.",
+    )
+    timeout_s: float = Field(default=30.0, gt=0, le=600)
+
+    @model_validator(mode="after")
+    def _something_selected(self) -> InvalidationRequest:
+        if self.model is None and self.version is None and self.tenant is None and not self.key:
+            raise ValueError("give at least one of model, version, tenant, key")
+        return self
+
+
+def check_admin_token(authorization: str | None, token: str | None) -> None:
+    """Raise `Unauthorized` unless `authorization` is ``Bearer <token>`` (no token: open)."""
+    if token is None:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
+        raise Unauthorized("a valid admin bearer token is required", param="authorization")
+
+
+def parse_version_update(body: Any) -> VersionUpdateRequest:
+    """Validate the body of a version publish; raises `InvalidRequest`."""
+    update = _parse(VersionUpdateRequest, body)
+    if update.checkpoint is not None and not os.path.isfile(update.checkpoint):
+        # Checked here so that a typo fails the request instead of every replica's reload.
+        raise InvalidRequest("no such file on the ingress node", param="checkpoint")
+    return update
+
+
+def parse_invalidation(body: Any) -> InvalidationRequest:
+    """Validate the body of an invalidation; raises `InvalidRequest`."""
+    return _parse(InvalidationRequest, body)
+
+
+def _parse(model: type[_Body], body: Any) -> _Body:
+    if not isinstance(body, dict):
+        raise InvalidRequest("must be a JSON object", param="body")
+    try:
+        return model.model_validate(body)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = ".".join(str(part) for part in error["loc"]) or "body"
+        message = "unknown field" if error["type"] == "extra_forbidden" else error["msg"]
+        raise InvalidRequest(message, param=param) from None

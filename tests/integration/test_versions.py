@@ -1,0 +1,204 @@
+"""Model versions on a live application: two replicas, the version actor, a real Redis.
+
+Every answer must name the weights that produced it (checked by recomputing it with those
+weights), no request sent after `publish()` returned may get an older version, the actor must
+come back from Redis after a kill, and a replica that cannot switch must be reported and must
+not answer from cache (or from the old weights) until it catches up.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+
+import pytest
+import ray
+from ray import serve
+
+from cluster.directory_actor import ACTOR_NAMESPACE, directory_actor
+from serve_app.config import ModelSpec
+from serve_app.errors import ModelUpdating, VersionConflict
+from serve_app.models import ByteTokenizer, SamplingParams, generate
+from serve_app.models.loading import load_model
+from tests.support.deployments import deploy
+from tests.support.processes import wait_until
+
+pytestmark = pytest.mark.integration
+
+MODEL = "tiny-gpt"
+MAX_TOKENS = 6
+PROMPTS = [f"versioned prompt {i}" for i in range(6)]
+
+
+def expected_text(version_seed: int, prompt: str) -> str:
+    """The greedy answer of the weights built from `version_seed`."""
+    model = load_model(ModelSpec(id=MODEL, seed=version_seed), device="cpu")
+    tokenizer = ByteTokenizer()
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0)
+    return generate(model, tokenizer, tokenizer.encode(prompt), params).text
+
+
+def body(prompt: str) -> dict:
+    return {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
+
+
+@pytest.fixture
+def app(ray_cluster, redis_server):
+    name = f"versions-{uuid.uuid4().hex[:6]}"
+    args = {
+        "namespace": name,
+        "redis_url": redis_server.url,
+        "stats_interval_s": 0.1,
+        "version_wait_s": 2.0,
+        "models": [{"id": MODEL, "version": "1", "seed": 0}],
+    }
+    deploy(name, args)
+    yield name, serve.get_app_handle(name)
+    serve.delete(name)
+    for actor in (f"versions-{name}", f"directory-{name}"):
+        ray.kill(ray.get_actor(actor, namespace=ACTOR_NAMESPACE), no_restart=True)
+
+
+def members(namespace: str) -> list[str]:
+    return sorted(m.replica_id for m in ray.get(directory_actor(namespace).members.remote()))
+
+
+def ring_members(namespace: str) -> list[str]:
+    snapshot = ray.get(directory_actor(namespace).snapshot.remote())
+    return sorted(m.replica_id for m in snapshot.members)
+
+
+def test_under_load_every_answer_names_the_weights_that_produced_it(app):
+    name, handle = app
+    seeds = {"1": 0, "2": 2, "3": 3, "4": 4}
+    replicas = members(name)
+    results: list[tuple[float, str, str, str, bool]] = []
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def client(worker: int) -> None:
+        index = worker
+        while not stop.is_set():
+            prompt = PROMPTS[index % len(PROMPTS)]
+            index += 1
+            sent = time.monotonic()
+            try:
+                response = handle.complete.remote(body(prompt)).result(timeout_s=60)
+            except BaseException as exc:  # reported below, with the thread's context
+                errors.append(exc)
+                return
+            text = response["choices"][0]["text"]
+            results.append(
+                (sent, prompt, response["model_version"], text, response["cache"]["hit"])
+            )
+
+    threads = [threading.Thread(target=client, args=(worker,)) for worker in range(4)]
+    for thread in threads:
+        thread.start()
+    published: list[tuple[float, str]] = []
+    try:
+        time.sleep(2.0)
+        for version in ("2", "3", "4"):
+            outcome = handle.publish_version.remote(
+                MODEL, {"version": version, "seed": seeds[version]}
+            ).result(timeout_s=120)
+            published.append((time.monotonic(), version))
+            assert sorted(outcome["acknowledged"]) == replicas, outcome
+            assert outcome["missing"] == [] and outcome["failed"] == {}, outcome
+            time.sleep(2.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not errors, errors
+
+    expected = {
+        (version, prompt): expected_text(seed, prompt)
+        for version, seed in seeds.items()
+        for prompt in PROMPTS
+    }
+    order = list(seeds)
+    for sent, prompt, version, text, _ in results:
+        assert text == expected[(version, prompt)], (version, prompt)
+        for returned_at, published_version in published:
+            if sent > returned_at:
+                assert order.index(version) >= order.index(published_version), (sent, version)
+    assert {version for _, _, version, _, _ in results} == set(seeds)
+    assert any(hit for _, _, version, _, hit in results if version == "4")  # caching resumed
+    listing = handle.models.remote().result(timeout_s=30)
+    assert listing["data"][0]["version"] == "4"
+
+
+def test_the_version_actor_comes_back_with_the_current_versions_from_redis(app, redis_server):
+    name, handle = app
+    handle.publish_version.remote(MODEL, {"version": "2", "seed": 2}).result(timeout_s=120)
+    actor = ray.get_actor(f"versions-{name}", namespace=ACTOR_NAMESPACE)
+    ray.kill(actor, no_restart=False)
+    wait_until(
+        lambda: ray.get(actor.current.remote(), timeout=10)[MODEL].version == "2",
+        60,
+        "the restarted actor to reload version 2",
+        0.5,
+    )
+    assert redis_server.client().hget(f"{name}#versions", MODEL)  # where it came back from
+    outcome = handle.publish_version.remote(MODEL, {"version": "3", "seed": 3}).result(
+        timeout_s=120
+    )
+    assert sorted(outcome["acknowledged"]) == members(name)
+    assert outcome["generation"] == 3
+    response = handle.complete.remote(body(PROMPTS[0])).result(timeout_s=60)
+    assert response["model_version"] == "3"
+    assert response["choices"][0]["text"] == expected_text(3, PROMPTS[0])
+    with pytest.raises(VersionConflict, match="backwards"):
+        handle.publish_version.remote(MODEL, {"version": "2", "seed": 2}).result(timeout_s=60)
+
+
+def test_a_replica_that_cannot_switch_is_reported_and_serves_nothing_old(app, tmp_path):
+    name, handle = app
+    replicas = members(name)
+    handle.complete.remote(body(PROMPTS[1])).result(timeout_s=60)
+    cached = handle.complete.remote(body(PROMPTS[1])).result(timeout_s=60)
+    assert cached["cache"]["hit"] and cached["model_version"] == "1"
+
+    broken = tmp_path / "broken.safetensors"
+    broken.write_bytes(b"these are not weights")
+    outcome = handle.publish_version.remote(
+        MODEL, {"version": "broken", "checkpoint": str(broken), "timeout_s": 30}
+    ).result(timeout_s=120)
+    assert outcome["acknowledged"] == [] and outcome["missing"] == []
+    assert sorted(outcome["failed"]) == replicas, outcome
+    assert ring_members(name) == []  # out of the ring until they catch up
+    with pytest.raises(ModelUpdating):  # neither the cached answer nor the old weights
+        handle.complete.remote(body(PROMPTS[1])).result(timeout_s=60)
+
+    outcome = handle.publish_version.remote(MODEL, {"version": "5", "seed": 5}).result(
+        timeout_s=120
+    )
+    assert sorted(outcome["acknowledged"]) == replicas, outcome
+    wait_until(lambda: ring_members(name) == replicas, 30, "the replicas back in the ring")
+    response = handle.complete.remote(body(PROMPTS[1])).result(timeout_s=60)
+    assert response["model_version"] == "5" and not response["cache"]["hit"]
+    assert response["choices"][0]["text"] == expected_text(5, PROMPTS[1])
+
+
+def test_invalidation_reaches_every_replica_and_redis(app, redis_server):
+    name, handle = app
+    first = handle.complete.remote(body(PROMPTS[2])).result(timeout_s=60)
+    key = first["cache"]["key"]
+    redis_key = f"{name}:{MODEL}:1:r:{key}"
+    wait_until(lambda: redis_server.client().exists(redis_key), 10, "the Redis write")
+    assert handle.complete.remote(body(PROMPTS[2])).result(timeout_s=60)["cache"]["hit"]
+
+    outcome = handle.invalidate.remote({"key": key}).result(timeout_s=60)
+    assert sorted(outcome["acknowledged"]) == members(name)
+    wait_until(lambda: not redis_server.client().exists(redis_key), 30, "the Redis purge")
+    again = handle.complete.remote(body(PROMPTS[2])).result(timeout_s=60)
+    assert not again["cache"]["hit"]
+    assert again["choices"][0]["text"] == first["choices"][0]["text"]
+
+    # By model and version: every answer of version 1 goes, on both replicas.
+    handle.complete.remote(body(PROMPTS[3])).result(timeout_s=60)
+    handle.invalidate.remote({"model": MODEL, "version": "1"}).result(timeout_s=60)
+    for prompt in (PROMPTS[3], PROMPTS[2]):
+        assert not handle.complete.remote(body(prompt)).result(timeout_s=60)["cache"]["hit"]
