@@ -121,6 +121,11 @@ class VersionActor:
                 await asyncio.wait_for(changed.wait(), timeout=remaining)
             self._subscriptions.renew(replica_id, time.monotonic())
 
+    async def unsubscribe(self, replica_id: str) -> None:
+        """Stop waiting for `replica_id` (it is shutting down); idempotent."""
+        self._subscriptions.remove(replica_id)
+        self._events()[1].set()
+
     # -- operators ----------------------------------------------------------------------------
 
     async def publish(

@@ -13,13 +13,16 @@ model. Applying means calling `apply_version(record)` (load the weights, switch,
 entries; it may raise, and is then retried on the next round) and `apply_rules(rules)`.
 
 `lagging(model)` is true between hearing of a newer version and having applied it: the replica
-must not answer from the old version then (`wait_caught_up`).
+must not answer from the old version then (`wait_caught_up`). `in_contact()` is false when the
+actor has not answered for `contact_s`: a version may have been published meanwhile, so the
+replica must not trust its cache until the actor answers again.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -38,6 +41,7 @@ logger = logging.getLogger(__name__)
 WATCH_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 5.0
 RETRY_PAUSE_S = 0.5
+CONTACT_S = 10.0
 
 
 class VersionFollower:
@@ -52,6 +56,8 @@ class VersionFollower:
         apply_rules: Callable[[list[InvalidationRule]], None],
         store: VersionStore | None = None,
         watch_timeout_s: float = WATCH_TIMEOUT_S,
+        contact_s: float = CONTACT_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.replica_id = replica_id
         self._actor = actor
@@ -59,6 +65,9 @@ class VersionFollower:
         self._apply_rules = apply_rules
         self._store = store
         self._watch_timeout_s = watch_timeout_s
+        self._contact_s = contact_s
+        self._clock = clock
+        self._last_contact = clock()
         self._applied: dict[str, ModelVersion] = dict(initial)
         self._heard: dict[str, ModelVersion] = dict(initial)
         self._failures: dict[str, tuple[int, str]] = {}
@@ -94,6 +103,11 @@ class VersionFollower:
         with self._changed:
             return self._changed.wait_for(lambda: not self.lagging(model), timeout=timeout_s)
 
+    def in_contact(self) -> bool:
+        """Whether the version actor answered within the last `contact_s` (a long-poll that
+        is still pending counts as an answer when it began less than `contact_s` ago)."""
+        return self._clock() - self._last_contact < self._contact_s + self._watch_timeout_s
+
     def failures(self) -> dict[str, tuple[int, str]]:
         """Models whose newest version could not be applied: (its generation, the error)."""
         return dict(self._failures)
@@ -109,7 +123,12 @@ class VersionFollower:
             thread.start()
 
     def stop(self) -> None:
+        """Stop following and unsubscribe (best effort: otherwise the lease lapses)."""
         self._stopped.set()
+        try:
+            ray.get(self._actor().unsubscribe.remote(self.replica_id), timeout=CALL_TIMEOUT_S)
+        except Exception:
+            logger.info("could not unsubscribe %s; its lease will lapse", self.replica_id)
 
     def offer(self, record: ModelVersion) -> None:
         """Take `record` if it is newer than what was heard of `record.model`, and apply it."""
@@ -124,7 +143,7 @@ class VersionFollower:
     def offer_rules(self, rules: list[InvalidationRule]) -> None:
         """Apply `rules` (those after the last one applied)."""
         with self._applying:
-            fresh = [rule for rule in rules if rule.seq > self._rules_seq]
+            fresh = sorted((r for r in rules if r.seq > self._rules_seq), key=lambda r: r.seq)
             if fresh:
                 self._apply_rules(fresh)
                 self._rules_seq = max(rule.seq for rule in fresh)
@@ -168,6 +187,7 @@ class VersionFollower:
                 logger.info("version watch failed; retrying", exc_info=True)
                 self._stopped.wait(RETRY_PAUSE_S)
                 continue
+            self._last_contact = self._clock()
             for record in update.records:
                 with self._changed:
                     heard = self._heard.get(record.model)

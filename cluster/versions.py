@@ -287,6 +287,10 @@ class Subscriptions:
         subscriber.rules_seq = max(subscriber.rules_seq, rules_seq)
         subscriber.failures = dict(failures)
 
+    def remove(self, replica_id: str) -> None:
+        """Forget `replica_id` at once (a replica shutting down cleanly)."""
+        self._subscribers.pop(replica_id, None)
+
     def alive(self, now: float) -> list[str]:
         """Replicas whose lease holds, sorted; lapsed ones are forgotten."""
         for replica_id in [r for r, s in self._subscribers.items() if s.expires_at <= now]:

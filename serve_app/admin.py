@@ -1,4 +1,4 @@
-"""The admin operations' inputs: bearer-token checks and the bodies of the admin routes.
+"""Admin operations: bearer-token checks, the bodies of the admin routes, and publishing.
 
 `POST /v1/models/{model}/version` takes a `ModelUpdate` (`version`, optional `seed` or
 `checkpoint`, `force`, plus `timeout_s`); `POST /v1/cache/invalidate` an `InvalidationRequest`.
@@ -12,7 +12,9 @@ import os
 from typing import Any, TypeVar
 
 from pydantic import Field, ValidationError, model_validator
+from ray.actor import ActorHandle
 
+from cluster.versions import PublishOutcome
 from serve_app.config import ModelUpdate, StrictModel
 from serve_app.errors import InvalidRequest, Unauthorized
 
@@ -49,6 +51,23 @@ class InvalidationRequest(StrictModel):
         if self.model is None and self.version is None and self.tenant is None and not self.key:
             raise ValueError("give at least one of model, version, tenant, key")
         return self
+
+
+async def publish_update(
+    versions: ActorHandle[Any], model: str, update: ModelUpdate, source: str, timeout_s: float
+) -> PublishOutcome:
+    """Publish `update` of `model` through the version actor `versions`; waits up to
+    `timeout_s` for the replicas. Raises `VersionRegression` when it would go back."""
+    outcome: PublishOutcome = await versions.publish.remote(
+        model,
+        update.version,
+        source=source,
+        seed=update.seed,
+        checkpoint=update.checkpoint,
+        force=update.force,
+        timeout_s=timeout_s,
+    )
+    return outcome
 
 
 def check_admin_token(authorization: str | None, token: str | None) -> None:

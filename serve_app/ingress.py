@@ -30,7 +30,12 @@ from cluster.keys import routing_key
 from cluster.redis_probe import RedisProbe
 from cluster.version_actor import version_actor
 from cluster.versions import VersionRegression
-from serve_app.admin import check_admin_token, parse_invalidation, parse_version_update
+from serve_app.admin import (
+    check_admin_token,
+    parse_invalidation,
+    parse_version_update,
+    publish_update,
+)
 from serve_app.completions import (
     CompletionJob,
     CompletionRequest,
@@ -132,14 +137,8 @@ class Ingress:
             raise ModelNotFound(f"model {model!r} does not exist", param="model")
         update = parse_version_update(body)
         try:
-            outcome = await self._versions.publish.remote(
-                model,
-                update.version,
-                source="admin",
-                seed=update.seed,
-                checkpoint=update.checkpoint,
-                force=update.force,
-                timeout_s=update.timeout_s,
+            outcome = await publish_update(
+                self._versions, model, update, source="admin", timeout_s=update.timeout_s
             )
         except VersionRegression as exc:
             raise VersionConflict(str(exc.args[0] if exc.args else exc), param="version") from None

@@ -45,6 +45,7 @@ from cluster.version_actor import version_actor
 from cluster.version_follower import VersionFollower
 from cluster.version_store import VersionStore
 from cluster.versions import ModelVersion, VersionRegression
+from serve_app.admin import publish_update
 from serve_app.answers import decode_answer, encode_answer
 from serve_app.completions import CompletionJob, CompletionOutcome
 from serve_app.config import AppArgs, parse_args, parse_user_config, prompt_text
@@ -193,7 +194,9 @@ class ModelReplica:
 
     async def _answer(self, serving: ServingModel, job: CompletionJob) -> CompletionOutcome:
         model, version = serving.model, serving.version
-        if not job.params.is_deterministic:
+        # Out of touch with the version actor, a newer version may exist: compute, trust no
+        # cached answer, and store none.
+        if not job.params.is_deterministic or not self._follower.in_contact():
             return (await self._compute(model, job, version))[0]
         key = self._key(job, version)
         tags = EntryTags(model=job.model, version=version, tenant=job.tenant)
@@ -213,13 +216,11 @@ class ModelReplica:
         config = parse_user_config(user_config, self._args)
         for model, update in sorted(config.models.items()):
             try:
-                outcome = await self._version_actor.publish.remote(
+                outcome = await publish_update(
+                    self._version_actor,
                     model,
-                    update.version,
+                    update,
                     source="user_config",
-                    seed=update.seed,
-                    checkpoint=update.checkpoint,
-                    force=update.force,
                     timeout_s=RECONFIGURE_TIMEOUT_S,
                 )
             except VersionRegression as exc:

@@ -2,8 +2,9 @@
 
 Every answer must name the weights that produced it (checked by recomputing it with those
 weights), no request sent after `publish()` returned may get an older version, the actor must
-come back from Redis after a kill, and a replica that cannot switch must be reported and must
-not answer from cache (or from the old weights) until it catches up.
+come back from Redis after a kill, a replica that cannot switch must be reported and must not
+answer from cache (or from the old weights) until it catches up, invalidations reach every
+tier, and versions announced on Redis by another cluster are followed.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import ray
 from ray import serve
 
 from cluster.directory_actor import ACTOR_NAMESPACE, directory_actor
+from cluster.version_store import VersionStore
+from cluster.versions import ModelVersion
 from serve_app.config import ModelSpec
 from serve_app.errors import ModelUpdating, VersionConflict
 from serve_app.models import ByteTokenizer, SamplingParams, generate
@@ -202,3 +205,40 @@ def test_invalidation_reaches_every_replica_and_redis(app, redis_server):
     handle.invalidate.remote({"model": MODEL, "version": "1"}).result(timeout_s=60)
     for prompt in (PROMPTS[3], PROMPTS[2]):
         assert not handle.complete.remote(body(prompt)).result(timeout_s=60)["cache"]["hit"]
+
+
+def replica_versions(namespace: str) -> list[str]:
+    """The version each replica reports serving (from its last heartbeat)."""
+    stats = ray.get(directory_actor(namespace).stats.remote())
+    return sorted(s["cluster"]["versions"][MODEL]["version"] for s in stats.values() if s)
+
+
+def test_versions_announced_by_another_cluster_are_followed_even_when_a_message_is_lost(
+    app, redis_server
+):
+    name, handle = app
+    store = VersionStore(redis_server.url, name)
+    generation = handle.models.remote().result(timeout_s=30)["data"][0]["generation"]
+
+    # Another cluster sharing this Redis publishes: its actor stores and announces the record.
+    remote = ModelVersion(MODEL, "remote-1", generation + 1, source="other-cluster", seed=11)
+    assert store.save(remote) == remote
+    wait_until(lambda: replica_versions(name) == ["remote-1"] * 2, 60, "both replicas to follow")
+    response = handle.complete.remote(body(PROMPTS[4])).result(timeout_s=60)
+    assert response["model_version"] == "remote-1"
+    assert response["choices"][0]["text"] == expected_text(11, PROMPTS[4])
+
+    # The next announcement is lost (stored without PUBLISH): replicas catch up when their
+    # pub/sub connection comes back, because they re-read the stored versions then.
+    missed = ModelVersion(MODEL, "remote-2", generation + 2, source="other-cluster", seed=12)
+    client = redis_server.client()
+    client.hset(f"{name}#versions", MODEL, missed.to_json())
+    time.sleep(1.0)
+    assert replica_versions(name) == ["remote-1"] * 2
+    client.client_kill_filter(_type="pubsub")
+    wait_until(lambda: replica_versions(name) == ["remote-2"] * 2, 60, "the re-read on reconnect")
+    wait_until(
+        lambda: handle.models.remote().result(timeout_s=30)["data"][0]["version"] == "remote-2",
+        30,
+        "the version actor to adopt what the replicas serve",
+    )

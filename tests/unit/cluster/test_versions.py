@@ -104,3 +104,11 @@ def test_subscriptions_track_leases_and_what_each_replica_applied():
     assert subscriptions.failure("a", "m", 1) == "OSError: no such file"
     assert subscriptions.failure("a", "m", 2) is None  # a later version may load
     assert subscriptions.alive(now=12.0) == ["a"]  # b's lease lapsed
+
+
+def test_a_removed_subscriber_is_not_waited_for():
+    subscriptions = Subscriptions(lease_s=10)
+    subscriptions.renew("a", now=0.0)
+    subscriptions.remove("a")
+    subscriptions.remove("a")
+    assert subscriptions.alive(now=1.0) == []
