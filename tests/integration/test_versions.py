@@ -157,6 +157,26 @@ def test_the_version_actor_comes_back_with_the_current_versions_from_redis(app, 
         handle.publish_version.remote(MODEL, {"version": "2", "seed": 2}).result(timeout_s=60)
 
 
+def test_a_replica_started_after_a_publish_serves_the_current_version(app):
+    name, handle = app
+    handle.publish_version.remote(MODEL, {"version": "2", "seed": 2}).result(timeout_s=120)
+    victim = members(name)[0]
+    actor = next(
+        a
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["namespace"] == "serve" and a["name"].endswith(victim)
+    )
+    ray.kill(ray.get_actor(actor["name"], namespace="serve"), no_restart=True)
+
+    def replaced() -> bool:
+        current = members(name)
+        return len(current) == 2 and victim not in current
+
+    wait_until(replaced, 120, "Serve to start a replacement replica", 0.5)
+    # The newcomer loaded version 2 at start-up, though its config says version 1.
+    wait_until(lambda: replica_versions(name) == ["2", "2"], 30, "the newcomer's stats", 0.5)
+
+
 def test_a_replica_that_cannot_switch_is_reported_and_serves_nothing_old(app, tmp_path):
     name, handle = app
     replicas = members(name)
