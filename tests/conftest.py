@@ -17,7 +17,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.processes import RedisServer, ServeRun, free_port, wait_until
+from tests.support.processes import RedisServer, ServeRun, serve_http_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "configs" / "cluster.yaml"
@@ -74,7 +74,7 @@ def running_app(
     server; everything else is the file users run.
     """
     config = yaml.safe_load(CLUSTER_YAML.read_text())
-    config["http_options"]["port"] = free_port()
+    config["http_options"]["port"] = serve_http_port()
     config["http_options"]["host"] = "127.0.0.1"
     config["applications"][0]["args"]["redis_url"] = redis_server.url
     workdir = tmp_path_factory.mktemp("serve")

@@ -22,6 +22,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+_serve_port: int | None = None
+
+
+def serve_http_port() -> int:
+    """The HTTP port of the Serve instance this test process starts, whichever test starts it.
+
+    Serve keeps the HTTP options of whoever started it first and ignores later ones, so every
+    starter (`serve run` in the end-to-end fixture, `serve.start` in integration tests) must ask
+    for the same port; chosen once per process.
+    """
+    global _serve_port
+    if _serve_port is None:
+        _serve_port = free_port()
+    return _serve_port
+
+
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, step_s: float = 0.1):
     """Poll `condition` until it holds; fail naming `what` after `timeout_s` seconds."""
     deadline = time.monotonic() + timeout_s
