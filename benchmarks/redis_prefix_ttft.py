@@ -7,8 +7,9 @@ Starts its own redis-server on a free loopback port. One replica's prefix cache 
 shared 90% and writes it to Redis in aligned chunks (`serve_app.shared_blocks`); then, side by
 side in one run, with the default TinyGPT on one thread:
 
-  redis    a fresh replica (empty local prefix cache) fetches the chunks in one pipelined round
-           trip, inserts them, prefills the rest and picks the first token;
+  redis    a fresh replica (empty local prefix cache) fetches the chunks in one round trip,
+           decoding each as it arrives, inserts them, prefills the rest and picks the first
+           token;
   scratch  the same prompt with no cache at all (a full prefill).
 
 Reports the medians, the ratio redis/scratch and the speed-up.

@@ -144,7 +144,8 @@ def decode_chunk(
     return list(kv.unbind(0))
 
 
-def _chunk_key(namespace: str, scope: PrefixScope, last: BlockHash) -> str:
+def chunk_key(namespace: str, scope: PrefixScope, last: BlockHash) -> str:
+    """The Redis key of the chunk of `scope`'s chain that ends with block `last`."""
     return redis_key(namespace, scope.model_id, scope.model_version, "kv", last.hex())
 
 
@@ -172,10 +173,50 @@ async def store_prefix_in_redis(
             break
         kvs = [f[0] for f in found if f is not None]
         blob = encode_chunk(kvs, hashes[start:end], scope, secret)
-        items.append((_chunk_key(namespace, scope, hashes[end - 1]), blob))
+        items.append((chunk_key(namespace, scope, hashes[end - 1]), blob))
     if items and await redis.set_many(items):
         return len(items)
     return 0
+
+
+async def fetch_chunks_from_redis(
+    redis: RedisStore,
+    hashes: Sequence[BlockHash],
+    ranges: Sequence[tuple[int, int]],
+    scope: PrefixScope,
+    namespace: str,
+    block_shape: torch.Size,
+    dtype: torch.dtype,
+    secret: bytes | None,
+) -> list[list[torch.Tensor]]:
+    """The blocks of the chunks `ranges` of `hashes` (see `chunk_ranges`), read from Redis.
+
+    One round trip. Each chunk is decoded and checked as soon as it arrives, while Redis sends
+    the next (`RedisStore.get_many_decoded`). Returns the leading run of chunks that were found
+    and valid (the blocks of each, in order): a missing or invalid chunk ends the run.
+    """
+    keys = [chunk_key(namespace, scope, hashes[end - 1]) for _, end in ranges]
+    run = 0  # chunks decoded so far, all valid and without a gap
+
+    def decode(index: int, blob: bytes) -> list[torch.Tensor] | None:
+        nonlocal run
+        if index != run:  # past a miss or an invalid chunk nothing is used: skip the work
+            return None
+        start, end = ranges[index]
+        try:
+            blocks = decode_chunk(blob, hashes[start:end], block_shape, dtype, secret)
+        except CodecError as exc:
+            logger.warning("an invalid prefix chunk in Redis: %s", exc)
+            return None
+        run += 1
+        return blocks
+
+    chunks = []
+    for blocks in await redis.get_many_decoded(keys, decode):
+        if blocks is None:
+            break
+        chunks.append(blocks)
+    return chunks
 
 
 async def fetch_prefix_from_redis(
@@ -200,16 +241,11 @@ async def fetch_prefix_from_redis(
     ranges = [(s, e) for s, e in chunk_ranges(usable, chunk_blocks) if e > start]
     if not ranges:
         return 0
-    blobs = await redis.get_many([_chunk_key(namespace, scope, hashes[e - 1]) for _, e in ranges])
+    chunks = await fetch_chunks_from_redis(
+        redis, hashes, ranges, scope, namespace, block_shape, dtype, secret
+    )
     added = 0
-    for (s, e), blob in zip(ranges, blobs, strict=True):
-        if blob is None:
-            break
-        try:
-            kvs = decode_chunk(blob, hashes[s:e], block_shape, dtype, secret)
-        except CodecError as exc:
-            logger.warning("an invalid prefix chunk in Redis: %s", exc)
-            break
+    for (s, e), kvs in zip(ranges, chunks, strict=False):
         first = max(start, s)
         parent = hashes[first - 1] if first else None
         inserted = cache.insert(

@@ -9,7 +9,7 @@ import random
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import pytest
 import redis.asyncio as aioredis
@@ -121,6 +121,147 @@ async def test_many_values_round_trip_in_one_pipeline_each_with_a_jittered_ttl(s
         assert stats.fetches == 2 and 0 < stats.fetch_max_seconds <= stats.fetch_seconds
         assert (stats.breaker_state, stats.breaker_opened) == ("closed", 0)
     admin.close()
+
+
+def flaky_connection() -> type[aioredis.Connection]:
+    """A connection class whose `fail_at`-th reply read after `arm(fail_at)` fails, once, as a
+    dropped link; it also records how many GETs each write to the socket carries."""
+
+    class Flaky(aioredis.Connection):
+        sent: ClassVar[list[int]] = []
+        reads = 0
+        fail_at = 0
+
+        @classmethod
+        def arm(cls, fail_at: int) -> None:
+            cls.sent.clear()
+            cls.reads, cls.fail_at = 0, fail_at
+
+        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+            type(self).sent.append(sum(chunk.count(b"\r\nGET\r\n") for chunk in command))
+            await super().send_packed_command(command, check_health)
+
+        async def read_response(self, *args: Any, **kwargs: Any) -> Any:
+            type(self).reads += 1
+            if type(self).reads == type(self).fail_at:
+                await self.disconnect()
+                raise aioredis.ConnectionError("dropped by the test")
+            return await super().read_response(*args, **kwargs)
+
+    return Flaky
+
+
+@pytest.mark.asyncio
+async def test_values_are_decoded_in_key_order_as_their_replies_arrive(server):
+    connection = counting_connection()
+    items = [(key("m", i), bytes([i]) * (i * 100_000)) for i in range(1, 9)]
+    keys = [k for k, _ in items]
+    async with opened(
+        server.url, **RELAXED, client_options={"connection_class": connection}
+    ) as store:
+        assert await store.set_many(items)
+        server.client().rpush(key("m", 100), b"a list")  # GET of it is an error reply
+        asked = [keys[0], key("m", 99), keys[1], key("m", 100), *keys[2:]]
+        calls: list[tuple[int, int]] = []
+
+        def decode(index: int, value: bytes) -> int:
+            calls.append((index, len(value)))
+            return value[0]
+
+        connection.sends = 0
+        got = await store.get_many_decoded(asked, decode)
+        assert connection.sends == 1  # one round trip
+        assert got == [1, None, 2, None, 3, 4, 5, 6, 7, 8]
+        sizes = [len(v) for _, v in items]
+        assert calls == list(zip([0, 2, 4, 5, 6, 7, 8, 9], sizes, strict=True))
+        stats = store.stats()
+        assert (stats.gets, stats.hits, stats.misses, stats.errors) == (10, 8, 2, 1)
+        assert stats.bytes_read == sum(len(v) for _, v in items)
+        # The error reply was read whole: the connection is still in step.
+        assert await store.get_many(keys[:2]) == [v for _, v in items[:2]]
+        assert await store.get_many_decoded([], decode) == []
+
+
+@pytest.mark.asyncio
+async def test_what_a_decoder_raises_propagates_without_charging_redis_or_desyncing_the_pool(
+    server,
+):
+    items = [(key("m", i), f"value {i}".encode() * 10_000) for i in range(6)]
+    keys = [k for k, _ in items]
+    breaker = CircuitBreaker(failure_threshold=1)
+    async with opened(server.url, **RELAXED, breaker=breaker, max_connections=1) as store:
+        assert await store.set_many(items)
+
+        def refuse_the_second(index: int, value: bytes) -> bytes:
+            if index == 1:
+                raise ValueError("not for me")
+            return value
+
+        with pytest.raises(ValueError, match="not for me"):
+            await store.get_many_decoded(keys, refuse_the_second)
+        assert store.stats().errors == 0 and store.stats().breaker_state == "closed"
+        # The only pooled connection had four replies unread; it was dropped, not reused.
+        assert await store.get_many(keys[::-1]) == [v for _, v in items[::-1]]
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_fetch_leaves_no_unread_replies_in_the_pool(server):
+    items = [(key("m", i), bytes([i]) * 1000) for i in range(4)]
+    keys = [k for k, _ in items]
+    async with opened(server.url, socket_timeout_s=5.0, max_connections=1) as store:
+        assert await store.set_many(items)
+        with server.paused():
+            fetch = asyncio.ensure_future(store.get_many(keys))
+            await asyncio.sleep(0.2)
+            fetch.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await fetch
+        assert await store.get_many(keys[1:]) == [v for _, v in items[1:]]
+
+
+@pytest.mark.asyncio
+async def test_a_retry_after_a_dropped_link_asks_only_for_the_replies_not_yet_read(server):
+    connection = flaky_connection()
+    items = [(key("m", i), bytes([i]) * 50_000) for i in range(8)]
+    keys = [k for k, _ in items]
+    async with opened(
+        server.url, **RELAXED, client_options={"connection_class": connection}
+    ) as store:
+        assert await store.set_many(items)
+        connection.arm(fail_at=4)
+        decoded: list[int] = []
+
+        def decode(index: int, value: bytes) -> int:
+            decoded.append(index)
+            return value[0]
+
+        assert await store.get_many_decoded(keys, decode) == list(range(8))
+        assert decoded == list(range(8))  # each value once, in order
+        # The retry (after the reconnection's handshake) asks for the 5 replies not read.
+        assert [gets for gets in connection.sent if gets] == [8, 5]
+        stats = store.stats()
+        assert (stats.hits, stats.misses, stats.errors, stats.breaker_state) == (
+            8,
+            0,
+            0,
+            "closed",
+        )
+
+
+@pytest.mark.asyncio
+async def test_a_failure_midway_keeps_what_arrived_before_it(server):
+    connection = flaky_connection()
+    items = [(key("m", i), bytes([i]) * 10) for i in range(6)]
+    keys = [k for k, _ in items]
+    async with opened(
+        server.url, **RELAXED, retries=0, client_options={"connection_class": connection}
+    ) as store:
+        assert await store.set_many(items)
+        connection.arm(fail_at=3)
+        assert await store.get_many(keys) == [items[0][1], items[1][1], None, None, None, None]
+        stats = store.stats()
+        assert (stats.hits, stats.misses, stats.errors) == (2, 4, 1)
+        assert await store.get_many(keys) == [v for _, v in items]
 
 
 @pytest.mark.asyncio
@@ -296,6 +437,10 @@ async def test_redis_cluster_across_slots_and_purge_on_every_primary(tmp_path):
             keys = [k for k, _ in items]
             got = await store.get_many([*keys, key("a", 999)])
             assert got == [v for _, v in items] + [None]
+            decoded = await store.get_many_decoded(
+                [key("a", 999), *keys[:3]], lambda index, value: (index, value.decode())
+            )
+            assert decoded == [None, (1, "a-0"), (2, "a-1"), (3, "a-2")]
             assert all(97_000 <= admin.pttl(k) <= 100_000 for k in keys[::15])
 
             assert await store.purge(redis_key_pattern("raycache", "a"), batch=20, pause_s=0) == 150

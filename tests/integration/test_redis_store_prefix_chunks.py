@@ -1,0 +1,103 @@
+"""The store's streamed multi-get as a replica uses it: prefix chunks read and decoded."""
+
+from __future__ import annotations
+
+import random
+import uuid
+
+import pytest
+import torch
+
+from cluster.block_hashes import BlockHash, PrefixScope, prompt_block_hashes
+from cluster.codec import MAGIC
+from cluster.prefix_cache import PrefixCache
+from cluster.redis_store import RedisStore
+from serve_app import shared_blocks
+from serve_app.shared_blocks import (
+    chunk_key,
+    chunk_ranges,
+    fetch_chunks_from_redis,
+    fetch_prefix_from_redis,
+    store_prefix_in_redis,
+)
+
+pytestmark = pytest.mark.integration
+
+BLOCK, CHUNK = 4, 3
+SHAPE = torch.Size((2, 2, 1, BLOCK, 8))  # layers, K and V, heads, tokens, dims
+SCOPE = PrefixScope("tenant", "tiny-gpt", "1")
+
+
+async def stored(url: str) -> tuple[RedisStore, str, list[BlockHash], list[torch.Tensor]]:
+    """A store and the namespace under which it holds the chunks of a 10-block prefix (4
+    chunks, the last one short)."""
+    rng = random.Random(3)
+    hashes = prompt_block_hashes([rng.randrange(256) for _ in range(10 * BLOCK)], BLOCK, SCOPE)
+    blocks = [torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)) for i in range(10)]
+    writer = PrefixCache(BLOCK, max_bytes=1 << 24)
+    assert writer.insert(hashes, blocks, parent=None, extra=SCOPE) == 10
+    store = RedisStore(url, socket_timeout_s=2.0, connect_timeout_s=2.0)
+    namespace = f"chunks{uuid.uuid4().hex[:8]}"  # the Redis server is the session's
+    assert await store_prefix_in_redis(store, writer, hashes, 0, SCOPE, namespace, CHUNK, None)
+    return store, namespace, hashes, blocks
+
+
+async def fetch(store: RedisStore, namespace: str, hashes: list[BlockHash]):
+    ranges = chunk_ranges(len(hashes), CHUNK)
+    return await fetch_chunks_from_redis(
+        store, hashes, ranges, SCOPE, namespace, SHAPE, torch.float32, None
+    )
+
+
+@pytest.mark.asyncio
+async def test_every_chunk_comes_back_as_the_blocks_that_were_stored(redis_server):
+    store, namespace, hashes, blocks = await stored(redis_server.url)
+    try:
+        chunks = await fetch(store, namespace, hashes)
+        assert [len(chunk) for chunk in chunks] == [3, 3, 3, 1]
+        fetched = [block for chunk in chunks for block in chunk]
+        assert all(torch.equal(a, b) for a, b in zip(fetched, blocks, strict=True))
+        assert store.stats().fetches == 1
+
+        reader = PrefixCache(BLOCK, max_bytes=1 << 24)
+        added = await fetch_prefix_from_redis(
+            store, reader, hashes, 10, SCOPE, namespace, CHUNK, SHAPE, torch.float32,
+            torch.device("cpu"), None,
+        )  # fmt: skip
+        assert added == 10 and reader.cached_run(hashes) == 10
+        reader.check_integrity()
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("damage", ["missing", "corrupt"])
+async def test_a_missing_or_corrupt_chunk_ends_the_run_and_later_ones_are_not_decoded(
+    redis_server, monkeypatch, damage
+):
+    store, namespace, hashes, _ = await stored(redis_server.url)
+    second = chunk_key(namespace, SCOPE, hashes[5])
+    admin = redis_server.client()
+    if damage == "missing":
+        admin.delete(second)
+    else:
+        value = bytearray(admin.get(second))
+        value[-1] ^= 0xFF  # the payload's last byte: the checksum fails
+        assert bytes(value[:4]) == MAGIC
+        admin.set(second, bytes(value))
+    admin.close()
+    decoded = []
+    decode_chunk = shared_blocks.decode_chunk
+
+    def counting(blob, *args):
+        decoded.append(len(blob))
+        return decode_chunk(blob, *args)
+
+    monkeypatch.setattr(shared_blocks, "decode_chunk", counting)
+    try:
+        chunks = await fetch(store, namespace, hashes)
+        assert [len(chunk) for chunk in chunks] == [3]
+        assert len(decoded) == (1 if damage == "missing" else 2)  # nothing after the gap
+        assert store.stats().hits == (3 if damage == "missing" else 4)
+    finally:
+        await store.close()

@@ -1,0 +1,45 @@
+"""RedisStore without a Redis: its options are checked at construction, which never connects."""
+
+import pytest
+
+from cluster.redis_store import RedisStore
+
+URL = "redis://127.0.0.1:1/0"  # nothing listens there; building a store must not notice
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("socket_timeout_s", 0.0),
+        ("connect_timeout_s", -1.0),
+        ("socket_read_bytes", 0),
+        ("retries", -1),
+        ("default_ttl_s", 0.0),
+        ("ttl_jitter", 1.0),
+        ("max_value_bytes", -1),
+        ("max_connections", 0),
+    ],
+)
+def test_a_bad_option_is_refused_by_name(option, value):
+    with pytest.raises(ValueError, match=option):
+        RedisStore(URL, **{option: value})
+
+
+@pytest.mark.asyncio
+async def test_the_read_size_reaches_redis_py():
+    store = RedisStore(URL, socket_read_bytes=1 << 20, client_options={"socket_read_size": 1})
+    pool = store._client.connection_pool  # type: ignore[union-attr]
+    assert pool.connection_kwargs["socket_read_size"] == 1 << 20  # the store's option wins
+    await store.close()
+
+
+@pytest.mark.asyncio
+async def test_a_disabled_store_decodes_nothing():
+    def decode(index: int, value: bytes) -> bytes:
+        raise AssertionError("nothing was read, so nothing is decoded")
+
+    store = RedisStore(None)
+    assert await store.get_many_decoded(["a", "b"], decode) == [None, None]
+    assert await store.get_many_decoded([], decode) == []
+    stats = store.stats()
+    assert (stats.gets, stats.misses, stats.fetches) == (2, 2, 0)
