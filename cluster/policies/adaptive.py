@@ -5,32 +5,52 @@ search, Zipf); a large window wins recency-skewed ones (editors, file systems, L
 web traces), where it can trail LRU by 6 points. Admission has the same problem: discounting
 the candidate's own access (`admit_margin=1`) keeps loops and scans stable, while on some disk
 traces the popular keys win by exactly one access and the discount costs 2-3 points. So this
-policy settles both bets while it runs. Three mechanisms, each with one job, all evaluated once
-per sample of `climb_sample_factor` (10) x the expected entry count, as in Caffeine:
+policy settles both bets while it runs, with three mechanisms, each with one job:
 
-1. **Hill climbing of the window** (`HillClimber`, Caffeine's rule): compare the sample's hit
-   ratio with the previous one; keep moving the window the same way while it does not drop,
+1. **Hill climbing of the window** (`HillClimber`, Caffeine's rule), once per sample of
+   `climb_sample_factor` (10) x the expected entry count, as in Caffeine: compare the sample's
+   hit ratio with the previous one; keep moving the window the same way while it does not drop,
    reverse when it drops; the step starts at 6.25% of the capacity and decays by 0.98 per
    sample, and restarts at full size when the hit ratio moves by 5 points or more (a new
    workload phase). Caffeine's first step is a blind shrink; here the yardstick (2.) chooses
    the first direction. The window may grow to the whole capacity, where W-TinyLFU becomes
-   exactly LRU. Samples start at the first eviction: until then every policy misses alike.
-2. **A recency yardstick**: a shadow LRU of the same capacity sees the same requests. If it beat
-   this policy by more than `lru_guard` (1 point) in `guard_patience` (2) consecutive samples,
-   the window grows by at least `guard_step_fraction` (25%) of the capacity. Comparing
-   consecutive samples (1.) confounds the effect of the window with changes in the workload;
-   the yardstick is measured on the very same requests, so it is a reliable signal, and it
-   keeps the policy near LRU wherever LRU wins. One sample is not enough: right after the fill
-   LRU flushes the fill's leftovers faster, and a window grown for that stays too large (3
-   points on ARC P3).
-3. **A rival admission rule**: a shadow W-TinyLFU with the other `admit_margin` (0 or 1) shares
-   this policy's sketch and window; when it beat this policy over a sample (`rival_patience`),
-   the two swap rules. Starting from 1 is the better bet on short traces (loops, scans).
+   CLOCK, the lazy LRU. Samples start at the first eviction: until then every policy misses
+   alike.
+2. **A recency yardstick**: a shadow LRU sees the same requests. If it beat this policy by more
+   than `lru_guard` (1 point) in `guard_patience` (2) consecutive samples, the window grows by at
+   least `guard_step_fraction` (25%) of the capacity. Comparing consecutive samples (1.)
+   confounds the effect of the window with changes in the workload; the yardstick is measured
+   on the very same requests, so it is a reliable signal, and it keeps the policy near LRU
+   wherever LRU wins. One sample is not enough: right after the fill LRU flushes the fill's
+   leftovers faster, and a window grown for that stays too large (3 points on ARC P3).
+3. **A race of admission rules**: two shadow W-TinyLFUs, one per margin (0 and 1), read this
+   policy's frequency estimates and follow its window, and each keeps its margin for good. After
+   `race_patience` (1) race (of `race_sample_factor` (10) x the entries) won by the other
+   margin's shadow by more than `race_threshold` (2 points), this policy adopts that margin: a
+   smaller lead is noise, and switching costs (the state built under one margin suits it).
+   Each shadow's state was built under its own rule, so the race compares the rules' long-run
+   results; a single swapped rival would compare states built under the other rule.
+   Starting from 1 is the better bet on short traces (loops, scans): a switch from 0 to 1
+   comes too late to build the stable state that 1 keeps.
 
-Shadows hold keys and charges, never values, and see `hit`/`insert` only (an invalidated key
-stays in them; they estimate, they serve nothing). The price is two more key directories and
-about 2.5x the CPU of a fixed W-TinyLFU per access (about 6 us instead of 2.5 us in CPython).
-`adaptive_admission=False` and `lru_guard=None` turn the shadows off (plain Caffeine climbing).
+**Spatial sampling** (SHARDS: Waldspurger et al., "Efficient MRC Construction with SHARDS",
+2015): a shadow costs a policy's bookkeeping on every request it sees, so on a large cache the
+shadows see only the keys whose sketch hash falls in a 1/R sample, and hold 1/R of the
+capacity: miniatures of the cache on a miniature of the workload, whose hit ratios follow the
+full ones. R is the largest power of two up to `max_sample_rate` (16) that still leaves
+`shadow_entries` (512) keys per miniature, so a cache of fewer than 1024 entries is shadowed
+whole. The yardstick is compared with the shadow that runs this policy's margin, miniature with
+miniature, so that their biases cancel. The climber compares consecutive samples of this
+policy's own, exact hit ratio (`requests_so_far`: a sampled estimate moves by a point between
+samples by chance, and sent it the wrong way on ARC OLTP). A cache charged in bytes learns
+its entry count only when full, so the rate is settled at the first eviction (the shadows
+restart then if it changes, and sit out one sample to warm up). The shadows' capacity follows
+this policy's occupancy at each sample's end, so an owner that bounds entries with `evict_one`
+is mirrored too.
+
+Shadows hold keys, charges and estimates, never values, and see `hit`/`insert` only (an
+invalidated key stays in them; they estimate, they serve nothing). `adaptive_admission=False`
+and `lru_guard=None` turn the shadows off (plain Caffeine climbing).
 """
 
 from __future__ import annotations
@@ -39,7 +59,9 @@ from typing import Any
 
 from cluster.policies.base import Key, register
 from cluster.policies.lru import LRUPolicy
-from cluster.policies.tinylfu import WTinyLFUPolicy
+from cluster.policies.tinylfu import CHARGE, HASH, REFS, SAMPLED, WTinyLFUPolicy
+
+_HASH_BITS = 64
 
 
 class HillClimber:
@@ -87,6 +109,64 @@ class HillClimber:
         return amount
 
 
+def sample_rate(entries: int, shadow_entries: int, max_rate: int) -> int:
+    """The largest power of two up to `max_rate` that leaves `shadow_entries` per miniature."""
+    rate = 1
+    while rate * 2 <= max_rate and entries // (rate * 2) >= shadow_entries:
+        rate *= 2
+    return rate
+
+
+Tally = tuple[int, int, int, int, int]
+
+
+class _Shadows:
+    """The shadows that see the sampled requests, and running totals of their hits.
+
+    `yardstick` is an LRU (None when turned off); `rules` maps an admission margin to a
+    W-TinyLFU miniature that keeps that margin for good: both margins when the owner races them,
+    else the owner's alone when the owner needs a miniature of itself (`rate > 1`), else none.
+    The totals only grow; a sample is the difference between two `tally()`s.
+    """
+
+    def __init__(
+        self, owner: AdaptiveTinyLFUPolicy, rate: int, yardstick: bool, race: bool
+    ) -> None:
+        self.rate = rate
+        capacity = max(1, owner.capacity // rate)
+        self.yardstick = LRUPolicy(capacity) if yardstick else None
+        margins = (0, 1) if race else (owner.admit_margin,) if rate > 1 and yardstick else ()
+        self.rules = {margin: self._miniature(owner, capacity, margin) for margin in margins}
+        self.requests = self.hits = self.yardstick_hits = 0
+        self.rule_hits = [0, 0]
+
+    @staticmethod
+    def _miniature(owner: AdaptiveTinyLFUPolicy, capacity: int, margin: int) -> WTinyLFUPolicy:
+        return WTinyLFUPolicy(
+            capacity,
+            admit_margin=margin,
+            protected_fraction=owner._protected_fraction,
+            seed=owner._seed + 1,
+            sketch=owner.sketch,
+        )
+
+    def tally(self) -> Tally:
+        """Requests, and hits of the owner, the yardstick and the margin 0 and 1 miniatures."""
+        hits = self.rule_hits
+        return self.requests, self.hits, self.yardstick_hits, hits[0], hits[1]
+
+    def resize(self, capacity: int, window_max: int) -> None:
+        """Scale every shadow to `capacity` and `window_max` (full-size units) over the rate."""
+        capacity = max(1, capacity // self.rate)
+        window = max(1, round(window_max / self.rate))
+        if self.yardstick is not None and self.yardstick.capacity != capacity:
+            self.yardstick.capacity = capacity
+            while self.yardstick.used > capacity:
+                self.yardstick.evict_one()
+        for mini in self.rules.values():
+            mini.resize(capacity, window)
+
+
 @register("adaptive")
 class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
     """W-TinyLFU whose window and admission margin follow the observed hit ratios."""
@@ -102,15 +182,21 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         decay: float = 0.98,
         restart_threshold: float = 0.05,
         climb_sample_factor: float = 10.0,
+        race_sample_factor: float = 10.0,
         lru_guard: float | None = 0.01,
         guard_step_fraction: float = 0.25,
         guard_patience: int = 2,
-        rival_patience: int = 1,
+        race_patience: int = 1,
+        race_threshold: float = 0.02,
         adaptive_admission: bool = True,
+        shadow_entries: int = 512,
+        max_sample_rate: int = 16,
         **options: Any,
     ) -> None:
         if admit_margin not in (0, 1):
             raise ValueError(f"admit_margin must be 0 or 1, got {admit_margin}")
+        if max_sample_rate < 1 or max_sample_rate & (max_sample_rate - 1):
+            raise ValueError(f"max_sample_rate must be a power of two, got {max_sample_rate}")
         super().__init__(
             capacity, window_fraction=window_fraction, admit_margin=admit_margin, **options
         )
@@ -122,97 +208,182 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             restart_threshold=restart_threshold,
         )
         self._climb_sample_factor = climb_sample_factor
+        self._race_sample_factor = race_sample_factor
         self._lru_guard = lru_guard
         self._guard_step = guard_step_fraction * capacity
         self._guard_patience = guard_patience
-        self._rival_patience = rival_patience
-        # Consecutive samples in which the yardstick / the rival did better than this policy.
+        self._race_patience = race_patience
+        self._race_threshold = race_threshold
+        self._adaptive_admission = adaptive_admission
+        self._shadow_entries = shadow_entries
+        self._max_sample_rate = max_sample_rate
+        # Consecutive samples in which the yardstick / the other margin did better.
         self._lru_ahead = 0
-        self._rival_ahead = 0
+        self._other_ahead = 0
         self._window_target = float(self.window_max)
-        self._yardstick = LRUPolicy(capacity) if lru_guard is not None else None
-        self._rival: WTinyLFUPolicy | None = None
-        if adaptive_admission:
-            self._rival = WTinyLFUPolicy(
-                capacity,
-                window_fraction=window_fraction,
-                admit_margin=1 - admit_margin,
-                sketch=self.sketch,
-                protected_fraction=options.get("protected_fraction", 0.8),
-                seed=options.get("seed", 0) + 1,
-            )
         self._full = False
         self._climbing = False
-        self._requests = self._hits = self._yardstick_hits = self._rival_hits = 0
-        self._sample_size = self._next_sample_size()
+        self._warming = False  # the shadows restarted: the current sample is not a fair race
+        self._shadows = self._new_shadows(sample_rate(capacity, shadow_entries, max_sample_rate))
+        self._restart_samples()
 
-    def _next_sample_size(self) -> int:
-        return max(1, int(self._climb_sample_factor * self._sketch_entries))
+    def _new_shadows(self, rate: int) -> _Shadows:
+        # Sampled keys are those whose hash is below 2**64 / rate (every key at rate 1).
+        self._sample_limit = 1 << (_HASH_BITS - rate.bit_length() + 1)
+        return _Shadows(
+            self, rate, yardstick=self._lru_guard is not None, race=self._adaptive_admission
+        )
+
+    def _sample_end(self, factor: float) -> int:
+        """The sampled request count that ends a sample of `factor` x the entries begun now."""
+        requests = factor * self._sketch_entries / self._shadows.rate
+        return self._shadows.requests + max(1, int(requests))
+
+    def _restart_samples(self) -> None:
+        self._climb_requests = self.requests_so_far()
+        tally = self._shadows.tally()
+        self._climb_start = self._race_start = tally
+        self._climb_end = self._sample_end(self._climb_sample_factor)
+        self._race_end = self._sample_end(self._race_sample_factor)
+        self._next_decision = min(self._climb_end, self._race_end)
 
     def hit(self, key: Key) -> None:
-        self.sketch.increment(key)
-        self._touch(key)
-        self._hits += 1
-        self._shadow(key, 0)
+        node = self._index[key]
+        node[REFS] += 1
+        if node[SAMPLED]:
+            self._sampled(key, node[CHARGE], node[HASH], hit=True)
 
     def insert(self, key: Key, charge: int = 1) -> list[Key]:
+        # WTinyLFUPolicy.insert, written out: a call more per miss is measurable.
         if charge > self.capacity:
             return [key]
-        self.sketch.increment(key)
-        evicted = self._place(key, charge)
-        if evicted and not self._full:
-            # Until the first eviction every policy misses alike: start the first sample now.
-            self._full = True
-            self._requests = self._hits = self._yardstick_hits = self._rival_hits = 0
-        self._shadow(key, charge)
+        h, freq = self.sketch.add_key(key)
+        sampled = h < self._sample_limit
+        evicted = self.place(key, charge, h, freq, sampled)
+        self._sightings += 1
+        if self._sightings >= self.sketch.sample_size:
+            self._age()
+        if len(self._index) > self._sketch_entries:
+            self._grow_sketch()
+        if sampled:
+            self._sampled(key, charge, h, hit=False)
         return evicted
 
-    def _shadow(self, key: Key, charge: int) -> None:
-        """Replay the access on the shadows (`charge` 0: a hit here, look the charge up)."""
-        # Membership is tested on the shadows' dicts directly: a Python-level __contains__ call
-        # costs as much again as the probes themselves, on every access.
-        yardstick = self._yardstick
-        if yardstick is not None:
-            if key in yardstick._charges:
-                yardstick.hit(key)
-                self._yardstick_hits += 1
-            else:
-                yardstick.insert(key, charge or self.charge_of(key))
-        rival = self._rival
-        if rival is not None:
-            if key in rival._window or key in rival._probation or key in rival._protected:
-                rival._touch(key)
-                self._rival_hits += 1
-            else:
-                rival._place(key, charge or self.charge_of(key))
-        self._requests += 1
-        if self._requests >= self._sample_size:
-            self._end_sample()
+    def _start_sampling(self) -> None:
+        """The first eviction: samples start now, at the sampling rate the entry count allows."""
+        self._full = True
+        rate = sample_rate(len(self), self._shadow_entries, self._max_sample_rate)
+        if rate < self._shadows.rate:
+            self._shadows = self._new_shadows(rate)
+            self._warming = True
+            limit = self._sample_limit
+            for node in self._index.values():
+                node[SAMPLED] = node[HASH] < limit
+        self._shadows.resize(self._used, self.window_max)
+        self._restart_samples()
 
-    def _end_sample(self) -> None:
-        requests = self._requests
-        ours = self._hits / requests
-        yardstick = self._yardstick_hits / requests
-        rival = self._rival_hits / requests
-        self._requests = self._hits = self._yardstick_hits = self._rival_hits = 0
-        self._sample_size = self._next_sample_size()
+    def _sampled(self, key: Key, charge: int, h: int, hit: bool) -> None:
+        """Count a request for a sampled key and replay it on the shadows."""
+        if not self._full and self.departures:
+            self._start_sampling()  # noticed here, off the hot paths
+        shadows = self._shadows
+        shadows.requests += 1
+        if hit:
+            shadows.hits += 1
+        # The shadows' dicts are probed directly: their `in` and `hit` methods would cost a
+        # call each, and this runs for every request of a sampled key.
+        yardstick = shadows.yardstick
+        if yardstick is not None:
+            recency = yardstick._charges
+            if key in recency:
+                recency.move_to_end(key)
+                shadows.yardstick_hits += 1
+            else:
+                yardstick.insert(key, charge)
+        freq = -1
+        for margin, mini in shadows.rules.items():
+            node = mini._index.get(key)
+            if node is not None:
+                node[REFS] += 1
+                shadows.rule_hits[margin] += 1
+            elif charge <= mini.capacity:
+                if freq < 0:
+                    freq = self.estimate_of(key, h)
+                mini.place(key, charge, h, freq)
+        if shadows.requests >= self._next_decision:
+            self._decide()
+
+    def _age(self) -> None:
+        super()._age()
+        for mini in self._shadows.rules.values():
+            mini.halve_estimates()
+
+    def _decide(self) -> None:
+        """End whichever samples are complete: the margins' race, the climber's sample."""
+        tally = self._shadows.tally()
+        if tally[0] >= self._race_end:
+            self._end_race(tally)
+        if tally[0] >= self._climb_end:
+            self._end_climb(tally)
+        self._next_decision = min(self._climb_end, self._race_end)
+
+    @staticmethod
+    def _ratios(start: Tally, end: Tally) -> list[float]:
+        """Hit ratios between two tallies: owner, yardstick, margin 0, margin 1."""
+        requests = end[0] - start[0]
+        return [(end[i] - start[i]) / requests for i in range(1, 5)]
+
+    def _reference(self, ratios: list[float]) -> float:
+        """What the yardstick is compared with: the miniature of this policy, else itself."""
+        if self.admit_margin in self._shadows.rules:
+            return ratios[2 + self.admit_margin]
+        return ratios[0]
+
+    def _end_race(self, tally: Tally) -> None:
+        """Adopt the margin whose miniature did better, after `race_patience` such samples."""
+        _, _, zero, one = self._ratios(self._race_start, tally)
+        self._race_start = tally
+        self._race_end = self._sample_end(self._race_sample_factor)
+        if len(self._shadows.rules) < 2 or self._warming or not self._full:
+            return
+        other = 1 - self.admit_margin
+        lead = (one - zero) if other else (zero - one)
+        ahead = lead > self._race_threshold
+        self._other_ahead = self._other_ahead + 1 if ahead else 0
+        if self._other_ahead >= self._race_patience:
+            self._other_ahead = 0
+            self.admit_margin = other
+
+    def _end_climb(self, tally: Tally) -> None:
+        """The climber's sample: move the window; keep it near LRU where LRU wins."""
+        ratios = self._ratios(self._climb_start, tally)
+        self._climb_start = tally
+        # The climber compares consecutive samples, so it reads the exact hit ratio: its
+        # estimate from the sampled keys alone moves by a point between samples by chance.
+        hits, misses = self.requests_so_far()
+        before_hits, before_misses = self._climb_requests
+        self._climb_requests = hits, misses
+        requests = hits + misses - before_hits - before_misses
+        ratios[0] = (hits - before_hits) / requests if requests else ratios[0]
+        self._climb_end = self._sample_end(self._climb_sample_factor)
         if not self._full:
             return
-        if self._rival is not None:
-            self._rival_ahead = self._rival_ahead + 1 if rival > ours else 0
-            if self._rival_ahead >= self._rival_patience:
-                self._rival_ahead = 0
-                self.admit_margin, self._rival.admit_margin = (
-                    self._rival.admit_margin,
-                    self.admit_margin,
-                )
+        shadows = self._shadows
+        shadows.resize(self._used, self.window_max)
+        if self._warming:
+            self._warming = False
+            return
+        ours, yardstick = ratios[0], ratios[1]
+        # With miniatures, compare miniature with miniature: their biases cancel.
+        reference = self._reference(ratios)
         if not self._climbing:
             # Caffeine's first step is a blind shrink; the yardstick knows better which way.
             self._climbing = True
-            self._climber.orient(grow=yardstick > ours)
+            self._climber.orient(grow=shadows.yardstick is not None and yardstick > reference)
         delta = self._climber.adjustment(ours)
-        if self._lru_guard is not None:
-            self._lru_ahead = self._lru_ahead + 1 if yardstick - ours > self._lru_guard else 0
+        if shadows.yardstick is not None and self._lru_guard is not None:
+            ahead = yardstick - reference > self._lru_guard
+            self._lru_ahead = self._lru_ahead + 1 if ahead else 0
             if self._lru_ahead >= self._guard_patience:
                 delta = max(delta, self._guard_step)
         self._move_window(delta)
@@ -221,11 +392,12 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         target = self._window_target + delta
         self._window_target = max(1.0, min(float(self._max_window), target))
         self.resize_window(round(self._window_target))
-        if self._rival is not None:
-            self._rival.resize_window(self.window_max)
+        self._shadows.resize(self._used, self.window_max)
 
     def check_integrity(self) -> None:
         super().check_integrity()
-        for shadow in (self._yardstick, self._rival):
-            if shadow is not None:
-                shadow.check_integrity()
+        shadows = self._shadows
+        if shadows.yardstick is not None:
+            shadows.yardstick.check_integrity()
+        for mini in shadows.rules.values():
+            mini.check_integrity()

@@ -1,34 +1,34 @@
-"""Popularity estimates for admission: a count-min sketch with periodic aging and a doorkeeper.
+"""Popularity estimates for admission: a count-min sketch of 4-bit counters that its owner ages.
 
 TinyLFU (Einziger, Friedman, Manes 2017) asks one question, "is the newcomer more popular than
 the victim?", and answers it from a compact, approximate and aging frequency histogram:
 
 - **Count-min sketch**: four rows of saturating counters in 0..15 (the paper's and Caffeine's
   4-bit counters, held one per byte here because CPython indexes a `bytearray` far faster than it
-  extracts nibbles). An increment is *conservative*: only the counters equal to the row minimum
+  extracts nibbles). An addition is *conservative*: only the counters equal to the row minimum
   grow, which keeps over-estimation by colliding keys low. The estimate is the row minimum.
   Rows hold `width_factor` (4) x `next_power_of_two(expected_entries)` counters: 16 counters per
   entry in all, Caffeine's density. Fewer counters cost hit ratio on traces with many distinct
   keys per cache slot (3 points on LIRS multi3 at 1x).
-- **Aging**: after `sample_size` (10 x the expected entry count) recorded sightings every counter
-  is halved (and the doorkeeper cleared), so the histogram follows a changing workload.
-- **Doorkeeper** (optional, off by default): a Bloom filter in front of the sketch. A key's first
-  sighting in a sample period only sets its doorkeeper bits; an estimate adds 1 when the
-  doorkeeper holds the key. The paper uses it to save counter memory on one-hit wonders. Here
-  counters are bytes anyway, and measured on the shared traces the reset of the doorkeeper at
-  each aging (which forgets one sighting of every key) costs more than it saves: 4 points on
-  LIRS multi3, 1 on cloudPhysics. So it exists, is tested, and is off unless asked for.
+- **Aging**: `age()` halves every counter. The owner calls it once per `sample_size` (10 x the
+  expected entry count) sightings, because the owner may hold copies of estimates (a policy
+  keeps each resident key's estimate in its node) that must be halved at the same moment.
+- **Write-back**: `raise_to(h, count)` lifts the counters of `h` that are below `count` to it, a
+  batch of conservative additions: a policy that counts a resident key's hits itself records
+  them here when the key leaves. (There is no doorkeeper: measured on the shared traces, its
+  reset at each aging forgets one sighting of every key and costs more than it saves.)
 
 Hashing must be reproducible across processes (decisions are compared between runs and
-replicas), so Python's per-process-seeded `hash()` of `str`/`bytes` is never used:
-`stable_key_hash` hashes text and bytes with xxh64, and any other non-int key by the xxh64 of its
-`repr`; an `int` key is its own stable hash. The sketch then spreads the stable hash and its seed
-with CPython's tuple hash, `hash((stable_hash, seed))`: for a pair of ints that is a
-deterministic xxHash-style integer mix (ints hash to themselves modulo 2**61 - 1, no
-per-process secret is involved), and at about 70 ns it is five times cheaper than a 64-bit
-mixer written in Python. Row k indexes with bits 14k.. of that one 64-bit value; rows are at
-most 2**22 wide so that the last row stays inside the 64 bits (past about a million entries
-the sketch stops growing and merely gets noisier).
+replicas), so Python's per-process-seeded `hash()` of `str`/`bytes` is never used. `key_hash`
+spreads an `int` key with CPython's tuple hash, `hash((key, seed))` (for a pair of ints a
+deterministic xxHash-style mix: ints hash to themselves modulo 2**61 - 1, no per-process secret
+is involved; about 50 ns), and text, bytes and any other key (by its `repr`) with the seeded
+xxh3 of its bytes. `stable_key_hash` is the unseeded 64-bit xxh64 hash for callers that need one.
+Row k indexes at `a + k*b` (Kirsch and Mitzenmacher's double hashing: two hash values are as
+good as four) with `a` the low 28 bits of the 64-bit hash and `b` its high 28 bits, made odd.
+CPython computes on integers below 2**30 in a fast path and on wider ones digit by digit, so
+this costs two operations on the wide hash instead of eight. Rows are at most 2**22 wide (past
+about a million entries the sketch stops growing and merely gets noisier).
 
 A cache whose charges are bytes learns its entry count only as it fills, so `ensure_capacity`
 grows the sketch later; growth repeats each row, which keeps every estimate (an index under the
@@ -42,11 +42,12 @@ from collections.abc import Hashable
 import xxhash
 
 _MASK64 = (1 << 64) - 1
-_MAX_COUNT = 15
+MAX_COUNT = 15
 _HALVE = bytes(value >> 1 for value in range(256))
 _MIN_ENTRIES = 16
-_DOOR_SLOTS = 8
 _MAX_WIDTH = 1 << 22
+_LOW28 = (1 << 28) - 1
+_xxh3 = xxhash.xxh3_64_intdigest
 
 
 def stable_key_hash(key: Hashable) -> int:
@@ -62,15 +63,35 @@ def stable_key_hash(key: Hashable) -> int:
     return xxhash.xxh64_intdigest(repr(key).encode("utf-8", "surrogatepass"))
 
 
+def key_hash(key: Hashable, seed: int) -> int:
+    """The sketch's 64-bit hash of `key` under `seed`: stable across processes, well mixed."""
+    if type(key) is int:
+        return hash((key, seed)) & _MASK64
+    if type(key) is str:
+        return _xxh3(_utf8(key), seed)
+    if isinstance(key, (bytes, bytearray, memoryview)):
+        return _xxh3(bytes(key), seed)
+    if isinstance(key, int):  # bool and int subclasses
+        return hash((int(key), seed)) & _MASK64
+    return _xxh3(repr(key).encode("utf-8", "surrogatepass"), seed)
+
+
+def _utf8(text: str) -> bytes:
+    try:
+        return text.encode()  # the fast path; lone surrogates need the handler below
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogatepass")
+
+
 def _power_of_two_at_least(n: int) -> int:
     return 1 << max(n - 1, 1).bit_length()
 
 
 class FrequencySketch:
-    """Approximate, aging access counts of keys: estimates in 0..15 (0..16 with the doorkeeper).
+    """Approximate access counts of hashed keys, in 0..15; halved when the owner calls `age`.
 
-    `increment(key)` records one sighting; `frequency(key)` estimates the sightings since the
-    last aging plus half of the earlier ones (halved once per aging). Collisions only ever add.
+    Collisions only ever add: an estimate is never below the sightings recorded since the last
+    aging plus the halved earlier ones.
     """
 
     def __init__(
@@ -80,24 +101,17 @@ class FrequencySketch:
         *,
         sample_factor: float = 10.0,
         width_factor: int = 4,
-        doorkeeper: bool = False,
     ) -> None:
         if width_factor < 1 or width_factor & (width_factor - 1):
             raise ValueError(f"width_factor must be a power of two, got {width_factor}")
         if sample_factor <= 0:
             raise ValueError(f"sample_factor must be > 0, got {sample_factor}")
-        self._seed = seed & _MASK64
+        self.seed = seed & _MASK64
         self._sample_factor = sample_factor
         self._width_factor = width_factor
-        self.doorkeeper = doorkeeper
         self._rows: list[bytearray] = []
-        self._door = bytearray()
-        self._door_mask = 0
         self._mask = 0
-        self._additions = 0
-        # Estimates asked again before the next increment (a shadow policy replaying the same
-        # admission contest) are answered from here; any increment clears it.
-        self._memo: dict[Hashable, int] = {}
+        # Sightings after which the owner should call `age`.
         self.sample_size = 0
         self.ensure_capacity(expected_entries)
 
@@ -115,34 +129,50 @@ class FrequencySketch:
         if self._rows:
             factor = width // len(self._rows[0])
             self._rows = [row * factor for row in self._rows]
-            self._door = self._door * factor
         else:
             self._rows = [bytearray(width) for _ in range(4)]
-            self._door = bytearray(_DOOR_SLOTS * width // self._width_factor)
         self._mask = width - 1
-        self._door_mask = len(self._door) - 1
         self.sample_size = max(1, int(self._sample_factor * max(expected_entries, _MIN_ENTRIES)))
 
-    def increment(self, key: Hashable) -> None:
-        """Record one sighting of `key`; ages the sketch after every `sample_size` sightings."""
-        if self._memo:
-            self._memo = {}
-        h = hash((key if type(key) is int else stable_key_hash(key), self._seed)) & _MASK64
-        if self.doorkeeper and self._door_admits(h):
-            return
+    def hash(self, key: Hashable) -> int:
+        """`key_hash(key, seed)`: what `estimate` and `raise_to` take."""
+        return key_hash(key, self.seed)
+
+    def add_key(self, key: Hashable) -> tuple[int, int]:
+        """Record one sighting of `key`; returns its hash and its new estimate.
+
+        This runs once per miss, so the common key types are hashed here, inline.
+        """
+        if type(key) is str:
+            try:
+                data = key.encode()
+            except UnicodeEncodeError:
+                data = key.encode("utf-8", "surrogatepass")
+            h = _xxh3(data, self.seed)
+        elif type(key) is int:
+            h = hash((key, self.seed)) & _MASK64
+        else:
+            h = key_hash(key, self.seed)
+        a = h & _LOW28
+        b = (h >> 36) | 1
         mask = self._mask
         r0, r1, r2, r3 = self._rows
-        i0 = h & mask
-        i1 = (h >> 14) & mask
-        i2 = (h >> 28) & mask
-        i3 = (h >> 42) & mask
+        i0 = a & mask
+        i1 = (a + b) & mask
+        i2 = (a + 2 * b) & mask
+        i3 = (a + 3 * b) & mask
         c0 = r0[i0]
         c1 = r1[i1]
         c2 = r2[i2]
         c3 = r3[i3]
-        low = min(c0, c1, c2, c3)
-        if low == _MAX_COUNT:
-            return
+        # Comparisons instead of min(), which costs a call.
+        low = c0 if c0 < c1 else c1
+        if c2 < low:
+            low = c2
+        if c3 < low:
+            low = c3
+        if low == MAX_COUNT:
+            return h, low
         low += 1
         if c0 < low:
             r0[i0] = low
@@ -152,45 +182,46 @@ class FrequencySketch:
             r2[i2] = low
         if c3 < low:
             r3[i3] = low
-        self._additions += 1
-        if self._additions >= self.sample_size:
-            self.age()
+        return h, low
 
-    def _door_admits(self, h: int) -> bool:
-        """Set `h`'s doorkeeper bits; True when they were not all set (a first sighting)."""
-        door = self._door
-        mask = self._door_mask
-        first = h & mask
-        second = (h >> 32) & mask
-        if door[first] and door[second]:
-            return False
-        door[first] = door[second] = 1
-        self._additions += 1
-        if self._additions >= self.sample_size:
-            self.age()
-        return True
-
-    def frequency(self, key: Hashable) -> int:
-        """Estimated sightings of `key`, halved at each aging."""
-        count = self._memo.get(key)
-        if count is not None:
-            return count
-        h = hash((key if type(key) is int else stable_key_hash(key), self._seed)) & _MASK64
+    def estimate(self, h: int) -> int:
+        """Estimated sightings of hash `h`, halved at each aging."""
+        a = h & _LOW28
+        b = (h >> 36) | 1
         mask = self._mask
         r0, r1, r2, r3 = self._rows
-        count = min(r0[h & mask], r1[(h >> 14) & mask], r2[(h >> 28) & mask], r3[(h >> 42) & mask])
-        if self.doorkeeper:
-            door = self._door
-            door_mask = self._door_mask
-            if door[h & door_mask] and door[(h >> 32) & door_mask]:
-                count += 1
-        self._memo[key] = count
-        return count
+        # Comparisons instead of min(), which costs a call.
+        low = r0[a & mask]
+        count = r1[(a + b) & mask]
+        if count < low:
+            low = count
+        count = r2[(a + 2 * b) & mask]
+        if count < low:
+            low = count
+        count = r3[(a + 3 * b) & mask]
+        return count if count < low else low
+
+    def raise_to(self, h: int, count: int) -> None:
+        """Lift the counters of hash `h` that are below `count` (at most 15) to `count`."""
+        a = h & _LOW28
+        b = (h >> 36) | 1
+        mask = self._mask
+        for row, index in zip(
+            self._rows,
+            (a & mask, (a + b) & mask, (a + 2 * b) & mask, (a + 3 * b) & mask),
+            strict=True,
+        ):
+            if row[index] < count:
+                row[index] = count
+
+    def increment(self, key: Hashable) -> int:
+        """Record one sighting of `key`; returns its new estimate."""
+        return self.add_key(key)[1]
+
+    def frequency(self, key: Hashable) -> int:
+        """`estimate(hash(key))`: estimated sightings of `key`."""
+        return self.estimate(key_hash(key, self.seed))
 
     def age(self) -> None:
-        """Halve every counter and clear the doorkeeper: the start of a new sample period."""
-        self._memo = {}
+        """Halve every counter: the start of a new sample period."""
         self._rows = [row.translate(_HALVE) for row in self._rows]
-        if self.doorkeeper:
-            self._door = bytearray(len(self._door))
-        self._additions //= 2

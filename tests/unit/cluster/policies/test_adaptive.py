@@ -1,4 +1,5 @@
-"""The default policy adapts: window by hill climbing, admission margin by a paired rival."""
+"""The default policy adapts: window by hill climbing, admission margin by a race of two
+miniatures; shadows run on a spatial sample of the keys of a large cache."""
 
 from __future__ import annotations
 
@@ -6,7 +7,8 @@ import numpy as np
 import pytest
 
 from cluster.policies import make_policy
-from cluster.policies.adaptive import AdaptiveTinyLFUPolicy, HillClimber
+from cluster.policies.adaptive import AdaptiveTinyLFUPolicy, HillClimber, sample_rate
+from cluster.policies.tinylfu import SAMPLED
 
 
 def replay(policy, keys) -> int:
@@ -57,7 +59,8 @@ def test_window_grows_on_a_recency_friendly_workload() -> None:
     lru_hits = replay(make_policy("lru", capacity), keys)
     fixed_hits = replay(make_policy("tinylfu", capacity), keys)
     assert policy.window_max >= capacity // 2
-    assert hits >= 0.95 * lru_hits
+    # CLOCK, the lazy LRU of the full window, loses about a point to LRU at each phase change.
+    assert hits >= 0.92 * lru_hits
     assert hits >= 1.15 * fixed_hits
     policy.check_integrity()
 
@@ -67,11 +70,11 @@ def test_window_shrinks_on_a_frequency_friendly_workload() -> None:
     keys = zipf(capacity, 60_000)
     policy = AdaptiveTinyLFUPolicy(capacity, window_fraction=0.5)
     replay(policy, keys)
-    assert policy.window_max <= 0.35 * capacity
+    assert policy.window_max <= 0.4 * capacity
     policy.check_integrity()
 
 
-def test_rival_switches_to_the_loop_friendly_admission() -> None:
+def test_race_switches_to_the_loop_friendly_admission() -> None:
     policy = AdaptiveTinyLFUPolicy(100, admit_margin=0)
     keys = list(range(1000)) * 30
     hits = replay(policy, keys)
@@ -88,3 +91,42 @@ def test_shadows_can_be_turned_off() -> None:
 def test_invalid_margin_is_refused() -> None:
     with pytest.raises(ValueError, match="admit_margin"):
         AdaptiveTinyLFUPolicy(10, admit_margin=2)
+
+
+def test_sample_rate_leaves_enough_keys_per_miniature() -> None:
+    assert sample_rate(1000, 512, 16) == 1
+    assert sample_rate(1024, 512, 16) == 2
+    assert sample_rate(10_000, 512, 16) == 16
+    assert sample_rate(10_000_000, 512, 16) == 16
+
+
+def test_a_large_cache_shadows_a_sample_of_its_keys() -> None:
+    capacity = 16 * 600
+    policy = AdaptiveTinyLFUPolicy(capacity)
+    keys = zipf(capacity // 25, 40_000)
+    replay(policy, [key * 7919 for key in keys] + list(range(10**6, 10**6 + 3 * capacity)))
+    shadows = policy._shadows
+    assert shadows.rate == 16
+    assert shadows.yardstick is not None and shadows.yardstick.capacity == capacity // 16
+    assert len(shadows.yardstick) <= capacity // 16
+    sampled = sum(policy._index[key][SAMPLED] for key in list(policy._index))
+    assert 0.03 < sampled / len(policy) < 0.1
+    policy.check_integrity()
+
+
+def test_shadows_follow_an_owner_that_bounds_entries() -> None:
+    """An owner charging bytes and bounding entries with evict_one: shadows stay in scale."""
+    policy = AdaptiveTinyLFUPolicy(100_000)  # bytes; 100 entries of 100 bytes fit in 10_000
+    for key in range(20_000):
+        if key in policy:
+            policy.hit(key)
+        else:
+            policy.insert(key, 100)
+        while len(policy) > 100:
+            policy.evict_one()
+    shadows = policy._shadows
+    assert shadows.rate == 1  # settled at the first eviction, from the entry count
+    # Occupancy is read mid-insert, before the owner's evict_one: one entry of slack.
+    assert shadows.yardstick is not None and shadows.yardstick.capacity <= 10_100
+    assert len(shadows.yardstick) <= 101
+    policy.check_integrity()

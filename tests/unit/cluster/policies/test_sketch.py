@@ -1,4 +1,4 @@
-"""The frequency sketch: estimates, saturation, aging, the doorkeeper, growth, stable hashing."""
+"""The frequency sketch: estimates, saturation, aging, write-back, growth, stable hashing."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.policies.sketch import FrequencySketch, stable_key_hash
+from cluster.policies.sketch import FrequencySketch, key_hash, stable_key_hash
 
 ROOT = Path(__file__).resolve().parents[4]
 
@@ -31,20 +31,17 @@ def test_counters_saturate_at_fifteen() -> None:
     assert sketch.frequency("hot") == 15
 
 
-def test_aging_halves_after_the_sample_size() -> None:
+def test_aging_is_the_owners_call() -> None:
+    """The sketch never ages by itself: an owner holding copies of estimates ages both."""
     sketch = FrequencySketch(1024, sample_factor=0.2)
     assert sketch.sample_size == 204
     for _ in range(12):
         sketch.increment("a")
-    for _ in range(8):
-        sketch.increment("b")
-    assert sketch.frequency("a") == 12
-    for key in range(1000, 1183):  # one sighting short of the sample size
+    for key in range(1000, 1400):  # well past the sample size
         sketch.increment(key)
     assert sketch.frequency("a") == 12
-    sketch.increment(5000)
+    sketch.age()
     assert sketch.frequency("a") == 6
-    assert sketch.frequency("b") == 4
 
 
 def test_explicit_age_halves_every_counter() -> None:
@@ -55,16 +52,29 @@ def test_explicit_age_halves_every_counter() -> None:
     assert sketch.frequency(7) == 4
 
 
-def test_doorkeeper_absorbs_first_sightings_and_resets_at_aging() -> None:
-    sketch = FrequencySketch(64, doorkeeper=True)
-    sketch.increment("once")
-    assert sketch.frequency("once") == 1  # the doorkeeper bit, no counter yet
-    for _ in range(4):
-        sketch.increment("thrice+1")
-    assert sketch.frequency("thrice+1") == 4  # 3 counted + the doorkeeper
-    sketch.age()
-    assert sketch.frequency("once") == 0
-    assert sketch.frequency("thrice+1") == 1  # 3 halved, doorkeeper cleared
+def test_add_key_returns_the_hash_and_the_new_estimate() -> None:
+    sketch = FrequencySketch(64, seed=9)
+    for key in ("text", b"bytes", 42, ("tuple", 1), "lone \udc80 surrogate"):
+        h, estimate = sketch.add_key(key)
+        assert h == key_hash(key, 9) == sketch.hash(key)
+        assert estimate == 1 == sketch.estimate(h)
+        assert sketch.add_key(key) == (h, 2)
+
+
+def test_raise_to_records_a_batch_of_sightings() -> None:
+    sketch = FrequencySketch(64)
+    h = sketch.hash("written back")
+    sketch.raise_to(h, 5)
+    assert sketch.estimate(h) == 5
+    sketch.raise_to(h, 3)  # never lowers
+    assert sketch.estimate(h) == 5
+    assert sketch.add_key("written back")[1] == 6
+
+
+def test_hashes_differ_by_seed_and_spread_ints() -> None:
+    assert key_hash(7, 0) != key_hash(7, 1)
+    assert key_hash("k", 0) != key_hash("k", 1)
+    assert len({key_hash(key, 0) >> 56 for key in range(4096)}) > 200
 
 
 def test_growth_keeps_estimates() -> None:

@@ -1,4 +1,5 @@
-"""W-TinyLFU: admission by frequency, scan resistance, the window and its resizing."""
+"""W-TinyLFU: admission by frequency, scan resistance, the window and its resizing, and the
+deferred bookkeeping (CLOCK second chances, frequencies in nodes, write-back, lazy removal)."""
 
 from __future__ import annotations
 
@@ -106,3 +107,57 @@ def test_invalid_options_are_refused() -> None:
         WTinyLFUPolicy(10, protected_fraction=-0.1)
     with pytest.raises(ValueError, match="admit_margin"):
         WTinyLFUPolicy(10, admit_margin=-1)
+
+
+def test_a_used_key_gets_a_second_chance_over_an_unused_older_one() -> None:
+    policy = WTinyLFUPolicy(100, admit_margin=1)
+    for key in range(100):
+        access(policy, key)
+    access(policy, 0)  # probation's oldest key, used once more
+    evicted = [policy.evict_one() for _ in range(3)]
+    assert 0 not in evicted and 0 in policy
+    assert evicted == [1, 2, 3]
+    policy.check_integrity()
+
+
+def test_hits_on_an_evicted_key_are_written_back_to_the_sketch() -> None:
+    policy = WTinyLFUPolicy(10)
+    for key in range(10):
+        access(policy, key)
+    for _ in range(4):
+        access(policy, 5)
+    h = policy.sketch.hash(5)
+    assert policy.sketch.estimate(h) == 1  # the hits live in the node while 5 is resident
+    assert policy.estimate_of(5, h) == 5
+    policy.remove(5)
+    assert policy.sketch.estimate(h) == 5
+
+
+def test_removal_is_lazy_and_compaction_keeps_the_books() -> None:
+    policy = WTinyLFUPolicy(1000)
+    for key in range(1000):
+        access(policy, key)
+    for key in range(0, 1000, 2):
+        policy.remove(key)
+        policy.check_integrity()
+    assert len(policy) == 500
+    for key in range(1000, 1600):
+        access(policy, key)
+    policy.check_integrity()
+    assert policy.used <= 1000
+
+
+def test_aging_halves_the_nodes_with_the_sketch() -> None:
+    policy = WTinyLFUPolicy(10)
+    for key in range(10):
+        access(policy, key)
+    for _ in range(3):
+        access(policy, 3)
+    h = policy.sketch.hash(3)
+    assert [policy.evict_one() for _ in range(4)] == [0, 1, 2, 4]  # 3 gets a second chance
+    assert policy.estimate_of(3, h) == 4 and policy.sketch.estimate(h) == 1
+    policy._age()  # what `insert` does after `sketch.sample_size` sightings
+    assert policy.estimate_of(3, h) == 2
+    policy.remove(3)
+    assert policy.sketch.estimate(h) == 2  # the halved estimate, written back
+    policy.check_integrity()
