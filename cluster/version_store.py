@@ -25,8 +25,12 @@ import threading
 from collections.abc import Callable
 
 import redis
+from redis.backoff import ExponentialBackoff
 from redis.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
 
 from cluster.invalidation import (
     InvalidationRule,
@@ -41,6 +45,7 @@ __all__ = ["VersionStore", "versions_channel"]
 logger = logging.getLogger(__name__)
 
 TIMEOUT_S = 0.5
+RETRIES = 3
 LISTEN_POLL_S = 1.0
 RECONNECT_PAUSE_S = 1.0
 _CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
@@ -76,9 +81,13 @@ class VersionStore:
         self._rules_key = f"{namespace}#invalidations"
         self._channel = versions_channel(namespace)
         scheme, _, rest = url.partition("://")
+        # Versions are read rarely and matter much (a restarted actor reloads them once): a
+        # busy Redis gets a few tries with backoff, unlike the per-request cache tier.
         options = {
             "socket_timeout": timeout_s,
             "socket_connect_timeout": timeout_s,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
+            "retry_on_error": [RedisConnectionError, RedisTimeoutError],
         }
         self._client: redis.Redis | RedisCluster
         if scheme in _CLUSTER_SCHEMES:

@@ -139,7 +139,9 @@ def test_the_version_actor_comes_back_with_the_current_versions_from_redis(app, 
     actor = ray.get_actor(f"versions-{name}", namespace=ACTOR_NAMESPACE)
     ray.kill(actor, no_restart=False)
     wait_until(
-        lambda: ray.get(actor.current.remote(), timeout=10)[MODEL].version == "2",
+        lambda: (
+            getattr(ray.get(actor.current.remote(), timeout=10).get(MODEL), "version", None) == "2"
+        ),
         60,
         "the restarted actor to reload version 2",
         0.5,
