@@ -23,9 +23,10 @@ import contextlib
 import logging
 import threading
 from collections.abc import Callable
+from typing import Any
 
 import redis
-from redis.backoff import ExponentialBackoff
+from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.cluster import RedisCluster
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisClusterException, RedisError
@@ -80,20 +81,12 @@ class VersionStore:
         self._versions_key = f"{namespace}#versions"
         self._rules_key = f"{namespace}#invalidations"
         self._channel = versions_channel(namespace)
-        scheme, _, rest = url.partition("://")
         # Versions are read rarely and matter much (a restarted actor reloads them once): a
         # busy Redis gets a few tries with backoff, unlike the per-request cache tier.
-        options = {
-            "socket_timeout": timeout_s,
-            "socket_connect_timeout": timeout_s,
-            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.05), RETRIES),
-            "retry_on_error": [RedisConnectionError, RedisTimeoutError],
-        }
-        self._client: redis.Redis | RedisCluster
-        if scheme in _CLUSTER_SCHEMES:
-            self._client = RedisCluster.from_url(f"{_CLUSTER_SCHEMES[scheme]}://{rest}", **options)
-        else:
-            self._client = redis.Redis.from_url(url, **options)
+        self._client = _connect(url, timeout_s, Retry(ExponentialBackoff(0.5, 0.05), RETRIES))
+        # The listener must see its connection drop (redis-py would silently reconnect and
+        # resubscribe), because a drop is when the stored versions must be read again.
+        self._listener = _connect(url, timeout_s, Retry(NoBackoff(), 0))
         self._save = self._client.register_script(_SAVE_SCRIPT)
 
     def load(self) -> dict[str, ModelVersion] | None:
@@ -156,7 +149,7 @@ class VersionStore:
         while not stopped.is_set():
             pubsub = None
             try:
-                pubsub = self._client.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub = self._listener.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
                 pubsub.subscribe(self._channel)
                 # Subscribe first, then read: a version published in between is seen twice,
                 # never missed.
@@ -183,3 +176,19 @@ class VersionStore:
 
     def close(self) -> None:
         self._client.close()
+        self._listener.close()
+
+
+def _connect(url: str, timeout_s: float, retry: Retry) -> redis.Redis | RedisCluster:
+    """A blocking client of `url` (``redis+cluster://`` / ``rediss+cluster://``: Cluster)."""
+    scheme, _, rest = url.partition("://")
+    options: dict[str, Any] = {
+        "socket_timeout": timeout_s,
+        "socket_connect_timeout": timeout_s,
+        "retry": retry,
+    }
+    if scheme in _CLUSTER_SCHEMES:  # the cluster client retries connection errors itself
+        return RedisCluster.from_url(f"{_CLUSTER_SCHEMES[scheme]}://{rest}", **options)
+    return redis.Redis.from_url(
+        url, retry_on_error=[RedisConnectionError, RedisTimeoutError], **options
+    )
