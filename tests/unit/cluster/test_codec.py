@@ -640,7 +640,9 @@ def forged_envelopes(draw: st.DrawFn) -> tuple[dict, bytes]:
                 entry[2][draw(st.integers(0, len(entry[2]) - 1))] = any_int(draw, 2)
             elif change in ("offset", "length"):
                 index = 3 if change == "offset" else 4
-                entry[index] = any_int(draw, entry[index])
+                # A "field" change may have put anything there, not only an int.
+                around = entry[index] if isinstance(entry[index], int) else 0
+                entry[index] = any_int(draw, around)
     return header, payload
 
 

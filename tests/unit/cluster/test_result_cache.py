@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from cluster.keys import ResultKey
 from cluster.policies import policy_names
-from cluster.result_cache import EntryTags, ResultCache
+from cluster.result_cache import EXPIRES_AT, EntryTags, ResultCache
 
 
 def k(name: str) -> ResultKey:
@@ -118,6 +118,63 @@ def test_expired_entries_free_their_budget_on_the_next_write():
     cache.check_integrity()
 
 
+class CountingClock(Clock):
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls = 0
+
+    def __call__(self) -> float:
+        self.calls += 1
+        return self.now
+
+
+def test_entries_without_lifetime_skip_the_clock():
+    clock = CountingClock()
+    cache = ResultCache(max_bytes=1000, max_entries=10, timer=clock)
+    for name in "abc":
+        cache.put(k(name), b"v")
+        assert cache.get(k(name)) == b"v"
+    assert clock.calls == 0
+    cache.put(k("d"), b"v", ttl_s=5)  # the first deadline: from now on writes read the clock
+    clock.now = 6  # past 5 s plus its jitter
+    assert cache.get(k("d")) is None
+    assert cache.get(k("a")) == b"v"
+    stats = cache.stats()
+    assert (stats.hits, stats.misses, stats.expirations, stats.entries) == (4, 1, 1, 3)
+    cache.check_integrity()
+
+
+def test_a_due_deadline_among_lifetimeless_entries_frees_its_budget_on_the_next_write():
+    clock = Clock()
+    cache = ResultCache(max_bytes=1000, max_entries=100, timer=clock)
+    cache.put(k("short"), b"v" * 100, ttl_s=1)
+    cache.put(k("long"), b"v" * 100)
+    clock.now = 0.5
+    cache.put(k("x"), b"v")
+    assert k("short") in cache
+    clock.now = 2
+    cache.put(k("y"), b"v")
+    stats = cache.stats()
+    assert (stats.expirations, stats.entries) == (1, 3)
+    assert stats.bytes == sum(
+        len(n) + len(v) for n, v in [("long", "v" * 100), ("x", "v"), ("y", "v")]
+    )
+    cache.check_integrity()
+
+
+@pytest.mark.parametrize("policy", policy_names())
+def test_every_buffered_hit_is_counted_and_replacing_a_value_recharges(policy):
+    cache = ResultCache(max_bytes=100_000, max_entries=1000, policy=policy)
+    cache.put(k("a"), b"v")
+    for _ in range(300):  # more than the buffer holds: drained by gets, then by the put
+        assert cache.get(k("a")) == b"v"
+    cache.put(k("a"), b"vvvv")
+    assert cache.get(k("a")) == b"vvvv"
+    stats = cache.stats()
+    assert (stats.hits, stats.entries, stats.bytes) == (301, 1, 5)
+    cache.check_integrity()
+
+
 def test_jitter_spreads_deadlines_within_bounds():
     clock = Clock()
     cache = ResultCache(
@@ -126,7 +183,7 @@ def test_jitter_spreads_deadlines_within_bounds():
     )  # fmt: skip
     for i in range(500):
         cache.put(k(f"{i}"), b"v")
-    deadlines = sorted(entry.expires_at for entry in cache._entries.values())
+    deadlines = sorted(entry[EXPIRES_AT] for entry in cache._entries.values())
     assert deadlines[0] >= 80 and deadlines[-1] <= 120
     assert deadlines[-1] - deadlines[0] > 30  # really spread, not synchronized
     clock.now = 100
