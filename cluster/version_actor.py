@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -220,7 +220,9 @@ class VersionActor:
         rules = tuple(rule for rule in self._rules if rule.seq > rules_seq)
         return VersionUpdate(records, rules)
 
-    async def _wait_for(self, targets: list[str], done: Any, timeout_s: float) -> None:
+    async def _wait_for(
+        self, targets: list[str], done: Callable[[str], bool], timeout_s: float
+    ) -> None:
         deadline = time.monotonic() + timeout_s
         while True:
             alive = set(self._subscriptions.alive(time.monotonic()))

@@ -132,13 +132,18 @@ class VersionFollower:
 
     def offer(self, record: ModelVersion) -> None:
         """Take `record` if it is newer than what was heard of `record.model`, and apply it."""
+        if self._hear(record):
+            self.catch_up()
+
+    def _hear(self, record: ModelVersion) -> bool:
+        """Note `record` as the newest heard of its model if it is; whether it was."""
         with self._changed:
             heard = self._heard.get(record.model)
             if heard is not None and heard.generation >= record.generation:
-                return
+                return False
             self._heard[record.model] = record
             self._changed.notify_all()
-        self.catch_up()
+            return True
 
     def offer_rules(self, rules: list[InvalidationRule]) -> None:
         """Apply `rules` (those after the last one applied)."""
@@ -189,11 +194,7 @@ class VersionFollower:
                 continue
             self._last_contact = self._clock()
             for record in update.records:
-                with self._changed:
-                    heard = self._heard.get(record.model)
-                    if heard is None or heard.generation < record.generation:
-                        self._heard[record.model] = record
-                        self._changed.notify_all()
-            self.catch_up()
+                self._hear(record)
+            self.catch_up()  # also retries versions that failed to load last round
             if update.rules:
                 self.offer_rules(list(update.rules))

@@ -157,13 +157,11 @@ class Ingress:
             key=request.key,
             timeout_s=request.timeout_s,
         )
-        selector = request.model_dump(exclude={"timeout_s"}, exclude_none=True)
-        result = outcome.as_json()
         return {
             "object": "cache.invalidation",
-            "selector": selector,
-            "acknowledged": result["acknowledged"],
-            "missing": result["missing"],
+            "selector": request.model_dump(exclude={"timeout_s"}, exclude_none=True),
+            "acknowledged": list(outcome.acknowledged),
+            "missing": list(outcome.missing),
         }
 
     async def cache_stats(self) -> dict[str, Any]:

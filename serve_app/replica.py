@@ -488,9 +488,7 @@ class ModelReplica:
         """Enforce invalidation `rules` (in the follower's thread): first for values fetched
         from peers and Redis, then by dropping matching local entries."""
         self._rules.add(rules)
-        if self._args.result_cache.ttl_s is not None:
-            lifetime = self._args.result_cache.ttl_s * (1 + self._args.result_cache.ttl_jitter)
-            self._rules.prune(time.time() - lifetime)
+        self._rules.prune(time.time() - self._rule_lifetime_s())
         for rule in rules:
             if rule.key is not None:
                 self._cache.pop(ResultKey(rule.key))
