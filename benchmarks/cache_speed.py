@@ -15,10 +15,11 @@ What is measured, and why it is fair:
   (every 128 hits), so the policy's bookkeeping is in the hit's cost, amortised, not hidden.
 - Hits are on a warm, full cache with a skewed (Zipf-like) key stream, so policies do real
   bookkeeping. Every put inserts a never-seen key into a full cache, so each one evicts.
-- The put is measured under both bounds a `ResultCache` has, because they take different
-  paths through a policy: `entries` (the entry count binds: the policy inserts, then the cache
-  calls `evict_one`) and `bytes` (the byte budget binds: the policy evicts on insert, after
-  its admission decision). The verdict takes the worse of the two.
+- The put is measured under both bounds a `ResultCache` has, because they can take different
+  paths through a policy: `entries` (the entry count binds: W-TinyLFU keeps that bound itself
+  as a minimum charge, so it decides admission as under the byte budget; the other policies
+  insert, then the cache calls `evict_one`) and `bytes` (the byte budget binds: the policy
+  evicts on insert, after its admission decision). The verdict takes the worse of the two.
 - Each repeat builds every contender afresh, in turn (interleaved, so a burst of load on a
   shared machine hits all of them alike), and uses new fresh keys; the median is reported.
   Time is the process's CPU time, which waiting for a busy CPU does not inflate; the benchmark

@@ -24,10 +24,10 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final, cast
+from typing import Any, Final
 
 from cluster.keys import ResultKey
-from cluster.policies import DEFAULT_POLICY, make_policy
+from cluster.policies import DEFAULT_POLICY, Key, make_policy
 
 ACCESS_BUFFER_SIZE = 128
 
@@ -100,10 +100,15 @@ class ResultCache:
         self.ttl_s = ttl_s
         self.ttl_jitter = ttl_jitter
         self.policy_name = policy
-        self._policy = make_policy(policy, max_bytes)
+        # A policy that admits (W-TinyLFU) keeps the entry bound itself, so that bound goes
+        # through its admission decision too; for the others `put` keeps it with `evict_one`.
+        # (An empty cache never asks its policy anything: 0 reaches it as 1.)
+        self._policy = make_policy(policy, max_bytes, max_entries=max(max_entries, 1))
         self._timer = timer
         self._rng = rng or random.Random()
-        self._entries: dict[ResultKey, _Entry] = {}
+        # Keyed by ResultKey; typed Any so the policy's keys index it without a `cast` call
+        # per eviction on the write path.
+        self._entries: dict[Any, _Entry] = {}
         self._deadlines: list[tuple[float, ResultKey]] = []  # heap; stale items are skipped
         self._accesses: deque[ResultKey] = deque()
         self._lock = threading.Lock()
@@ -155,7 +160,7 @@ class ResultCache:
 
     def __contains__(self, key: object) -> bool:
         """Whether a live entry exists; touches neither recency nor counters."""
-        entry = self._entries.get(key)  # type: ignore[call-overload]
+        entry = self._entries.get(key)
         return entry is not None and entry[EXPIRES_AT] > self._timer()
 
     def __len__(self) -> int:
@@ -199,7 +204,7 @@ class ResultCache:
                 for victim in evicted:
                     if victim != key:
                         self._evictions += 1
-                        dropped = entries.pop(cast(ResultKey, victim), None)
+                        dropped = entries.pop(victim, None)
                         if dropped is not None:
                             self._bytes -= dropped[CHARGE]
                 if key in evicted:
@@ -218,7 +223,7 @@ class ResultCache:
                 victim = self._policy.evict_one()
                 if victim is not None:
                     self._evictions += 1
-                    dropped = entries.pop(cast(ResultKey, victim), None)
+                    dropped = entries.pop(victim, None)
                     if dropped is not None:
                         self._bytes -= dropped[CHARGE]
                     if len(entries) > self.max_entries:
@@ -303,7 +308,7 @@ class ResultCache:
             if victim is None:
                 break
             self._evictions += 1
-            self._drop(cast(ResultKey, victim))
+            self._drop(victim)
 
     def _expire(self, now: float) -> None:
         deadlines = self._deadlines
@@ -332,7 +337,7 @@ class ResultCache:
         self._policy.remove(key)
         return True
 
-    def _drop(self, key: ResultKey) -> None:
+    def _drop(self, key: Key) -> None:
         """Remove the entry of `key`, which the policy has already let go."""
         entry = self._entries.pop(key, None)
         if entry is not None:

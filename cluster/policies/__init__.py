@@ -14,8 +14,23 @@ Importing this package registers every policy; `make_policy(name, capacity)` bui
 """
 
 from cluster.policies import adaptive, arc, lfu, lru, s3fifo, sieve, tinylfu  # noqa: F401
-from cluster.policies.base import EvictionPolicy, Key, make_policy, policy_names, register
+from cluster.policies.base import (
+    EvictionPolicy,
+    Key,
+    bounds_entries,
+    make_policy,
+    policy_names,
+    register,
+)
 
 DEFAULT_POLICY = "adaptive"
 
-__all__ = ["DEFAULT_POLICY", "EvictionPolicy", "Key", "make_policy", "policy_names", "register"]
+__all__ = [
+    "DEFAULT_POLICY",
+    "EvictionPolicy",
+    "Key",
+    "bounds_entries",
+    "make_policy",
+    "policy_names",
+    "register",
+]

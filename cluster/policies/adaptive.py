@@ -167,7 +167,7 @@ class _Shadows:
             mini.resize(capacity, window)
 
 
-@register("adaptive")
+@register("adaptive", bounds_entries=True)
 class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
     """W-TinyLFU whose window and admission margin follow the observed hit ratios."""
 
@@ -255,6 +255,8 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
 
     def insert(self, key: Key, charge: int = 1) -> list[Key]:
         # WTinyLFUPolicy.insert, written out: a call more per miss is measurable.
+        if charge < self.min_charge:
+            charge = self.min_charge
         if charge > self.capacity:
             return [key]
         h, freq = self.sketch.add_key(key)

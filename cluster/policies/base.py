@@ -12,6 +12,13 @@ The protocol is the whole conversation:
 
 `insert` may decline the newcomer (admission policies such as W-TinyLFU do): the newcomer is
 then among the keys it returns, so the owner must check `key in policy` before storing a value.
+
+An owner may also bound the number of resident keys (the result cache bounds bytes and
+entries). A policy registered with `bounds_entries=True` takes that bound as `max_entries` and
+keeps it itself, so that the bound that binds goes through its admission decision (a W-TinyLFU
+told of the bound only by `evict_one` calls after the fact admits every candidate and loses its
+scan resistance). For every other policy the owner keeps the bound with `evict_one`, which is
+the order those policies evict in anyway; `make_policy` drops `max_entries` for them.
 """
 
 from __future__ import annotations
@@ -73,15 +80,23 @@ class EvictionPolicy(Protocol):
 PolicyFactory = Callable[..., EvictionPolicy]
 
 _REGISTRY: dict[str, PolicyFactory] = {}
+_BOUNDS_ENTRIES: set[str] = set()
 
 
-def register(name: str) -> Callable[[PolicyFactory], PolicyFactory]:
-    """Class decorator: make a policy constructible by `name` in `make_policy`."""
+def register(
+    name: str, *, bounds_entries: bool = False
+) -> Callable[[PolicyFactory], PolicyFactory]:
+    """Class decorator: make a policy constructible by `name` in `make_policy`.
+
+    `bounds_entries`: the factory takes `max_entries` and keeps that bound itself.
+    """
 
     def decorate(factory: PolicyFactory) -> PolicyFactory:
         if name in _REGISTRY:
             raise ValueError(f"policy {name!r} registered twice")
         _REGISTRY[name] = factory
+        if bounds_entries:
+            _BOUNDS_ENTRIES.add(name)
         return factory
 
     return decorate
@@ -92,12 +107,27 @@ def policy_names() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def make_policy(name: str, capacity: int, **options: Any) -> EvictionPolicy:
-    """A new, empty policy `name` with `capacity` charge units; ValueError for an unknown name."""
+def bounds_entries(name: str) -> bool:
+    """Whether policy `name` keeps an owner's entry bound itself (see the module docstring)."""
+    return name in _BOUNDS_ENTRIES
+
+
+def make_policy(
+    name: str, capacity: int, *, max_entries: int | None = None, **options: Any
+) -> EvictionPolicy:
+    """A new, empty policy `name` with `capacity` charge units; ValueError for an unknown name.
+
+    `max_entries` reaches only a policy that bounds entries itself; for the others the owner
+    keeps that bound with `evict_one`.
+    """
     if capacity < 0:
         raise ValueError(f"capacity must be >= 0, got {capacity}")
+    if max_entries is not None and max_entries < 0:
+        raise ValueError(f"max_entries must be >= 0, got {max_entries}")
     try:
         factory = _REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown policy {name!r}; choose one of {policy_names()}") from None
+    if max_entries is not None and name in _BOUNDS_ENTRIES:
+        options["max_entries"] = max_entries
     return factory(capacity, **options)

@@ -241,6 +241,22 @@ def test_bounds_and_accounting_hold_under_any_operations(ops, policy, max_bytes,
         cache.check_integrity()
 
 
+@pytest.mark.parametrize("policy", ["tinylfu", "adaptive"])
+def test_a_cache_bound_by_entries_keeps_its_hot_set_through_a_scan(policy):
+    """The entry bound binds (the byte budget has room): admission still filters the scan."""
+    cache = ResultCache(max_bytes=1_000_000, max_entries=100, policy=policy)
+    hot = [k(f"hot{i}") for i in range(80)]
+    for _ in range(10):
+        for key in hot:
+            if cache.get(key) is None:
+                cache.put(key, b"answer")
+    for i in range(1000):
+        cache.put(k(f"scan{i}"), b"answer")  # stored in the window, then (mostly) turned away
+        assert len(cache) <= 100
+    assert sum(cache.get(key) is not None for key in hot) >= 76
+    cache.check_integrity()
+
+
 def test_a_get_never_returns_a_value_older_than_the_last_put():
     cache = ResultCache(max_bytes=10_000, max_entries=100)
     for i in range(200):

@@ -14,7 +14,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cluster.policies import DEFAULT_POLICY, EvictionPolicy, make_policy, policy_names
+from cluster.policies import (
+    DEFAULT_POLICY,
+    EvictionPolicy,
+    bounds_entries,
+    make_policy,
+    policy_names,
+)
 
 KEYS: list[Hashable] = [*range(12), "alpha", "beta", "gamma", b"delta", ("tuple", 1)]
 
@@ -118,6 +124,23 @@ def test_unknown_policy_and_negative_capacity_are_refused() -> None:
         make_policy("nope", 10)
     with pytest.raises(ValueError, match="capacity"):
         make_policy("lru", -1)
+    with pytest.raises(ValueError, match="max_entries"):
+        make_policy("tinylfu", 10, max_entries=-1)
+
+
+@every_policy
+def test_an_entry_bound_reaches_the_policies_that_keep_it(name: str) -> None:
+    policy = make_policy(name, 1000, max_entries=3)
+    evicted: list[object] = []
+    for key in range(20):
+        evicted += policy.insert(key)
+        if not bounds_entries(name):
+            while len(policy) > 3:  # the owner keeps the bound
+                evicted.append(policy.evict_one())
+        assert len(policy) <= 3
+        policy.check_integrity()
+    assert len(policy) + len(evicted) == 20
+    assert bounds_entries(name) == (name in {"tinylfu", "adaptive"})
 
 
 @every_policy

@@ -56,6 +56,23 @@ def test_a_scan_does_not_flush_the_hot_set() -> None:
     assert sum(key in lru for key in hot) == 0
 
 
+@pytest.mark.parametrize("name", ["tinylfu", "adaptive"])
+def test_an_entry_bound_goes_through_admission(name: str) -> None:
+    """Charges far below the capacity, the entry count binds: a scan still washes through."""
+    policy = make_policy(name, 1_000_000, max_entries=100)
+    hot = range(80)
+    for _ in range(10):
+        for key in hot:
+            access(policy, key, charge=7)
+    evicted = []
+    for key in range(10_000, 11_000):
+        evicted += access(policy, key, charge=7)
+        assert len(policy) <= 100
+    policy.check_integrity()
+    assert sum(key in policy for key in hot) >= 76
+    assert sum(key >= 10_000 for key in evicted) >= 900
+
+
 def test_admit_margin_keeps_a_loop_stable() -> None:
     """A loop of 1000 keys through 100 slots: the discount keeps part of it resident."""
     hits = {}
