@@ -158,9 +158,11 @@ class FrequencySketch:
         mask = self._mask
         r0, r1, r2, r3 = self._rows
         i0 = a & mask
-        i1 = (a + b) & mask
-        i2 = (a + 2 * b) & mask
-        i3 = (a + 3 * b) & mask
+        a += b
+        i1 = a & mask
+        a += b
+        i2 = a & mask
+        i3 = (a + b) & mask
         c0 = r0[i0]
         c1 = r1[i1]
         c2 = r2[i2]
