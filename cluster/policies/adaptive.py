@@ -171,6 +171,36 @@ class _Shadows:
 class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
     """W-TinyLFU whose window and admission margin follow the observed hit ratios."""
 
+    # Slots as in the base class (see there): together they are past a shared dict's size.
+    __slots__ = (
+        "_adaptive_admission",
+        "_climb_end",
+        "_climb_requests",
+        "_climb_sample_factor",
+        "_climb_start",
+        "_climber",
+        "_climbing",
+        "_full",
+        "_guard_patience",
+        "_guard_step",
+        "_lru_ahead",
+        "_lru_guard",
+        "_max_sample_rate",
+        "_max_window",
+        "_next_decision",
+        "_other_ahead",
+        "_race_end",
+        "_race_patience",
+        "_race_sample_factor",
+        "_race_start",
+        "_race_threshold",
+        "_sample_limit",
+        "_shadow_entries",
+        "_shadows",
+        "_warming",
+        "_window_target",
+    )
+
     def __init__(
         self,
         capacity: int,
