@@ -256,13 +256,17 @@ class WTinyLFUPolicy:
         locals, because CPython charges for every call and attribute access.
         """
         node = [0, charge, freq, h, freq, WINDOW, key, sampled]
-        self._index[key] = node
+        index = self._index
+        index[key] = node
         window = self._window
         window.append(node)
+        probation = self._probation
         used = self._used + charge
         window_used = self._window_used + charge
         window_max = self._window_max
         capacity = self.capacity
+        admit_margin = self.admit_margin
+        turned_away = 0
         evicted: list[Key] = []
         newcomer: Node | None = node
         while window_used > window_max:
@@ -284,14 +288,38 @@ class WTinyLFUPolicy:
             cost = candidate[CHARGE]
             window_used -= cost
             if used > capacity:
-                # TinyLFU: the candidate must beat every victim it needs, else it leaves.
+                # TinyLFU: the candidate must beat every victim it needs, else it leaves. The
+                # common verdict is written out: the victim is the oldest probation key, unused
+                # since it came in, and the candidate, below the flooding threshold (no coin is
+                # tossed), does not beat it; `_contest` decides every other case.
+                victim = probation[0] if probation else None
+                candidate_freq = candidate[FREQ]
+                if (
+                    victim is not None
+                    and candidate_freq < _HASHDOS_THRESHOLD
+                    and candidate_freq <= victim[FREQ] + admit_margin
+                    and victim[SEGMENT] == PROBATION
+                    and not victim[REFS]
+                ):
+                    used -= cost
+                    # `_forget(candidate)`, written out; it has no hits pending (see above).
+                    loser = candidate[KEY]
+                    del index[loser]
+                    candidate[SEGMENT] = DEAD
+                    turned_away += 1
+                    if candidate_freq > candidate[BASE] and self._owns_sketch:
+                        self.sketch.raise_to(candidate[HASH], candidate_freq)
+                    evicted.append(loser)
+                    continue
                 self._used = used - cost
                 admitted = self._contest(candidate, evicted)
                 used = self._used + cost if admitted else self._used
                 if not admitted:
                     continue
             candidate[SEGMENT] = PROBATION
-            self._probation.append(candidate)
+            probation.append(candidate)
+        if turned_away:
+            self.departures += turned_away
         self._window_used = window_used
         self._used = used
         # The window holds the newcomer whatever its size; when the candidates that left it
