@@ -102,8 +102,10 @@ class ResultCache:
         self.policy_name = policy
         # A policy that admits (W-TinyLFU) keeps the entry bound itself, so that bound goes
         # through its admission decision too; for the others `put` keeps it with `evict_one`.
-        # (An empty cache never asks its policy anything: 0 reaches it as 1.)
-        self._policy = make_policy(policy, max_bytes, max_entries=max(max_entries, 1))
+        # A cache of no entries gets a policy of no capacity, which declines every key.
+        self._policy = make_policy(
+            policy, max_bytes if max_entries else 0, max_entries=max(max_entries, 1)
+        )
         self._timer = timer
         self._rng = rng or random.Random()
         # Keyed by ResultKey; typed Any so the policy's keys index it without a `cast` call
@@ -197,8 +199,6 @@ class ResultCache:
             if previous is not None:
                 self._bytes -= previous[CHARGE]
                 self._policy.remove(key)
-            if self.max_entries == 0:
-                return False
             evicted = self._policy.insert(key, charge)
             if evicted:
                 for victim in evicted:
