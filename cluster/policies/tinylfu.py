@@ -266,7 +266,6 @@ class WTinyLFUPolicy:
         window_max = self._window_max
         capacity = self.capacity
         admit_margin = self.admit_margin
-        turned_away = 0
         evicted: list[Key] = []
         newcomer: Node | None = node
         while window_used > window_max:
@@ -306,7 +305,7 @@ class WTinyLFUPolicy:
                     loser = candidate[KEY]
                     del index[loser]
                     candidate[SEGMENT] = DEAD
-                    turned_away += 1
+                    self.departures += 1
                     if candidate_freq > candidate[BASE] and self._owns_sketch:
                         self.sketch.raise_to(candidate[HASH], candidate_freq)
                     evicted.append(loser)
@@ -318,8 +317,6 @@ class WTinyLFUPolicy:
                     continue
             candidate[SEGMENT] = PROBATION
             probation.append(candidate)
-        if turned_away:
-            self.departures += turned_away
         self._window_used = window_used
         self._used = used
         # The window holds the newcomer whatever its size; when the candidates that left it
