@@ -18,11 +18,26 @@ policy settles both bets while it runs, with three mechanisms, each with one job
    alike.
 2. **A recency yardstick**: a shadow LRU sees the same requests. If it beat this policy by more
    than `lru_guard` (1 point) in `guard_patience` (2) consecutive samples, the window grows by at
-   least `guard_step_fraction` (25%) of the capacity. Comparing consecutive samples (1.)
-   confounds the effect of the window with changes in the workload; the yardstick is measured
-   on the very same requests, so it is a reliable signal, and it keeps the policy near LRU
-   wherever LRU wins. One sample is not enough: right after the fill LRU flushes the fill's
-   leftovers faster, and a window grown for that stays too large (3 points on ARC P3).
+   least `guard_step_fraction` (25%) of the capacity, and the climber's next step points towards
+   growth. Comparing consecutive samples (1.) confounds the effect of the window with changes
+   in the workload; the yardstick is measured on the very same requests, so it is a reliable
+   signal, and it keeps the policy near LRU wherever LRU wins. It is compared with the
+   miniature of the margin this policy ran during the sample (the window is judged before the
+   race of 3. may switch the margin): the other margin's miniature says nothing about what
+   this policy did. One sample is not enough (`guard_patience`): right after the fill LRU
+   flushes the fill's leftovers faster, and a window grown for that alone stays too large.
+   A large cache gets few samples (10x the entries each: two and a half in ARC P3 at 152,509
+   entries), too few for a guard that waits for two, and there the first sample is where LRU
+   wins most (a 60% window beats 1% by 5 points within it). So the first climber sample after
+   the fill is split, for the yardstick alone, into parts of at least 1/lru_guard**2 sampled
+   requests (10,000 for 1 point: the standard error of a part's hit ratio, at most
+   0.5/sqrt(n), is then half the guard's margin), at most `guard_splits` (16) of them. A cache
+   with fewer than about 2,000 entries per miniature has one part: it is not split. The guard
+   judges each part as it judges a sample, with the same patience, and moves the window at
+   once. What the parts said is provisional: unless the yardstick beat this policy's miniature
+   by `lru_guard` over the whole first sample too, the climber's first move starts from the
+   window at the fill (on ARC P3 at 76,254 entries LRU wins the first parts after the fill,
+   then loses by 20 points and more).
 3. **A race of admission rules**: two shadow W-TinyLFUs, one per margin (0 and 1), read this
    policy's frequency estimates and follow its window, and each keeps its margin for good. After
    `race_patience` (1) race (of `race_sample_factor` (10) x the entries) won by the other
@@ -181,7 +196,11 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         "_climber",
         "_climbing",
         "_full",
+        "_guard_end",
+        "_guard_factor",
         "_guard_patience",
+        "_guard_splits",
+        "_guard_start",
         "_guard_step",
         "_lru_ahead",
         "_lru_guard",
@@ -198,6 +217,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         "_shadow_entries",
         "_shadows",
         "_warming",
+        "_window_before",
         "_window_target",
     )
 
@@ -216,6 +236,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         lru_guard: float | None = 0.01,
         guard_step_fraction: float = 0.25,
         guard_patience: int = 2,
+        guard_splits: int = 16,
         race_patience: int = 1,
         race_threshold: float = 0.02,
         adaptive_admission: bool = True,
@@ -242,6 +263,8 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         self._lru_guard = lru_guard
         self._guard_step = guard_step_fraction * capacity
         self._guard_patience = guard_patience
+        self._guard_splits = max(1, guard_splits)
+        self._guard_factor = climb_sample_factor
         self._race_patience = race_patience
         self._race_threshold = race_threshold
         self._adaptive_admission = adaptive_admission
@@ -251,6 +274,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         self._lru_ahead = 0
         self._other_ahead = 0
         self._window_target = float(self.window_max)
+        self._window_before = self._window_target
         self._full = False
         self._climbing = False
         self._warming = False  # the shadows restarted: the current sample is not a fair race
@@ -272,10 +296,11 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
     def _restart_samples(self) -> None:
         self._climb_requests = self.requests_so_far()
         tally = self._shadows.tally()
-        self._climb_start = self._race_start = tally
+        self._climb_start = self._race_start = self._guard_start = tally
         self._climb_end = self._sample_end(self._climb_sample_factor)
         self._race_end = self._sample_end(self._race_sample_factor)
-        self._next_decision = min(self._climb_end, self._race_end)
+        self._guard_end = self._sample_end(self._guard_factor)
+        self._next_decision = min(self._climb_end, self._race_end, self._guard_end)
 
     def hit(self, key: Key) -> None:
         node = self._index[key]
@@ -312,7 +337,17 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             for node in self._index.values():
                 node[SAMPLED] = node[HASH] < limit
         self._shadows.resize(self._used, self.window_max)
+        # The first climber sample is split for the yardstick: see the module docstring.
+        self._guard_factor = self._climb_sample_factor / self._split_count()
+        self._window_before = self._window_target
         self._restart_samples()
+
+    def _split_count(self) -> int:
+        """Parts of the first climber sample for the yardstick, each of 1/guard**2 requests."""
+        if self._lru_guard is None:
+            return 1
+        requests = self._climb_sample_factor * self._sketch_entries / self._shadows.rate
+        return max(1, min(self._guard_splits, int(requests * self._lru_guard**2)))
 
     def _sampled(self, key: Key, charge: int, h: int, hit: bool) -> None:
         """Count a request for a sampled key and replay it on the shadows."""
@@ -351,13 +386,18 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             mini.halve_estimates()
 
     def _decide(self) -> None:
-        """End whichever samples are complete: the margins' race, the climber's sample."""
+        """End whichever samples are complete: the climber's (or a part of the first, for the
+        yardstick), then the margins' race."""
         tally = self._shadows.tally()
-        if tally[0] >= self._race_end:
-            self._end_race(tally)
+        # The window first, judged under the margin that ran during the sample.
         if tally[0] >= self._climb_end:
             self._end_climb(tally)
-        self._next_decision = min(self._climb_end, self._race_end)
+        elif tally[0] >= self._guard_end and self._end_guard(tally):
+            self._climber.orient(grow=True)
+            self._move_window(self._guard_step)
+        if tally[0] >= self._race_end:
+            self._end_race(tally)
+        self._next_decision = min(self._climb_end, self._race_end, self._guard_end)
 
     @staticmethod
     def _ratios(start: Tally, end: Tally) -> list[float]:
@@ -398,8 +438,12 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         requests = hits + misses - before_hits - before_misses
         ratios[0] = (hits - before_hits) / requests if requests else ratios[0]
         self._climb_end = self._sample_end(self._climb_sample_factor)
+        guard = self._end_guard(tally)
         if not self._full:
             return
+        split = self._guard_factor < self._climb_sample_factor
+        # From now on the yardstick's samples are the climber's.
+        self._guard_factor = self._climb_sample_factor
         shadows = self._shadows
         shadows.resize(self._used, self.window_max)
         if self._warming:
@@ -413,12 +457,28 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             self._climbing = True
             self._climber.orient(grow=shadows.yardstick is not None and yardstick > reference)
         delta = self._climber.adjustment(ours)
-        if shadows.yardstick is not None and self._lru_guard is not None:
-            ahead = yardstick - reference > self._lru_guard
-            self._lru_ahead = self._lru_ahead + 1 if ahead else 0
-            if self._lru_ahead >= self._guard_patience:
-                delta = max(delta, self._guard_step)
+        if split and self._lru_guard is not None and yardstick - reference <= self._lru_guard:
+            # The whole sample does not confirm what its parts said: undo the guard's moves.
+            delta += self._window_before - self._window_target
+        if guard:
+            self._climber.orient(grow=True)
+            delta = max(delta, self._guard_step)
         self._move_window(delta)
+
+    def _end_guard(self, tally: Tally) -> bool:
+        """Whether the yardstick beat this policy by `lru_guard` in `guard_patience` samples."""
+        ratios = self._ratios(self._guard_start, tally)
+        self._guard_start = tally
+        end = self._sample_end(self._guard_factor)
+        # The last part of a split sample ends with it (no sliver left by rounding).
+        self._guard_end = end if 2 * (self._climb_end - end) >= end - tally[0] else self._climb_end
+        if self._shadows.yardstick is None or self._lru_guard is None:
+            return False
+        if self._warming or not self._full:
+            return False
+        ahead = ratios[1] - self._reference(ratios) > self._lru_guard
+        self._lru_ahead = self._lru_ahead + 1 if ahead else 0
+        return self._lru_ahead >= self._guard_patience
 
     def _move_window(self, delta: float) -> None:
         target = self._window_target + delta

@@ -65,6 +65,23 @@ def test_window_grows_on_a_recency_friendly_workload() -> None:
     policy.check_integrity()
 
 
+def test_a_large_cache_heeds_the_yardstick_within_its_first_sample() -> None:
+    """A climber sample of a large cache is long (10x its entries): the guard reads the first
+    one in parts, so a cache where LRU wins grows its window before that sample ends."""
+    capacity = 64_000  # miniatures of 4,000 entries: the first sample is read in 4 parts
+    rng = np.random.default_rng(3)
+    size = 3 * capacity // 4
+    keys: list[int] = []
+    for phase in range(4):  # working sets replaced every 2 capacities: LRU's ground
+        keys += (phase * size + rng.integers(0, size, 2 * capacity)).tolist()
+    split, whole = AdaptiveTinyLFUPolicy(capacity), AdaptiveTinyLFUPolicy(capacity, guard_splits=1)
+    split_hits, whole_hits = replay(split, keys), replay(whole, keys)
+    assert whole.window_max == capacity // 100  # no climber sample has ended yet
+    assert split.window_max >= capacity // 4  # the guard's step, taken within the sample
+    assert split_hits > whole_hits
+    split.check_integrity()
+
+
 def test_window_shrinks_on_a_frequency_friendly_workload() -> None:
     capacity = 200
     keys = zipf(capacity, 60_000)
