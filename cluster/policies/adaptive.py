@@ -320,7 +320,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         self._sightings += 1
         if self._sightings >= self.sketch.sample_size:
             self._age()
-        if len(self._index) > self._sketch_entries:
+        if not evicted and len(self._index) > self._sketch_entries:  # see `_grow_sketch`
             self._grow_sketch()
         if sampled:
             self._sampled(key, charge, h, hit=False)

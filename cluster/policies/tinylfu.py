@@ -239,11 +239,17 @@ class WTinyLFUPolicy:
         self._sightings += 1
         if self._sightings >= self.sketch.sample_size:
             self._age()
-        if len(self._index) > self._sketch_entries:
+        if not evicted and len(self._index) > self._sketch_entries:  # see `_grow_sketch`
             self._grow_sketch()
         return evicted
 
     def _grow_sketch(self) -> None:
+        """Size the sketch for twice the resident keys (at most the capacity).
+
+        Only an insert that evicted nothing can take the key count past the sketch's size (one
+        that evicts removes at least what it adds, and the sketch is never sized below the key
+        count), so `insert` asks only then.
+        """
         self._sketch_entries = min(self.capacity, 2 * len(self._index))
         self.sketch.ensure_capacity(self._sketch_entries)
 
