@@ -67,15 +67,40 @@ counters(PyObject *rows, PyObject *mask_obj, PyObject *hash_obj, unsigned char *
     return 0;
 }
 
+static unsigned char
+minimum(unsigned char *c[4])
+{
+    unsigned char low = *c[0];
+    for (int k = 1; k < 4; k++) {
+        if (*c[k] < low) {
+            low = *c[k];
+        }
+    }
+    return low;
+}
+
+/* Lift the counters below `count` to it: a conservative update. */
+static void
+lift(unsigned char *c[4], unsigned char count)
+{
+    for (int k = 0; k < 4; k++) {
+        if (*c[k] < count) {
+            *c[k] = count;
+        }
+    }
+}
+
+/* Check a call's arguments (rows, mask, h, and `expected` in all) and find the counters. */
 static int
-check_nargs(const char *name, Py_ssize_t nargs, Py_ssize_t expected)
+parse(const char *name, PyObject *const *args, Py_ssize_t nargs, Py_ssize_t expected,
+      unsigned char *c[4])
 {
     if (nargs != expected) {
         PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, expected,
                      nargs);
         return -1;
     }
-    return 0;
+    return counters(args[0], args[1], args[2], c);
 }
 
 PyDoc_STRVAR(add_doc,
@@ -87,24 +112,15 @@ static PyObject *
 add(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned char *c[4];
-    if (check_nargs("add", nargs, 3) < 0 || counters(args[0], args[1], args[2], c) < 0) {
+    if (parse("add", args, nargs, 3, c) < 0) {
         return NULL;
     }
-    unsigned char low = *c[0];
-    for (int k = 1; k < 4; k++) {
-        if (*c[k] < low) {
-            low = *c[k];
-        }
-    }
+    unsigned char low = minimum(c);
     if (low == MAX_COUNT) {
         return PyLong_FromLong(low);
     }
     low += 1;
-    for (int k = 0; k < 4; k++) {
-        if (*c[k] < low) {
-            *c[k] = low;
-        }
-    }
+    lift(c, low);
     return PyLong_FromLong(low);
 }
 
@@ -114,16 +130,10 @@ static PyObject *
 estimate(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned char *c[4];
-    if (check_nargs("estimate", nargs, 3) < 0 || counters(args[0], args[1], args[2], c) < 0) {
+    if (parse("estimate", args, nargs, 3, c) < 0) {
         return NULL;
     }
-    unsigned char low = *c[0];
-    for (int k = 1; k < 4; k++) {
-        if (*c[k] < low) {
-            low = *c[k];
-        }
-    }
-    return PyLong_FromLong(low);
+    return PyLong_FromLong(minimum(c));
 }
 
 PyDoc_STRVAR(raise_to_doc,
@@ -134,7 +144,7 @@ static PyObject *
 raise_to(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
     unsigned char *c[4];
-    if (check_nargs("raise_to", nargs, 4) < 0 || counters(args[0], args[1], args[2], c) < 0) {
+    if (parse("raise_to", args, nargs, 4, c) < 0) {
         return NULL;
     }
     long count = PyLong_AsLong(args[3]);
@@ -145,11 +155,7 @@ raise_to(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "count must be in 0..255");
         return NULL;
     }
-    for (int k = 0; k < 4; k++) {
-        if (*c[k] < count) {
-            *c[k] = (unsigned char)count;
-        }
-    }
+    lift(c, (unsigned char)count);
     Py_RETURN_NONE;
 }
 
