@@ -565,11 +565,13 @@ class WTinyLFUPolicy:
     def resize(self, capacity: int, window_max: int) -> list[Key]:
         """Change the capacity and the window bound at once; returns the keys evicted to fit.
 
-        Resident keys keep their charges; the minimum charge of an entry bound applies to the
-        keys that come in from now on.
+        With an entry bound the minimum charge follows the capacity, and resident keys below
+        it are charged it too, so the charge bound keeps implying the entry bound.
         """
         self.capacity = capacity
-        self.min_charge = self._min_charge()
+        before, self.min_charge = self.min_charge, self._min_charge()
+        if self.min_charge > before:
+            self._charge_at_least(self.min_charge)
         self.resize_window(window_max)
         evicted: list[Key] = []
         while self._used > capacity:
@@ -578,6 +580,19 @@ class WTinyLFUPolicy:
                 break
             evicted.append(victim)
         return evicted
+
+    def _charge_at_least(self, minimum: int) -> None:
+        """Raise the charge of every resident key below `minimum` to it."""
+        for node in self._index.values():
+            extra = minimum - node[CHARGE]
+            if extra <= 0:
+                continue
+            node[CHARGE] = minimum
+            self._used += extra
+            if node[SEGMENT] == WINDOW:
+                self._window_used += extra
+            elif node[SEGMENT] == PROTECTED:
+                self._protected_used += extra
 
     def check_integrity(self) -> None:
         used = {WINDOW: 0, PROBATION: 0, PROTECTED: 0}

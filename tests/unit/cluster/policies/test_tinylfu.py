@@ -73,6 +73,23 @@ def test_an_entry_bound_goes_through_admission(name: str) -> None:
     assert sum(key >= 10_000 for key in evicted) >= 900
 
 
+def test_a_resize_keeps_the_entry_bound() -> None:
+    policy = WTinyLFUPolicy(100, max_entries=10)  # a key is charged at least 10
+    for key in range(10):
+        access(policy, key)
+    assert len(policy) == 10
+    evicted = policy.resize(1000, 10)  # at least 100 now; the 10 old keys still count 10 each
+    assert evicted == []
+    for key in range(100, 120):
+        access(policy, key)
+        assert len(policy) <= 10
+    policy.check_integrity()
+    policy.resize(50_000, 500)
+    policy.resize(1000, 10)
+    assert len(policy) <= 10
+    policy.check_integrity()
+
+
 def test_admit_margin_keeps_a_loop_stable() -> None:
     """A loop of 1000 keys through 100 slots: the discount keeps part of it resident."""
     hits = {}
