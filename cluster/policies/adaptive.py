@@ -477,7 +477,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         self._guard_end = end if 2 * (self._climb_end - end) >= end - tally[0] else self._climb_end
         if self._shadows.yardstick is None or self._lru_guard is None:
             return False
-        if self._warming or not self._full:
+        if self._warming or not self._full:  # the shadows are not comparable yet
             return False
         ahead = ratios[1] - self._reference(ratios) > self._lru_guard
         self._lru_ahead = self._lru_ahead + 1 if ahead else 0

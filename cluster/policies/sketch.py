@@ -96,56 +96,32 @@ def _power_of_two_at_least(n: int) -> int:
 Rows = Sequence[bytearray]
 
 
-def _add_python(rows: Rows, mask: int, h: int) -> int:
-    """One conservative increment of the counters of `h` (saturating); the new estimate."""
+def _indexes(mask: int, h: int) -> list[int]:
+    """The counter of `h` in each row: `a + k*b` under the mask (double hashing)."""
     a = h & _LOW28
     b = (h >> 36) | 1
-    r0, r1, r2, r3 = rows
-    i0 = a & mask
-    a += b
-    i1 = a & mask
-    a += b
-    i2 = a & mask
-    i3 = (a + b) & mask
-    c0 = r0[i0]
-    c1 = r1[i1]
-    c2 = r2[i2]
-    c3 = r3[i3]
-    # Comparisons instead of min(), which costs a call.
-    low = c0 if c0 < c1 else c1
-    if c2 < low:
-        low = c2
-    if c3 < low:
-        low = c3
-    if low == MAX_COUNT:
-        return low
-    low += 1
-    if c0 < low:
-        r0[i0] = low
-    if c1 < low:
-        r1[i1] = low
-    if c2 < low:
-        r2[i2] = low
-    if c3 < low:
-        r3[i3] = low
-    return low
+    return [(a + k * b) & mask for k in range(4)]
 
 
 def _estimate_python(rows: Rows, mask: int, h: int) -> int:
     """The row minimum of the counters of `h`."""
-    a = h & _LOW28
-    b = (h >> 36) | 1
-    return min(row[(a + k * b) & mask] for k, row in enumerate(rows))
+    return min(row[index] for row, index in zip(rows, _indexes(mask, h), strict=True))
 
 
 def _raise_python(rows: Rows, mask: int, h: int, count: int) -> None:
     """Lift the counters of `h` that are below `count` to `count`."""
-    a = h & _LOW28
-    b = (h >> 36) | 1
-    for k, row in enumerate(rows):
-        index = (a + k * b) & mask
+    for row, index in zip(rows, _indexes(mask, h), strict=True):
         if row[index] < count:
             row[index] = count
+
+
+def _add_python(rows: Rows, mask: int, h: int) -> int:
+    """One conservative increment of the counters of `h` (saturating); the new estimate."""
+    low = _estimate_python(rows, mask, h)
+    if low < MAX_COUNT:
+        low += 1
+        _raise_python(rows, mask, h, low)  # only the counters at the minimum grow
+    return low
 
 
 try:
