@@ -18,8 +18,12 @@ Management", 2018):
   just requested, while the victim is compared at the oldest point of its reuse cycle. Without
   that discount a loop larger than the cache churns forever (each newcomer leads the victim by
   exactly that one access); with it, the cache holds a stable part of the loop. Workloads whose
-  popular keys arrive with only one access more than the victims prefer 0; the adaptive policy
-  picks between them online. The plain `tinylfu` keeps Caffeine's rule (0) by default.
+  popular keys arrive with only one access more than the victims prefer 0. `margin_from`
+  applies the margin only to candidates whose estimate is at least that much: `margin_from=3`
+  exempts a candidate's first reuse (an estimate of 2 or less needs only to beat the victim), the
+  one sighting that tells a returning key from a one-hit wonder, and discounts the rest, where
+  loops churn. The adaptive policy picks between rules online. The plain `tinylfu` keeps
+  Caffeine's rule (margin 0) by default.
 - Ties reject the candidate, which lets a hash-flooding attacker pin a victim by inflating its
   estimate; so a candidate that is warm (estimate >= 6) but not more popular is still admitted
   with probability 1/128, from a seeded generator (no global randomness).
@@ -125,6 +129,7 @@ class WTinyLFUPolicy:
         "admit_margin",
         "capacity",
         "departures",
+        "margin_from",
         "max_entries",
         "min_charge",
         "sketch",
@@ -137,6 +142,7 @@ class WTinyLFUPolicy:
         window_fraction: float = 0.01,
         protected_fraction: float = 0.8,
         admit_margin: int = 0,
+        margin_from: int = 0,
         seed: int = 0,
         expected_entries: int | None = None,
         sample_factor: float = 10.0,
@@ -150,12 +156,15 @@ class WTinyLFUPolicy:
             raise ValueError(f"protected_fraction must be in [0, 1], got {protected_fraction}")
         if admit_margin < 0:
             raise ValueError(f"admit_margin must be >= 0, got {admit_margin}")
+        if margin_from < 0:
+            raise ValueError(f"margin_from must be >= 0, got {margin_from}")
         if max_entries is not None and max_entries < 1:
             raise ValueError(f"max_entries must be >= 1 (or None), got {max_entries}")
         self.max_entries = max_entries
         self.capacity = capacity
         self.min_charge = self._min_charge()
         self.admit_margin = admit_margin
+        self.margin_from = margin_from
         self._protected_fraction = protected_fraction
         self._index: dict[Key, Node] = {}
         self._window: deque[Node] = deque()
@@ -272,6 +281,7 @@ class WTinyLFUPolicy:
         window_max = self._window_max
         capacity = self.capacity
         admit_margin = self.admit_margin
+        margin_from = self.margin_from
         evicted: list[Key] = []
         newcomer: Node | None = node
         while window_used > window_max:
@@ -302,7 +312,8 @@ class WTinyLFUPolicy:
                 if (
                     victim is not None
                     and candidate_freq < _HASHDOS_THRESHOLD
-                    and candidate_freq <= victim[FREQ] + admit_margin
+                    and candidate_freq
+                    <= victim[FREQ] + (admit_margin if candidate_freq >= margin_from else 0)
                     and victim[SEGMENT] == PROBATION
                     and not victim[REFS]
                 ):
@@ -362,7 +373,8 @@ class WTinyLFUPolicy:
     def _admits(self, candidate: Node, victim: Node) -> bool:
         """TinyLFU's verdict: whether `candidate` should replace `victim`."""
         candidate_freq = candidate[FREQ]
-        if candidate_freq > victim[FREQ] + self.admit_margin:
+        margin = self.admit_margin if candidate_freq >= self.margin_from else 0
+        if candidate_freq > victim[FREQ] + margin:
             return True
         if candidate_freq >= _HASHDOS_THRESHOLD:
             return self._random.getrandbits(7) == 0

@@ -107,6 +107,18 @@ def test_admit_margin_keeps_a_loop_stable() -> None:
     assert hits[1] > 2 * hits[0]
 
 
+def test_margin_from_exempts_a_first_reuse() -> None:
+    """A key seen twice meets a victim seen once: the discount rejects it unless exempted."""
+    admitted = {}
+    for margin_from in (0, 3):
+        policy = WTinyLFUPolicy(100, admit_margin=1, margin_from=margin_from)  # window: 1 key
+        for key in [*range(101), 500, 501, 500, 502]:  # 500 leaves the window twice
+            access(policy, key)
+        admitted[margin_from] = 500 in policy
+        policy.check_integrity()
+    assert admitted == {0: False, 3: True}
+
+
 def test_window_holds_at_least_one_unit_and_rejects_oversized() -> None:
     policy = WTinyLFUPolicy(50, window_fraction=0.0)
     assert policy.window_max == 1
@@ -141,6 +153,8 @@ def test_invalid_options_are_refused() -> None:
         WTinyLFUPolicy(10, protected_fraction=-0.1)
     with pytest.raises(ValueError, match="admit_margin"):
         WTinyLFUPolicy(10, admit_margin=-1)
+    with pytest.raises(ValueError, match="margin_from"):
+        WTinyLFUPolicy(10, margin_from=-1)
 
 
 def test_a_used_key_gets_a_second_chance_over_an_unused_older_one() -> None:
