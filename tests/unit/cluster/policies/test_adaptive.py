@@ -55,6 +55,9 @@ def test_hill_climber_follows_caffeine_rule() -> None:
     assert climber.adjustment(0.51) == pytest.approx(-61.25)  # a drop: reverse
     assert climber.adjustment(0.40) == pytest.approx(60.025)  # a big drop: reverse, restart
     assert climber.step == pytest.approx(62.5)
+    assert climber.adjustment(0.40) == 0  # no change, no evidence: stay (Caffeine moves on)
+    assert climber.step == pytest.approx(62.5)
+    assert climber.adjustment(0.41) == 62.5
 
 
 def test_window_grows_on_a_recency_friendly_workload() -> None:
