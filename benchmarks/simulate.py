@@ -134,7 +134,7 @@ def plot(
     plt.close(figure)
 
 
-def _capacities(text: str) -> list[int]:
+def capacities_arg(text: str) -> list[int]:
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
@@ -158,7 +158,7 @@ def _policies(text: str) -> list[str]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.simulate", description=__doc__)
     parser.add_argument("--trace", required=True, help="trace file, or a spec like zipf:0.8")
-    parser.add_argument("--capacities", required=True, type=_capacities, help="N[,N...]")
+    parser.add_argument("--capacities", required=True, type=capacities_arg, help="N[,N...]")
     parser.add_argument(
         "--policies", type=_policies, default=None, help="a,b,... (default: all, default, opt)"
     )

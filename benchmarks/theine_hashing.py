@@ -29,7 +29,7 @@ import theine_core
 
 from benchmarks import traces
 from benchmarks.hit_ratio_report import RESULTS, THEINE, TRACES_DIR, parse_readme, trace_spec
-from benchmarks.simulate import DEFAULT_ALIAS, simulate
+from benchmarks.simulate import DEFAULT_ALIAS, capacities_arg, simulate
 
 HASHES: dict[str, Callable[[int], int]] = {
     "identity": lambda key: key & (2**64 - 1),
@@ -54,16 +54,12 @@ def theine_hit_ratio(keys: np.ndarray, capacity: int, hash_of: Callable[[int], i
     return round(100.0 * hits / len(keys), 2) if len(keys) else 0.0
 
 
-def _capacities(text: str) -> list[int]:
-    return [int(part) for part in text.split(",") if part.strip()]
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.theine_hashing", description=__doc__
     )
     parser.add_argument("--trace", default="cloudPhysicsIO", help="a traces README section")
-    parser.add_argument("--capacities", type=_capacities, default=[4897, 9795])
+    parser.add_argument("--capacities", type=capacities_arg, default=[4897, 9795])
     parser.add_argument("--runs", type=int, default=2, help="theine runs per hash")
     parser.add_argument("--json", type=Path, default=RESULTS / "theine_hashing.json")
     args = parser.parse_args(argv)

@@ -275,18 +275,19 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         adaptive_admission: bool = True,
         shadow_entries: int = 512,
         max_sample_rate: int = 16,
+        width_factor: int = 8,  # see "A denser sketch" above
         **options: Any,
     ) -> None:
         if margin_from not in RULES:
             raise ValueError(f"margin_from must be one of {RULES}, got {margin_from}")
         if max_sample_rate < 1 or max_sample_rate & (max_sample_rate - 1):
             raise ValueError(f"max_sample_rate must be a power of two, got {max_sample_rate}")
-        options.setdefault("width_factor", 8)  # see "A denser sketch" above
         super().__init__(
             capacity,
             window_fraction=window_fraction,
             admit_margin=1,
             margin_from=margin_from,
+            width_factor=width_factor,
             **options,
         )
         self._max_window = max(1, round(max_window_fraction * capacity))
