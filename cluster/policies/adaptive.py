@@ -4,8 +4,9 @@ A fixed W-TinyLFU is a bet on the workload. A 1% window wins frequency-skewed tr
 search, Zipf); a large window wins recency-skewed ones (editors, file systems, LRU-friendly
 web traces), where it can trail LRU by 6 points. Admission has the same problem: discounting
 the candidate's own access (a margin of 1) keeps loops and scans stable, while on some disk
-traces the popular keys win by exactly one access and the discount costs 2-3 points. So this
-policy settles both bets while it runs, with three mechanisms, each with one job:
+traces the popular keys win by exactly one access and the discount costs 2-3 points, and on
+block I/O whose popular set drifts, frequencies from an earlier phase freeze the main space.
+So this policy settles these bets while it runs, with three mechanisms, each with one job:
 
 1. **Hill climbing of the window** (`HillClimber`, Caffeine's rule), once per sample of
    `climb_sample_factor` (10) x the expected entry count, as in Caffeine: compare the sample's
@@ -40,18 +41,24 @@ policy settles both bets while it runs, with three mechanisms, each with one job
    by `lru_guard` over the whole first sample too, the climber's first move starts from the
    window at the fill (on ARC P3 at 76,254 entries LRU wins the first parts after the fill,
    then loses by 20 points and more).
-3. **A race of admission rules**: two shadow W-TinyLFUs, one per rule, read this policy's
-   frequency estimates and follow its window, and each keeps its rule for good. Both discount
+3. **A race of admission rules**: three shadow W-TinyLFUs, one per rule, read this policy's
+   frequency estimates and follow its window, and each keeps its rule for good. All discount
    the candidate's own access (margin 1); the **graded** rule (`GRADED`: `margin_from=3`, see
-   `tinylfu`) exempts a candidate's first reuse, the **strict** one (`STRICT`) does not. The
-   policy starts graded. The race is a CUSUM (Page's cumulative sum test): the other rule's
-   lead in hits since its lowest point after the last switch; when it reaches `race_lead` (0.1)
-   x the miniatures' entries, this policy adopts that rule, and the bar is multiplied by
-   `race_backoff` (2), so that rules that take turns (LIRS zigzag) cannot make it flap (a bar
-   of 0.05 switched on noise: LIRS multi2 at 284 entries lost 0.8 points). Each
-   shadow's state was built under its own rule, so the race compares the rules' long-run
-   results; a single swapped rival would compare states built under the other rule. Measured
-   on the shared traces, why this shape:
+   `tinylfu`) exempts a candidate's first reuse, the **strict** one (`STRICT`) does not, and
+   the **worn** one (`WORN`) is strict and wears down victims that hold their place only by
+   rejecting candidates (`wear` 4: every fourth rejection takes one from the victim's
+   estimate; see `tinylfu`). The policy starts graded. The race is a CUSUM (Page's cumulative
+   sum test): each other rule's lead in hits over this policy's rule, measured from its lowest
+   point; when one reaches the bar, `race_lead` (0.1) x the miniatures' entries but at least
+   `race_min_hits` (16), this policy adopts that rule, and the bar is multiplied by
+   `race_backoff` (2). After a switch the lowest point stays where the switch left it: a rule
+   must then lead by the bar since the switch, not since its worst moment, so that rules that
+   take turns (LIRS zigzag: strict and worn win alternate phases, and a CUSUM from the lowest
+   point flapped five times, 2.3 points below LRU at 400 entries) do not make it flap; before
+   the first switch it may fall, so that a rule behind during the fill can still overtake the
+   blind first choice. Each shadow's state was built under its own rule, so the race compares
+   the rules' long-run results; a single swapped rival would compare states built under the
+   other rule. Measured on the shared traces, why this shape:
    - Continuous, not per sample: on short traces a rule's lead comes in bursts (a loop's second
      lap), and a verdict at a sample's end came after the state the winner built was gone.
    - Graded first: where it wins, its lead may come too late for any switch (LIRS gli at 750
@@ -64,8 +71,19 @@ policy settles both bets while it runs, with three mechanisms, each with one job
      W-TinyLFU on LIRS zigzag at 800 entries: 0.3% with the sketch below, where LRU hits 38.4%
      and the graded rule 36.9%); the graded rule differs from it only where the candidate's
      estimate is 3 or more.
+   - Worn, and only by the race: on the CloudPhysics block trace the victims' estimates are 4
+     to 6 while the keys that come back arrive with 1 or 2, so the main space stays frozen with
+     an earlier phase's keys until aging (graded: 20.6% and 27.5% at 4,897 and 9,795 entries,
+     LRU's level; worn from the start 25.1% and 32.5%; S3-FIFO, whose hand takes one from a
+     key's count each lap, 25.3% and 32.8%). But wear churns a loop's stable part (worn alone:
+     LIRS loop at 404 entries 29.5%, strict 39.8%), so it has to win its place.
+   - A floor under the bar (`race_min_hits`): a CUSUM of fair coin tosses passes h after about
+     h**2 discordant requests, and 0.1 x 61 entries (LIRS cpp) is 6 hits: three near-equal
+     rules switched on noise there and lost a point.
    The price: on LIRS cs at 564 entries the strict rule leads by 0.7 points, spread evenly
-   over the trace, below the bar until the trace ends.
+   over the trace, below the bar until the trace ends; on CloudPhysics the switch to worn comes
+   a third of the way in (4,897 entries) or later, and the owner, whose main space froze
+   meanwhile, thaws slowly: 22.9% and 29.6%.
 
 **Spatial sampling** (SHARDS: Waldspurger et al., "Efficient MRC Construction with SHARDS",
 2015): a shadow costs a policy's bookkeeping on every request it sees, so on a large cache the
@@ -97,16 +115,31 @@ fewer of them. Measured on LIRS gli at 250 entries: a plain W-TinyLFU under the 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from cluster.policies.base import Key, register
 from cluster.policies.lru import LRUPolicy
 from cluster.policies.tinylfu import CHARGE, HASH, REFS, SAMPLED, WTinyLFUPolicy
 
 _HASH_BITS = 64
-GRADED = 3  # `margin_from` of the rule that exempts a candidate's first reuse from the margin
-STRICT = 0  # `margin_from` of the rule that discounts every candidate's own access
-RULES = (GRADED, STRICT)
+
+
+class Rule(NamedTuple):
+    """An admission rule of W-TinyLFU (see `tinylfu`); every rule has a margin of 1."""
+
+    margin_from: int
+    wear: int
+
+
+GRADED = "graded"  # exempts a candidate's first reuse from the margin
+STRICT = "strict"  # discounts every candidate's own access
+WORN = "worn"  # strict, and wears down victims that only reject
+RULE_NAMES = (GRADED, STRICT, WORN)
+
+
+def rules(wear: int) -> dict[str, Rule]:
+    """The rules the race runs, by name; `wear` is the worn rule's (see `tinylfu`)."""
+    return {GRADED: Rule(3, 0), STRICT: Rule(0, 0), WORN: Rule(0, wear)}
 
 
 class HillClimber:
@@ -167,16 +200,15 @@ def sample_rate(entries: int, shadow_entries: int, max_rate: int) -> int:
     return rate
 
 
-Tally = tuple[int, int, int, int, int]
+Tally = tuple[int, ...]
 
 
 class _Shadows:
     """The shadows that see the sampled requests, and running totals of their hits.
 
-    `yardstick` is an LRU (None when turned off); `rules` maps an admission rule (its
-    `margin_from`) to a W-TinyLFU miniature that keeps that rule for good: both rules when the
-    owner races them, else the owner's alone when the owner needs a miniature of itself
-    (`rate > 1`), else none.
+    `yardstick` is an LRU (None when turned off); `rules` maps an admission rule's name to a
+    W-TinyLFU miniature that keeps that rule for good: every rule when the owner races them,
+    else the owner's alone when the owner needs a miniature of itself (`rate > 1`), else none.
     The totals only grow; a sample is the difference between two `tally()`s.
     """
 
@@ -186,26 +218,29 @@ class _Shadows:
         self.rate = rate
         capacity = max(1, owner.capacity // rate)
         self.yardstick = LRUPolicy(capacity) if yardstick else None
-        rules = RULES if race else (owner.margin_from,) if rate > 1 and yardstick else ()
-        self.rules = {rule: self._miniature(owner, capacity, rule) for rule in rules}
+        names = RULE_NAMES if race else (owner.rule,) if rate > 1 and yardstick else ()
+        self.rules = {name: self._miniature(owner, capacity, name) for name in names}
         self.requests = self.hits = self.yardstick_hits = 0
-        self.rule_hits = dict.fromkeys(RULES, 0)
+        self.rule_hits = dict.fromkeys(RULE_NAMES, 0)
 
     @staticmethod
-    def _miniature(owner: AdaptiveTinyLFUPolicy, capacity: int, rule: int) -> WTinyLFUPolicy:
+    def _miniature(owner: AdaptiveTinyLFUPolicy, capacity: int, name: str) -> WTinyLFUPolicy:
+        rule = owner.rules[name]
         return WTinyLFUPolicy(
             capacity,
             admit_margin=1,
-            margin_from=rule,
+            margin_from=rule.margin_from,
+            wear=rule.wear,
             protected_fraction=owner._protected_fraction,
             seed=owner._seed + 1,
             sketch=owner.sketch,
         )
 
     def tally(self) -> Tally:
-        """Requests, and hits of the owner, the yardstick and the graded and strict miniatures."""
+        """Requests, and hits of the owner, the yardstick and each rule's miniature (in the
+        order of `RULE_NAMES`)."""
         hits = self.rule_hits
-        return self.requests, self.hits, self.yardstick_hits, hits[GRADED], hits[STRICT]
+        return (self.requests, self.hits, self.yardstick_hits, *(hits[n] for n in RULE_NAMES))
 
     def resize(self, capacity: int, window_max: int) -> None:
         """Scale every shadow to `capacity` and `window_max` (full-size units) over the rate."""
@@ -221,7 +256,7 @@ class _Shadows:
 
 @register("adaptive", bounds_entries=True)
 class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
-    """W-TinyLFU whose window and admission margin follow the observed hit ratios."""
+    """W-TinyLFU whose window and admission rule follow the observed hit ratios."""
 
     # Slots as in the base class (see there): together they are past a shared dict's size.
     __slots__ = (
@@ -245,14 +280,18 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         "_max_window",
         "_next_decision",
         "_race_backoff",
-        "_race_floor",
+        "_race_floors",
         "_race_lead",
+        "_race_min_hits",
         "_sample_limit",
         "_shadow_entries",
         "_shadows",
+        "_switched",
         "_warming",
         "_window_before",
         "_window_target",
+        "rule",
+        "rules",
     )
 
     def __init__(
@@ -261,7 +300,8 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         *,
         window_fraction: float = 0.01,
         max_window_fraction: float = 1.0,
-        margin_from: int = GRADED,
+        rule: str = GRADED,
+        wear: int = 4,
         step_fraction: float = 0.0625,
         decay: float = 0.98,
         restart_threshold: float = 0.05,
@@ -272,21 +312,27 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         guard_splits: int = 16,
         race_lead: float = 0.1,
         race_backoff: float = 2.0,
+        race_min_hits: int = 16,
         adaptive_admission: bool = True,
         shadow_entries: int = 512,
         max_sample_rate: int = 16,
         width_factor: int = 8,  # see "A denser sketch" above
         **options: Any,
     ) -> None:
-        if margin_from not in RULES:
-            raise ValueError(f"margin_from must be one of {RULES}, got {margin_from}")
+        if rule not in RULE_NAMES:
+            raise ValueError(f"rule must be one of {RULE_NAMES}, got {rule!r}")
+        if wear < 1:
+            raise ValueError(f"wear must be >= 1, got {wear}")
+        self.rules = rules(wear)
+        self.rule = rule
         if max_sample_rate < 1 or max_sample_rate & (max_sample_rate - 1):
             raise ValueError(f"max_sample_rate must be a power of two, got {max_sample_rate}")
         super().__init__(
             capacity,
             window_fraction=window_fraction,
             admit_margin=1,
-            margin_from=margin_from,
+            margin_from=self.rules[rule].margin_from,
+            wear=self.rules[rule].wear,
             width_factor=width_factor,
             **options,
         )
@@ -305,7 +351,11 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         self._guard_factor = climb_sample_factor
         self._race_lead = race_lead
         self._race_backoff = race_backoff
-        self._race_floor = 0  # the other rule's lowest lead since the last switch
+        self._race_min_hits = race_min_hits
+        self._switched = False
+        # Where each other rule's lead over this policy's rule is measured from: its lowest
+        # point until the first switch, then the point the last switch left it at.
+        self._race_floors = dict.fromkeys(RULE_NAMES, 0)
         self._adaptive_admission = adaptive_admission
         self._shadow_entries = shadow_entries
         self._max_sample_rate = max_sample_rate
@@ -416,21 +466,37 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
                 if freq < 0:
                     freq = self.estimate_of(key, h)
                 mini.place(key, charge, h, freq)
-        if rules_hit == 1 and len(shadows.rules) == 2:  # only then does the race's lead move
+        if 0 < rules_hit < len(shadows.rules):  # only then does a lead move
             self._race(shadows.rule_hits)
         if shadows.requests >= self._next_decision:
             self._decide()
 
-    def _race(self, rule_hits: dict[int, int]) -> None:
-        """Adopt the other rule once its lead since its lowest point reaches the bar (CUSUM)."""
-        other = STRICT if self.margin_from == GRADED else GRADED
-        lead = rule_hits[other] - rule_hits[self.margin_from]
-        if lead < self._race_floor or self._warming or not self._full:
-            self._race_floor = lead  # the shadows are not comparable yet, or a new low
-        elif lead - self._race_floor >= self._race_lead * len(self._index) / self._shadows.rate:
-            self.margin_from = other
-            self._race_floor = -lead  # the lead of the rule just left, as of now
-            self._race_lead *= self._race_backoff
+    def _race(self, rule_hits: dict[str, int]) -> None:
+        """Adopt another rule once its lead reaches the bar: the lead since its lowest point
+        (CUSUM) until the first switch, the lead since the last switch after that."""
+        ours = rule_hits[self.rule]
+        unsettled = self._warming or not self._full  # the shadows are not comparable yet
+        floors = self._race_floors
+        bar = max(self._race_min_hits, self._race_lead * len(self._index) / self._shadows.rate)
+        for name, hits in rule_hits.items():
+            if name == self.rule:
+                continue
+            lead = hits - ours
+            if unsettled or (lead < floors[name] and not self._switched):
+                floors[name] = lead
+            elif lead - floors[name] >= bar:
+                self._adopt(name)
+                return
+
+    def _adopt(self, name: str) -> None:
+        """Run rule `name` from now on; the race starts afresh, with a higher bar."""
+        self.rule = name
+        self.margin_from, self.wear = self.rules[name]
+        self._switched = True
+        hits = self._shadows.rule_hits
+        for other in RULE_NAMES:
+            self._race_floors[other] = hits[other] - hits[name]  # the leads as of now
+        self._race_lead *= self._race_backoff
 
     def _age(self) -> None:
         super()._age()
@@ -450,14 +516,14 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
 
     @staticmethod
     def _ratios(start: Tally, end: Tally) -> list[float]:
-        """Hit ratios between two tallies: owner, yardstick, graded and strict miniatures."""
+        """Hit ratios between two tallies: owner, yardstick, each rule's miniature."""
         requests = end[0] - start[0]
-        return [(end[i] - start[i]) / requests for i in range(1, 5)]
+        return [(end[i] - start[i]) / requests for i in range(1, len(end))]
 
     def _reference(self, ratios: list[float]) -> float:
         """What the yardstick is compared with: the miniature of this policy, else itself."""
-        if self.margin_from in self._shadows.rules:
-            return ratios[2 + RULES.index(self.margin_from)]
+        if self.rule in self._shadows.rules:
+            return ratios[2 + RULE_NAMES.index(self.rule)]
         return ratios[0]
 
     def _end_climb(self, tally: Tally) -> None:

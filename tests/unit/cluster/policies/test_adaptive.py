@@ -1,4 +1,4 @@
-"""The default policy adapts: window by hill climbing, admission rule by a race of two
+"""The default policy adapts: window by hill climbing, admission rule by a race of three
 miniatures; shadows run on a spatial sample of the keys of a large cache."""
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def test_race_switches_to_the_loop_friendly_admission_once() -> None:
     """A loop larger than the cache: the strict rule keeps a stable part of it from the second
     lap on, the graded one churns there; the race adopts strict within a few laps, for good."""
     policy = AdaptiveTinyLFUPolicy(100)
-    assert policy.margin_from == GRADED
+    assert policy.rule == GRADED
     rules = []
     hits = 0
     for key in list(range(1000)) * 30:
@@ -113,8 +113,8 @@ def test_race_switches_to_the_loop_friendly_admission_once() -> None:
             hits += 1
         else:
             policy.insert(key)
-        if not rules or rules[-1][1] != policy.margin_from:
-            rules.append((hits, policy.margin_from))
+        if not rules or rules[-1][1] != policy.rule:
+            rules.append((hits, policy.rule))
     assert [rule for _, rule in rules] == [GRADED, STRICT]
     assert rules[1][0] < 0.01 * 30_000  # switched before the loop paid off
     assert hits > 0.08 * 30_000  # OPT would be 9.9%
@@ -128,8 +128,10 @@ def test_shadows_can_be_turned_off() -> None:
 
 
 def test_an_unknown_rule_is_refused() -> None:
-    with pytest.raises(ValueError, match="margin_from"):
-        AdaptiveTinyLFUPolicy(10, margin_from=1)
+    with pytest.raises(ValueError, match="rule"):
+        AdaptiveTinyLFUPolicy(10, rule="lenient")
+    with pytest.raises(ValueError, match="wear"):
+        AdaptiveTinyLFUPolicy(10, wear=0)
 
 
 def test_sample_rate_leaves_enough_keys_per_miniature() -> None:

@@ -119,6 +119,26 @@ def test_margin_from_exempts_a_first_reuse() -> None:
     assert admitted == {0: False, 3: True}
 
 
+def test_wear_lets_returning_keys_past_the_victims_of_an_earlier_phase() -> None:
+    """Keys read five times fill the main space; then new keys come, each read twice. Strict
+    admission rejects every newcomer while the old estimates stand; with wear, every fourth
+    rejection takes one from the victim that made it, and newcomers replace the old keys."""
+    newcomers = range(1000, 1300)
+    admitted = {}
+    for wear in (0, 4):
+        policy = WTinyLFUPolicy(100, admit_margin=1, wear=wear)  # window: 1 key
+        for _ in range(5):
+            for key in range(100):
+                access(policy, key)
+        for key in newcomers:
+            access(policy, key)
+            access(policy, key)
+        admitted[wear] = sum(key in policy for key in newcomers)
+        policy.check_integrity()
+    assert admitted[0] <= 1  # the window's
+    assert admitted[4] >= 10
+
+
 def test_window_holds_at_least_one_unit_and_rejects_oversized() -> None:
     policy = WTinyLFUPolicy(50, window_fraction=0.0)
     assert policy.window_max == 1
@@ -155,6 +175,8 @@ def test_invalid_options_are_refused() -> None:
         WTinyLFUPolicy(10, admit_margin=-1)
     with pytest.raises(ValueError, match="margin_from"):
         WTinyLFUPolicy(10, margin_from=-1)
+    with pytest.raises(ValueError, match="wear"):
+        WTinyLFUPolicy(10, wear=-1)
 
 
 def test_a_used_key_gets_a_second_chance_over_an_unused_older_one() -> None:
