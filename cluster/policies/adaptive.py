@@ -47,7 +47,7 @@ So this policy settles these bets while it runs, with three mechanisms, each wit
    `tinylfu`) exempts a candidate's first reuse, the **strict** one (`STRICT`) does not, and
    the **worn** one (`WORN`) is strict and wears down victims that hold their place only by
    rejecting candidates (`wear` 4: every fourth rejection takes one from the victim's
-   estimate; see `tinylfu`). The policy starts graded. The race is a CUSUM (Page's cumulative
+   estimate; see `tinylfu`). The policy starts worn. The race is a CUSUM (Page's cumulative
    sum test): each other rule's lead in hits over this policy's rule, measured from its lowest
    point; when one reaches the bar, `race_lead` (0.1) x the miniatures' entries but at least
    `race_min_hits` (16), this policy adopts that rule, and the bar is multiplied by
@@ -61,29 +61,29 @@ So this policy settles these bets while it runs, with three mechanisms, each wit
    other rule. Measured on the shared traces, why this shape:
    - Continuous, not per sample: on short traces a rule's lead comes in bursts (a loop's second
      lap), and a verdict at a sample's end came after the state the winner built was gone.
-   - Graded first: where it wins, its lead may come too late for any switch (LIRS gli at 750
-     entries: in the last fifth of the trace), while the strict rule's lead on loops shows
-     within a lap (the race switches on zigzag, loop and scan). Starting strict cost LIRS gli
-     at 750 and 1,000, multi2 at 284 and multi3 at 373 1.3 to 2.2 points (with the race by
-     samples that this one replaced, which switched at a sample's end).
+   - Worn first: a main space that froze before the switch thaws slowly (worn only after a
+     switch on the CloudPhysics block trace, a third of the way in: 22.9% and 29.6% at 4,897
+     and 9,795 entries; worn from the start with the race 25.1% and 32.8%; S3-FIFO 25.3% and
+     32.8%), while the strict rule's lead on loops shows within a lap, where the race leaves
+     worn for strict (zigzag, loop, scan). Starting graded gave the same three required points
+     short (LIRS cs at 564 too: strict leads there by 0.7 points, spread over the trace, below
+     the bar until it ends), starting worn two, and better means against every reference row.
    - Not Caffeine's rule (no margin): on a zigzag (keys read once going up, once coming down)
      its estimates tie, ties reject, and the cache keeps nothing that comes back (a plain
      W-TinyLFU on LIRS zigzag at 800 entries: 0.3% with the sketch below, where LRU hits 38.4%
      and the graded rule 36.9%); the graded rule differs from it only where the candidate's
      estimate is 3 or more.
-   - Worn, and only by the race: on the CloudPhysics block trace the victims' estimates are 4
-     to 6 while the keys that come back arrive with 1 or 2, so the main space stays frozen with
-     an earlier phase's keys until aging (graded: 20.6% and 27.5% at 4,897 and 9,795 entries,
-     LRU's level; worn from the start 25.1% and 32.5%; S3-FIFO, whose hand takes one from a
-     key's count each lap, 25.3% and 32.8%). But wear churns a loop's stable part (worn alone:
-     LIRS loop at 404 entries 29.5%, strict 39.8%), so it has to win its place.
+   - Worn, and raced: on the CloudPhysics trace the victims' estimates are 4 to 6 while the
+     keys that come back arrive with 1 or 2, so under the other rules the main space stays
+     frozen with an earlier phase's keys until aging (graded: 20.6% and 27.5%, LRU's level;
+     S3-FIFO's hand takes one from a key's count each lap for the same reason). But wear
+     churns a loop's stable part (worn alone: LIRS loop at 404 entries 29.5%, strict 39.8%).
    - A floor under the bar (`race_min_hits`): a CUSUM of fair coin tosses passes h after about
      h**2 discordant requests, and 0.1 x 61 entries (LIRS cpp) is 6 hits: three near-equal
      rules switched on noise there and lost a point.
-   The price: on LIRS cs at 564 entries the strict rule leads by 0.7 points, spread evenly
-   over the trace, below the bar until the trace ends; on CloudPhysics the switch to worn comes
-   a third of the way in (4,897 entries) or later, and the owner, whose main space froze
-   meanwhile, thaws slowly: 22.9% and 29.6%.
+   The price: where the graded rule wins, its lead comes late (LIRS gli at 750 entries: the
+   race adopts it three quarters of the way in, 42.4% where graded alone gets 43.6%; at 1,000
+   the trace ends below the bar, 49.8% for 50.7%).
 
 **Spatial sampling** (SHARDS: Waldspurger et al., "Efficient MRC Construction with SHARDS",
 2015): a shadow costs a policy's bookkeeping on every request it sees, so on a large cache the
@@ -300,7 +300,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         *,
         window_fraction: float = 0.01,
         max_window_fraction: float = 1.0,
-        rule: str = GRADED,
+        rule: str = WORN,
         wear: int = 4,
         step_fraction: float = 0.0625,
         decay: float = 0.98,

@@ -10,6 +10,7 @@ from cluster.policies import make_policy
 from cluster.policies.adaptive import (
     GRADED,
     STRICT,
+    WORN,
     AdaptiveTinyLFUPolicy,
     HillClimber,
     sample_rate,
@@ -102,9 +103,10 @@ def test_window_shrinks_on_a_frequency_friendly_workload() -> None:
 
 def test_race_switches_to_the_loop_friendly_admission_once() -> None:
     """A loop larger than the cache: the strict rule keeps a stable part of it from the second
-    lap on, the graded one churns there; the race adopts strict within a few laps, for good."""
+    lap on, the worn one (the start) wears it down and churns; the race adopts strict within a
+    few laps, for good."""
     policy = AdaptiveTinyLFUPolicy(100)
-    assert policy.rule == GRADED
+    assert policy.rule == WORN
     rules = []
     hits = 0
     for key in list(range(1000)) * 30:
@@ -115,10 +117,39 @@ def test_race_switches_to_the_loop_friendly_admission_once() -> None:
             policy.insert(key)
         if not rules or rules[-1][1] != policy.rule:
             rules.append((hits, policy.rule))
-    assert [rule for _, rule in rules] == [GRADED, STRICT]
+    assert [rule for _, rule in rules] == [WORN, STRICT]
     assert rules[1][0] < 0.01 * 30_000  # switched before the loop paid off
     assert hits > 0.08 * 30_000  # OPT would be 9.9%
     policy.check_integrity()
+
+
+def test_race_adopts_wear_where_an_earlier_phase_freezes_the_main_space() -> None:
+    """Phases of 150 keys, each read six times, in a cache of 200: the next phase's keys meet
+    victims whose estimates are as high as theirs will get, so the graded and strict rules keep
+    the old phase until aging; the worn rule lets each phase in. Started graded, the race
+    adopts worn, and beats both fixed rules."""
+
+    def phases(policy: AdaptiveTinyLFUPolicy) -> tuple[int, list[str]]:
+        hits = 0
+        rules = [policy.rule]
+        for phase in range(4):
+            for _ in range(6):
+                for key in range(1000 * phase, 1000 * phase + 150):
+                    if key in policy:
+                        policy.hit(key)
+                        hits += 1
+                    else:
+                        policy.insert(key)
+                    if policy.rule != rules[-1]:
+                        rules.append(policy.rule)
+        policy.check_integrity()
+        return hits, rules
+
+    raced, rules = phases(AdaptiveTinyLFUPolicy(200, rule=GRADED))
+    assert rules == [GRADED, WORN]
+    for fixed in (GRADED, STRICT):
+        hits, _ = phases(AdaptiveTinyLFUPolicy(200, rule=fixed, adaptive_admission=False))
+        assert raced > hits
 
 
 def test_shadows_can_be_turned_off() -> None:
