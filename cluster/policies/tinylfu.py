@@ -25,7 +25,9 @@ Management", 2018):
   loops churn. The adaptive policy picks between rules online. The plain `tinylfu` keeps
   Caffeine's rule (margin 0) by default.
 - `wear` wears down a victim that keeps its place only by rejecting candidates: every `wear`-th
-  rejection takes one from the estimate of the victim that made it (0, the default: never).
+  rejection takes one from the estimate of the victim that made it (0, the default: never),
+  down to 1, never to 0: a worn victim still beats a key seen once, so wear never opens the main
+  space to one-hit wonders (under the graded rule a candidate of 1 beats a victim of 0).
   The victim stays at the head of probation while it wins, and the main space behind it is
   frozen until aging halves the estimates (every 10 x entries sightings); where the popular set
   drifts faster than that (block I/O: on the CloudPhysics trace at 9,795 entries the victims'
@@ -383,7 +385,7 @@ class WTinyLFUPolicy:
         return True
 
     def _wear_down(self, victim: Node) -> None:
-        """Count a rejection by `victim`; every `wear`-th takes one from its estimate.
+        """Count a rejection by `victim`; every `wear`-th takes one from its estimate (not below 1).
 
         Only the node's estimate drops, not the sketch's: if the victim leaves and comes back,
         its past accesses count again (a worn estimate is written back only where it is still
@@ -392,7 +394,7 @@ class WTinyLFUPolicy:
         self._rejections += 1
         if self._rejections >= self.wear:
             self._rejections = 0
-            if victim[FREQ]:
+            if victim[FREQ] > 1:
                 victim[FREQ] -= 1
 
     def _fold(self, node: Node, refs: int) -> None:

@@ -120,13 +120,13 @@ def test_margin_from_exempts_a_first_reuse() -> None:
 
 
 def test_wear_lets_returning_keys_past_the_victims_of_an_earlier_phase() -> None:
-    """Keys read five times fill the main space; then new keys come, each read twice. Strict
-    admission rejects every newcomer while the old estimates stand; with wear, every fourth
-    rejection takes one from the victim that made it, and newcomers replace the old keys."""
+    """Keys read five times fill the main space; then new keys come, each read twice. The graded
+    rule rejects every newcomer while the old estimates stand; with wear, every fourth rejection
+    takes one from the victim that made it, down to 1, and newcomers replace the old keys."""
     newcomers = range(1000, 1300)
     admitted = {}
     for wear in (0, 4):
-        policy = WTinyLFUPolicy(100, admit_margin=1, wear=wear)  # window: 1 key
+        policy = WTinyLFUPolicy(100, admit_margin=1, margin_from=3, wear=wear)  # window: 1 key
         for _ in range(5):
             for key in range(100):
                 access(policy, key)
@@ -137,6 +137,22 @@ def test_wear_lets_returning_keys_past_the_victims_of_an_earlier_phase() -> None
         policy.check_integrity()
     assert admitted[0] <= 1  # the window's
     assert admitted[4] >= 10
+
+
+def test_wear_stops_at_one() -> None:
+    """A one-time scan wears the victims down to 1, not 0, which a key seen once does not beat
+    under the graded rule (at 0 it would: 20 hot keys lost). The sketch is large and does not
+    age here, so no collision or halving lifts or lowers an estimate."""
+    policy = WTinyLFUPolicy(
+        100, admit_margin=1, margin_from=3, wear=1, expected_entries=1 << 14, sample_factor=1000
+    )
+    for _ in range(3):
+        for key in range(100):
+            access(policy, key)
+    for key in range(1000, 1600):
+        access(policy, key)
+    assert sum(key in policy for key in range(100)) == 99  # one gave way to the window
+    policy.check_integrity()
 
 
 def test_window_holds_at_least_one_unit_and_rejects_oversized() -> None:
