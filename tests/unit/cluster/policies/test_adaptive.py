@@ -47,7 +47,7 @@ def zipf(capacity: int, requests: int) -> list[int]:
 
 
 def test_hill_climber_follows_caffeine_rule() -> None:
-    climber = HillClimber(1000)
+    climber = HillClimber(1000, decay=0.98)  # Caffeine's decay
     assert climber.step == -62.5  # Caffeine's first move shrinks
     assert climber.adjustment(0.50) == -62.5  # a 50-point change: restart at full step
     climber.orient(grow=True)
