@@ -215,7 +215,7 @@ Tally = tuple[int, ...]
 class _Shadows:
     """The shadows that see the sampled requests, and running totals of their hits.
 
-    `yardstick` is an LRU (None when turned off); `rules` maps an admission rule's name to a
+    `yardstick` is an LRU (None when turned off); `miniatures` maps an admission rule's name to a
     W-TinyLFU miniature that keeps that rule for good: every rule when the owner races them,
     else the owner's alone when the owner needs a miniature of itself (`rate > 1`), else none.
     The totals only grow; a sample is the difference between two `tally()`s.
@@ -228,7 +228,7 @@ class _Shadows:
         capacity = max(1, owner.capacity // rate)
         self.yardstick = LRUPolicy(capacity) if yardstick else None
         names = RULE_NAMES if race else (owner.rule,) if rate > 1 and yardstick else ()
-        self.rules = {name: self._miniature(owner, capacity, name) for name in names}
+        self.miniatures = {name: self._miniature(owner, capacity, name) for name in names}
         self.requests = self.hits = self.yardstick_hits = 0
         self.rule_hits = dict.fromkeys(RULE_NAMES, 0)
 
@@ -259,7 +259,7 @@ class _Shadows:
             self.yardstick.capacity = capacity
             while self.yardstick.used > capacity:
                 self.yardstick.evict_one()
-        for mini in self.rules.values():
+        for mini in self.miniatures.values():
             mini.resize(capacity, window)
 
 
@@ -465,17 +465,17 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
                 yardstick.insert(key, charge)
         freq = -1
         rules_hit = 0
-        for rule, mini in shadows.rules.items():
+        for name, mini in shadows.miniatures.items():
             node = mini._index.get(key)
             if node is not None:
                 node[REFS] += 1
-                shadows.rule_hits[rule] += 1
+                shadows.rule_hits[name] += 1
                 rules_hit += 1
             elif charge <= mini.capacity:
                 if freq < 0:
                     freq = self.estimate_of(key, h)
                 mini.place(key, charge, h, freq)
-        if 0 < rules_hit < len(shadows.rules):  # only then does a lead move
+        if 0 < rules_hit < len(shadows.miniatures):  # only then does a lead move
             self._race(shadows.rule_hits)
         if shadows.requests >= self._next_decision:
             self._decide()
@@ -509,7 +509,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
 
     def _age(self) -> None:
         super()._age()
-        for mini in self._shadows.rules.values():
+        for mini in self._shadows.miniatures.values():
             mini.halve_estimates()
 
     def _decide(self) -> None:
@@ -531,7 +531,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
 
     def _reference(self, ratios: list[float]) -> float:
         """What the yardstick is compared with: the miniature of this policy, else itself."""
-        if self.rule in self._shadows.rules:
+        if self.rule in self._shadows.miniatures:
             return ratios[2 + RULE_NAMES.index(self.rule)]
         return ratios[0]
 
@@ -600,5 +600,5 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         shadows = self._shadows
         if shadows.yardstick is not None:
             shadows.yardstick.check_integrity()
-        for mini in shadows.rules.values():
+        for mini in shadows.miniatures.values():
             mini.check_integrity()
