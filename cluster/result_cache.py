@@ -106,6 +106,11 @@ class ResultCache:
         self._policy = make_policy(
             policy, max_bytes if max_entries else 0, max_entries=max(max_entries, 1)
         )
+        # A policy may take a batch of accesses in one call (W-TinyLFU does): one call per
+        # drain instead of one per access.
+        self._hit_many: Callable[[list[ResultKey]], None] = getattr(
+            self._policy, "hit_many", self._hit_each
+        )
         self._timer = timer
         self._rng = rng or random.Random()
         # Keyed by ResultKey; typed Any so the policy's keys index it without a `cast` call
@@ -184,40 +189,32 @@ class ResultCache:
         lookup never returns a value older than the last put.
         """
         # Every write runs through here, so each step that has nothing to do is skipped with one
-        # test (no pending accesses, no deadline due, no previous value, nothing evicted).
+        # test (no pending accesses, deadlines or lifetime; no previous value; nothing evicted).
         charge = len(key) + len(value)  # entry_size, written out
         lifetime = self.ttl_s if ttl_s is None else ttl_s
         entries = self._entries
         with self._lock:
-            if self._accesses:
-                self._drain_accesses()
-            deadlines = self._deadlines
-            now = self._timer() if deadlines or lifetime is not None else NEVER
-            if deadlines and deadlines[0][0] <= now:  # the heap's head is the next deadline
-                self._expire(now)
+            expires_at = NEVER
+            if self._accesses or self._deadlines or lifetime is not None:
+                expires_at = self._prepare_write(lifetime)
             previous = entries.pop(key, None)
             if previous is not None:
                 self._bytes -= previous[CHARGE]
                 self._policy.remove(key)
             evicted = self._policy.insert(key, charge)
             if evicted:
+                self._evictions += len(evicted)
                 for victim in evicted:
-                    if victim != key:
-                        self._evictions += 1
-                        dropped = entries.pop(victim, None)
-                        if dropped is not None:
-                            self._bytes -= dropped[CHARGE]
-                if key in evicted:
+                    dropped = entries.pop(victim, None)  # None for `key` itself
+                    if dropped is not None:
+                        self._bytes -= dropped[CHARGE]
+                if key in evicted:  # declined, which is no eviction
+                    self._evictions -= 1
                     return False
-            expires_at = NEVER
-            if lifetime is not None:
-                jitter = self._rng.uniform(-self.ttl_jitter, self.ttl_jitter)
-                expires_at = now + lifetime * (1 + jitter)
-                heapq.heappush(deadlines, (expires_at, key))
-                if len(deadlines) > 2 * len(entries) + 64:
-                    self._compact_deadlines()
             entries[key] = (value, charge, expires_at, tags)
             self._bytes += charge
+            if expires_at is not NEVER:
+                self._schedule(key, expires_at)
             if len(entries) > self.max_entries:
                 # The entry count binds: usually one victim, written out (a call costs here).
                 victim = self._policy.evict_one()
@@ -292,14 +289,38 @@ class ResultCache:
         # for the next drain.
         accesses = self._accesses
         popleft = accesses.popleft
+        pending = len(accesses)
+        self._hit_many([popleft() for _ in range(pending)])
+        self._hits += pending
+
+    def _hit_each(self, keys: list[ResultKey]) -> None:
+        """`hit_many` for a policy without it: each access to a key still resident."""
         hit = self._policy.hit
         entries = self._entries
-        pending = len(accesses)
-        for _ in range(pending):
-            key = popleft()
+        for key in keys:
             if key in entries:
                 hit(key)
-        self._hits += pending
+
+    def _prepare_write(self, lifetime: float | None) -> float:
+        """Apply pending accesses and expire what is due; the deadline of an entry written now
+        with `lifetime` (NEVER for None)."""
+        if self._accesses:
+            self._drain_accesses()
+        deadlines = self._deadlines
+        if not deadlines and lifetime is None:
+            return NEVER
+        now = self._timer()
+        if deadlines and deadlines[0][0] <= now:  # the heap's head is the next deadline
+            self._expire(now)
+        if lifetime is None:
+            return NEVER
+        return now + lifetime * (1 + self._rng.uniform(-self.ttl_jitter, self.ttl_jitter))
+
+    def _schedule(self, key: ResultKey, expires_at: float) -> None:
+        """Remember the deadline of the entry just written under `key`."""
+        heapq.heappush(self._deadlines, (expires_at, key))
+        if len(self._deadlines) > 2 * len(self._entries) + 64:
+            self._compact_deadlines()
 
     def _evict_to_entry_bound(self) -> None:
         evict_one = self._policy.evict_one

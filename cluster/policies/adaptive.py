@@ -124,6 +124,7 @@ fewer of them. Measured on LIRS gli at 250 entries: a plain W-TinyLFU under the 
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, NamedTuple
 
 from cluster.policies.base import Key, register
@@ -403,6 +404,15 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         node[REFS] += 1
         if node[SAMPLED]:
             self._sampled(key, node[CHARGE], node[HASH], hit=True)
+
+    def hit_many(self, keys: Iterable[Key]) -> None:
+        index = self._index
+        for key in keys:
+            node = index.get(key)
+            if node is not None:
+                node[REFS] += 1
+                if node[SAMPLED]:
+                    self._sampled(key, node[CHARGE], node[HASH], hit=True)
 
     def insert(self, key: Key, charge: int = 1) -> list[Key]:
         # WTinyLFUPolicy.insert, written out: a call more per miss is measurable.

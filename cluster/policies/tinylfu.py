@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import random
 from collections import deque
+from collections.abc import Iterable
 from typing import Any
 
 from cluster.policies.base import Key, register
@@ -255,6 +256,15 @@ class WTinyLFUPolicy:
 
     def hit(self, key: Key) -> None:
         self._index[key][REFS] += 1
+
+    def hit_many(self, keys: Iterable[Key]) -> None:
+        """`hit` each resident key of `keys`, in order, skipping the others: an owner that
+        buffers accesses hands over a batch in one call (keys may have left since)."""
+        index = self._index
+        for key in keys:
+            node = index.get(key)
+            if node is not None:
+                node[REFS] += 1
 
     def insert(self, key: Key, charge: int = 1) -> list[Key]:
         if charge < self.min_charge:

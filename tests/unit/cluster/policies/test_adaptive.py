@@ -202,3 +202,26 @@ def test_shadows_follow_an_owner_that_bounds_entries() -> None:
     assert shadows.yardstick is not None and shadows.yardstick.capacity <= 10_100
     assert len(shadows.yardstick) <= 101
     policy.check_integrity()
+
+
+@pytest.mark.parametrize("name", ["tinylfu", "adaptive"])
+def test_hit_many_is_hit_for_each_key_still_resident(name: str) -> None:
+    """An owner that buffers accesses hands them over in batches, some for keys gone since."""
+    one_by_one = make_policy(name, 200)
+    batched = make_policy(name, 200)
+    rng = np.random.default_rng(5)
+    keys = (rng.zipf(1.2, 30_000) % 2_000).tolist()
+    pending: list[int] = []
+    for key in keys:
+        if key in one_by_one:
+            one_by_one.hit(key)
+            pending.append(key)
+            continue
+        batched.hit_many(pending)  # as a cache drains its buffer before each write
+        pending = [key + 10_000]  # a key never resident: skipped
+        assert one_by_one.insert(key) == batched.insert(key)
+    batched.hit_many(pending)
+    assert one_by_one.requests_so_far() == batched.requests_so_far()
+    assert sorted(one_by_one._index) == sorted(batched._index)
+    one_by_one.check_integrity()
+    batched.check_integrity()

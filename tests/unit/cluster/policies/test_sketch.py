@@ -71,11 +71,21 @@ def test_explicit_age_halves_every_counter() -> None:
         sketch.increment(7)
     sketch.age()
     assert sketch.frequency(7) == 4
+    assert sketch.add_key(7)[1] == 5  # counts into the halved rows, not the ones before
+
+
+def test_add_key_counts_into_the_grown_rows() -> None:
+    sketch = FrequencySketch(16)
+    sketch.increment("k")
+    sketch.ensure_capacity(5000)
+    assert sketch.add_key("k")[1] == 2
+    assert sketch.frequency("k") == 2
 
 
 def test_add_key_returns_the_hash_and_the_new_estimate() -> None:
     sketch = FrequencySketch(64, seed=9)
-    for key in ("text", b"bytes", 42, ("tuple", 1), "lone \udc80 surrogate"):
+    keys = ("text", "日本語", b"bytes", 42, -7, 2**70, True, ("tuple", 1), "lone \udc80 surrogate")
+    for key in keys:
         h, estimate = sketch.add_key(key)
         assert h == key_hash(key, 9) == sketch.hash(key)
         assert estimate == 1 == sketch.estimate(h)
