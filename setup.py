@@ -1,6 +1,7 @@
-"""The one compiled part of raycache: the frequency sketch's counter steps (see pyproject.toml for
-everything else). `optional=True`: where no C compiler is at hand the install goes on and
-`cluster.policies.sketch` uses its pure-Python steps, slower and otherwise the same."""
+"""The compiled parts of raycache: the frequency sketch's counter steps and W-TinyLFU's `place`
+(see pyproject.toml for everything else). `optional=True`: where no C compiler is at hand the
+install goes on and `cluster.policies` uses the same steps in Python, slower and otherwise the
+same."""
 
 from setuptools import Extension, setup
 
@@ -10,6 +11,11 @@ setup(
             "cluster.policies._sketch_core",
             ["cluster/policies/_sketch_core.c"],
             optional=True,
-        )
+        ),
+        Extension(
+            "cluster.policies._tinylfu_core",
+            ["cluster/policies/_tinylfu_core.c"],
+            optional=True,
+        ),
     ]
 )

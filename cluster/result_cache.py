@@ -10,9 +10,10 @@ reads the entry dict (atomic under the GIL), checks the deadline (an entry witho
 skips the clock), and appends the key to an access buffer. The buffer is applied to the policy
 under the lock later (when it fills, and on every write), as Caffeine does; so the hot path
 stays a dictionary lookup and a deque append, and the policy's bookkeeping runs in batches
-(one `hit_many` call per drain where the policy has it, as W-TinyLFU does). Accesses to a key that left before the buffer is drained are simply skipped. A write does only
-the work there is: it drains the buffer when it holds accesses, and sweeps expired entries when
-the earliest deadline (the head of a heap) has passed.
+(one `hit_many` call per drain where the policy has it, as W-TinyLFU does). Accesses to a key
+that left before the buffer is drained are simply skipped. A write does only the work there is:
+it drains the buffer when it holds accesses, and sweeps expired entries when the earliest
+deadline (the head of a heap) has passed.
 """
 
 from __future__ import annotations

@@ -129,7 +129,15 @@ from typing import Any, NamedTuple
 
 from cluster.policies.base import Key, register
 from cluster.policies.lru import LRUPolicy
-from cluster.policies.tinylfu import CHARGE, HASH, REFS, SAMPLED, WTinyLFUPolicy
+from cluster.policies.tinylfu import (
+    CHARGE,
+    HASH,
+    REFS,
+    SAMPLED,
+    WTinyLFUPolicy,
+    hit_keys,
+    place,
+)
 
 _HASH_BITS = 64
 
@@ -406,13 +414,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             self._sampled(key, node[CHARGE], node[HASH], hit=True)
 
     def hit_many(self, keys: Iterable[Key]) -> None:
-        index = self._index
-        for key in keys:
-            node = index.get(key)
-            if node is not None:
-                node[REFS] += 1
-                if node[SAMPLED]:
-                    self._sampled(key, node[CHARGE], node[HASH], hit=True)
+        hit_keys(self._index, keys, self._sampled)
 
     def insert(self, key: Key, charge: int = 1) -> list[Key]:
         # WTinyLFUPolicy.insert, written out: a call more per miss is measurable.
@@ -422,7 +424,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             return [key]
         h, freq = self.sketch.add_key(key)
         sampled = h < self._sample_limit
-        evicted = self.place(key, charge, h, freq, sampled)
+        evicted = place(self, key, charge, h, freq, sampled)
         self._sightings += 1
         if self._sightings >= self.sketch.sample_size:
             self._age()
@@ -484,7 +486,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             elif charge <= mini.capacity:
                 if freq < 0:
                     freq = self.estimate_of(key, h)
-                mini.place(key, charge, h, freq)
+                place(mini, key, charge, h, freq)
         if 0 < rules_hit < len(shadows.miniatures):  # only then does a lead move
             self._race(shadows.rule_hits)
         if shadows.requests >= self._next_decision:

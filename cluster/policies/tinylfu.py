@@ -86,11 +86,20 @@ from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from cluster.policies.base import Key, register
 from cluster.policies.sketch import MAX_COUNT, FrequencySketch
+
+try:
+    from cluster.policies._tinylfu_core import bind as _bind_compiled
+    from cluster.policies._tinylfu_core import hit_keys as _compiled_hit_keys
+    from cluster.policies._tinylfu_core import place as _compiled_place
+
+    COMPILED = True
+except ImportError:  # installed where no C compiler was at hand: the Python method runs
+    COMPILED = False
 
 _HASHDOS_THRESHOLD = 6
 _INITIAL_SKETCH_ENTRIES = 1024
@@ -260,11 +269,7 @@ class WTinyLFUPolicy:
     def hit_many(self, keys: Iterable[Key]) -> None:
         """`hit` each resident key of `keys`, in order, skipping the others: an owner that
         buffers accesses hands over a batch in one call (keys may have left since)."""
-        index = self._index
-        for key in keys:
-            node = index.get(key)
-            if node is not None:
-                node[REFS] += 1
+        hit_keys(self._index, keys, None)
 
     def insert(self, key: Key, charge: int = 1) -> list[Key]:
         if charge < self.min_charge:
@@ -272,7 +277,7 @@ class WTinyLFUPolicy:
         if charge > self.capacity:
             return [key]
         h, freq = self.sketch.add_key(key)
-        evicted = self.place(key, charge, h, freq)
+        evicted = place(self, key, charge, h, freq)
         self._sightings += 1
         if self._sightings >= self.sketch.sample_size:
             self._age()
@@ -296,7 +301,9 @@ class WTinyLFUPolicy:
         `h` is the key's sketch hash and `freq` its estimate including this access. Window
         overflow goes to admission, then the main space gives way until everything fits. This
         runs on every miss: the common steps are written out here, with the running totals in
-        locals, because CPython charges for every call and attribute access.
+        locals, because CPython charges for every call and attribute access. The misses call
+        the module's `place`, this method compiled (`_tinylfu_core.c`) where it could be built:
+        this method is its definition and its fallback, and a change here is a change there.
         """
         node = [0, charge, freq, h, freq, WINDOW, key, sampled]
         index = self._index
@@ -679,3 +686,31 @@ class WTinyLFUPolicy:
             assert len(self._index) <= self.max_entries, "over the entry bound"
         assert self._window_used <= self._window_max, "window over its bound"
         assert self._protected_used <= self._protected_max, "protected over its bound"
+
+
+def _hit_keys_python(
+    index: dict[Key, Node], keys: Iterable[Key], on_sampled: Callable[..., None] | None
+) -> None:
+    """Count a hit in the node of each key of `keys` in `index`; for a node marked sampled, call
+    `on_sampled(key, charge, h, True)` unless it is None (the adaptive policy's shadows)."""
+    for key in keys:
+        node = index.get(key)
+        if node is not None:
+            node[REFS] += 1
+            if on_sampled is not None and node[SAMPLED]:
+                on_sampled(key, node[CHARGE], node[HASH], True)
+
+
+place: Callable[..., list[Key]]
+"""`place(policy, key, charge, h, freq, sampled=False)`: `WTinyLFUPolicy.place`, compiled
+(`_tinylfu_core`) where a C compiler was at hand, else the method itself. Every miss runs it, so
+`insert` and the adaptive policy's miniatures call this; a unit test checks the two agree."""
+hit_keys: Callable[[dict[Key, Node], Iterable[Key], Callable[..., None] | None], None]
+"""`_hit_keys_python`, compiled where it could be (the loop of every `hit_many`)."""
+if COMPILED:
+    _bind_compiled(WTinyLFUPolicy)
+    place = _compiled_place
+    hit_keys = _compiled_hit_keys
+else:
+    place = WTinyLFUPolicy.place
+    hit_keys = _hit_keys_python

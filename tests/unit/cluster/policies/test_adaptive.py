@@ -6,7 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cluster.policies import adaptive as adaptive_module
 from cluster.policies import make_policy
+from cluster.policies import tinylfu as tinylfu_module
 from cluster.policies.adaptive import (
     GRADED,
     STRICT,
@@ -205,8 +207,15 @@ def test_shadows_follow_an_owner_that_bounds_entries() -> None:
 
 
 @pytest.mark.parametrize("name", ["tinylfu", "adaptive"])
-def test_hit_many_is_hit_for_each_key_still_resident(name: str) -> None:
-    """An owner that buffers accesses hands them over in batches, some for keys gone since."""
+@pytest.mark.parametrize("loop", ["compiled", "python"])
+def test_hit_many_is_hit_for_each_key_still_resident(monkeypatch, name: str, loop: str) -> None:
+    """An owner that buffers accesses hands them over in batches, some for keys gone since; the
+    compiled loop (`_tinylfu_core.hit_keys`) and its Python twin alike."""
+    if loop == "python":
+        monkeypatch.setattr(tinylfu_module, "hit_keys", tinylfu_module._hit_keys_python)
+        monkeypatch.setattr(adaptive_module, "hit_keys", tinylfu_module._hit_keys_python)
+    elif not tinylfu_module.COMPILED:
+        pytest.skip("not compiled: test_the_compiled_place_is_built fails")
     one_by_one = make_policy(name, 200)
     batched = make_policy(name, 200)
     rng = np.random.default_rng(5)

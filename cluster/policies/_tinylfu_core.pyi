@@ -1,0 +1,13 @@
+# W-TinyLFU's `place`, compiled (_tinylfu_core.c); see tinylfu.py.
+from collections.abc import Callable, Hashable, Iterable
+from typing import Any
+
+def bind(cls: type) -> None: ...
+def hit_keys(
+    index: dict[Hashable, list[Any]],
+    keys: Iterable[Hashable],
+    on_sampled: Callable[..., None] | None,
+) -> None: ...
+def place(
+    policy: object, key: Hashable, charge: int, h: int, freq: int, sampled: bool = ...
+) -> list[Hashable]: ...
