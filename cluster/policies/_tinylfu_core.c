@@ -347,9 +347,14 @@ place(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                     }
                     if (owns_sketch) {
                         PyObject *sketch = get_slot(self, S_SKETCH);
-                        if (sketch == NULL ||
-                            call_void(sketch, s_raise_to, PyList_GET_ITEM(candidate, HASH),
-                                      PyList_GET_ITEM(candidate, FREQ)) < 0) {
+                        if (sketch == NULL) {
+                            goto error;
+                        }
+                        Py_INCREF(sketch);
+                        int failed = call_void(sketch, s_raise_to, PyList_GET_ITEM(candidate, HASH),
+                                               PyList_GET_ITEM(candidate, FREQ));
+                        Py_DECREF(sketch);
+                        if (failed < 0) {
                             goto error;
                         }
                     }
