@@ -6,9 +6,10 @@
  * the adaptive policy's miniatures: in CPython it is about half of a result cache's evicting put
  * (~240 of ~440 bytecodes). This is the same function, step for step: the Python method stays
  * the definition (and the fallback where no C compiler was at hand), and a unit test runs both
- * on twin policies and compares every decision. Only the common steps run here; the rare ones
- * (folding hits into a node, wear, a contest that needs `_contest`, the main space giving way)
- * call the policy's own Python methods, exactly where the Python method calls them.
+ * on twin policies and compares every decision. Only the common steps run here (the fast
+ * rejection with its wear written out, as in the method); the rare ones (folding hits into a
+ * node, a contest that needs `_contest`, the main space giving way) call the policy's own Python
+ * methods, exactly where the Python method calls them.
  *
  * The policy's fields are `__slots__`: `bind(cls)` finds the offset of each slot this function
  * uses (their member descriptors, T_OBJECT_EX), and `place` reads and writes them there, as
@@ -42,19 +43,19 @@ enum {
     S_DEPARTURES,
     S_OWNS_SKETCH,
     S_SKETCH,
+    S_REJECTIONS,
     N_SLOTS
 };
 static const char *const slot_names[N_SLOTS] = {
     "_index", "_window",      "_probation", "_used",       "_window_used",
     "_window_max", "capacity", "admit_margin", "margin_from", "wear",
-    "_dead", "departures",    "_owns_sketch", "sketch",
+    "_dead", "departures",    "_owns_sketch", "sketch",      "_rejections",
 };
 static Py_ssize_t offsets[N_SLOTS];
 static PyTypeObject *bound_type;
 
 /* Interned names of the methods `place` calls. */
-static PyObject *s_append, *s_popleft, *s_fold, *s_wear_down, *s_contest, *s_victim, *s_evict,
-    *s_raise_to;
+static PyObject *s_append, *s_popleft, *s_fold, *s_contest, *s_victim, *s_evict, *s_raise_to;
 
 #define SLOT(self, i) (*(PyObject **)((char *)(self) + offsets[i]))
 
@@ -327,8 +328,31 @@ place(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 if (get_int(self, S_WEAR, &wear) < 0) {
                     goto error;
                 }
-                if (wear && call_void(self, s_wear_down, victim, NULL) < 0) {
-                    goto error;
+                if (wear) {
+                    /* `_wear_down(victim)`, written out: it runs on most rejections. */
+                    Py_ssize_t rejections, victim_freq;
+                    if (get_int(self, S_REJECTIONS, &rejections) < 0) {
+                        goto error;
+                    }
+                    rejections += 1;
+                    if (rejections >= wear) {
+                        rejections = 0;
+                        if (node_int(victim, FREQ, &victim_freq) < 0) {
+                            goto error;
+                        }
+                        if (victim_freq > 1) {
+                            PyObject *worn = PyLong_FromSsize_t(victim_freq - 1);
+                            if (worn == NULL) {
+                                goto error;
+                            }
+                            PyObject *old = PyList_GET_ITEM(victim, FREQ);
+                            PyList_SET_ITEM(victim, FREQ, worn);
+                            Py_DECREF(old);
+                        }
+                    }
+                    if (set_int(self, S_REJECTIONS, rejections) < 0) {
+                        goto error;
+                    }
                 }
                 Py_CLEAR(victim);
                 /* `_forget(candidate)`, as the Python method writes it out. */
@@ -541,9 +565,9 @@ PyInit__tinylfu_core(void)
         PyObject **name;
         const char *text;
     } names[] = {
-        {&s_append, "append"},     {&s_popleft, "popleft"},     {&s_fold, "_fold"},
-        {&s_wear_down, "_wear_down"}, {&s_contest, "_contest"}, {&s_victim, "_victim"},
-        {&s_evict, "_evict"},      {&s_raise_to, "raise_to"},
+        {&s_append, "append"}, {&s_popleft, "popleft"}, {&s_fold, "_fold"},
+        {&s_contest, "_contest"}, {&s_victim, "_victim"}, {&s_evict, "_evict"},
+        {&s_raise_to, "raise_to"},
     };
     for (size_t i = 0; i < sizeof(names) / sizeof(names[0]); i++) {
         *names[i].name = PyUnicode_InternFromString(names[i].text);
