@@ -109,15 +109,16 @@ node_int(PyObject *node, int i, Py_ssize_t *out)
     return (*out == -1 && PyErr_Occurred()) ? -1 : 0;
 }
 
+/* `node[i] = value`. */
 static int
-set_segment(PyObject *node, long segment)
+set_node_int(PyObject *node, int i, Py_ssize_t value)
 {
-    PyObject *value = PyLong_FromLong(segment);
-    if (value == NULL) {
+    PyObject *number = PyLong_FromSsize_t(value);
+    if (number == NULL) {
         return -1;
     }
-    PyObject *old = PyList_GET_ITEM(node, SEGMENT);
-    PyList_SET_ITEM(node, SEGMENT, value);
+    PyObject *old = PyList_GET_ITEM(node, i);
+    PyList_SET_ITEM(node, i, number);
     Py_DECREF(old);
     return 0;
 }
@@ -340,14 +341,8 @@ place(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                         if (node_int(victim, FREQ, &victim_freq) < 0) {
                             goto error;
                         }
-                        if (victim_freq > 1) {
-                            PyObject *worn = PyLong_FromSsize_t(victim_freq - 1);
-                            if (worn == NULL) {
-                                goto error;
-                            }
-                            PyObject *old = PyList_GET_ITEM(victim, FREQ);
-                            PyList_SET_ITEM(victim, FREQ, worn);
-                            Py_DECREF(old);
+                        if (victim_freq > 1 && set_node_int(victim, FREQ, victim_freq - 1) < 0) {
+                            goto error;
                         }
                     }
                     if (set_int(self, S_REJECTIONS, rejections) < 0) {
@@ -357,7 +352,7 @@ place(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 Py_CLEAR(victim);
                 /* `_forget(candidate)`, as the Python method writes it out. */
                 PyObject *loser = PyList_GET_ITEM(candidate, KEY);
-                if (PyDict_DelItem(index, loser) < 0 || set_segment(candidate, DEAD) < 0 ||
+                if (PyDict_DelItem(index, loser) < 0 || set_node_int(candidate, SEGMENT, DEAD) < 0 ||
                     get_int(self, S_DEPARTURES, &departures) < 0 ||
                     set_int(self, S_DEPARTURES, departures + 1) < 0 ||
                     node_int(candidate, BASE, &base) < 0) {
@@ -410,7 +405,7 @@ place(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             }
             used += cost;
         }
-        if (set_segment(candidate, PROBATION) < 0 ||
+        if (set_node_int(candidate, SEGMENT, PROBATION) < 0 ||
             call_void(probation, s_append, candidate, NULL) < 0) {
             goto error;
         }
@@ -502,16 +497,12 @@ hit_keys(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_INCREF(node);
         Py_ssize_t refs;
-        int failed = check_node(node) < 0 || node_int(node, REFS, &refs) < 0;
-        PyObject *counted = failed ? NULL : PyLong_FromSsize_t(refs + 1);
-        if (counted == NULL) {
+        if (check_node(node) < 0 || node_int(node, REFS, &refs) < 0 ||
+            set_node_int(node, REFS, refs + 1) < 0) {
             Py_DECREF(node);
             Py_DECREF(key);
             goto error;
         }
-        PyObject *old = PyList_GET_ITEM(node, REFS);
-        PyList_SET_ITEM(node, REFS, counted);
-        Py_DECREF(old);
         if (on_sampled != Py_None) {
             int sampled = PyObject_IsTrue(PyList_GET_ITEM(node, SAMPLED));
             PyObject *result = NULL;
