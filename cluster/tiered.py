@@ -102,6 +102,11 @@ class StaleValue(ValueError):
     """A fetched value is well-formed but no longer valid (an invalidation covers it)."""
 
 
+class ForeignValue(ValueError):
+    """A fetched value is signed under another cluster secret (a rotation, or another cluster
+    sharing the Redis): a miss, but never deleted, since its writer may still read it."""
+
+
 class TieredCache(Generic[T]):
     """Looks keys up tier by tier and computes misses once; see the module docstring."""
 

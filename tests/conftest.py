@@ -59,6 +59,14 @@ class RunningApp:
     def app_args(self) -> dict[str, Any]:
         return self.config["applications"][0]["args"]
 
+    def auth_headers(self, tenant: str = "alice") -> dict[str, str]:
+        """Headers that authenticate a client as `tenant` (an API key the app was given)."""
+        return {}
+
+    def admin_headers(self) -> dict[str, str]:
+        """Headers that carry the operator's admin token."""
+        return {}
+
     def replica_count(self) -> int:
         deployments = self.config["applications"][0]["deployments"]
         return next(d["num_replicas"] for d in deployments if d["name"] == "ModelReplica")
