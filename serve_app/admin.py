@@ -1,4 +1,5 @@
-"""Admin operations: bearer-token checks, the bodies of the admin routes, and publishing.
+"""Admin operations: the bodies of the admin routes, and publishing (the token check is
+`serve_app.auth.check_admin_token`).
 
 `POST /v1/models/{model}/version` takes a `ModelUpdate` (`version`, optional `seed` or
 `checkpoint`, `force`, plus `timeout_s`); `POST /v1/cache/invalidate` an `InvalidationRequest`.
@@ -7,7 +8,6 @@ Each parse raises `InvalidRequest` naming the bad field, so a bad body is a 400,
 
 from __future__ import annotations
 
-import hmac
 import os
 from typing import Any, TypeVar
 
@@ -16,7 +16,8 @@ from ray.actor import ActorHandle
 
 from cluster.versions import PublishOutcome
 from serve_app.config import ModelUpdate, StrictModel
-from serve_app.errors import InvalidRequest, Unauthorized
+from serve_app.errors import InvalidRequest
+from serve_app.serving import CheckpointRefused, allowed_checkpoint
 
 _LABEL = r"^[A-Za-z0-9][A-Za-z0-9._\-]*$"
 _Body = TypeVar("_Body", bound=StrictModel)
@@ -70,21 +71,18 @@ async def publish_update(
     return outcome
 
 
-def check_admin_token(authorization: str | None, token: str | None) -> None:
-    """Raise `Unauthorized` unless `authorization` is ``Bearer <token>`` (no token: open)."""
-    if token is None:
-        return
-    scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip(), token):
-        raise Unauthorized("a valid admin bearer token is required", param="authorization")
-
-
-def parse_version_update(body: Any) -> VersionUpdateRequest:
-    """Validate the body of a version publish; raises `InvalidRequest`."""
+def parse_version_update(body: Any, checkpoint_dir: str | None = None) -> VersionUpdateRequest:
+    """Validate the body of a version publish; raises `InvalidRequest`. A checkpoint must lie
+    in `checkpoint_dir` (each replica checks that again before it loads anything)."""
     update = _parse(VersionUpdateRequest, body)
-    if update.checkpoint is not None and not os.path.isfile(update.checkpoint):
-        # Checked here so that a typo fails the request instead of every replica's reload.
-        raise InvalidRequest("no such file on the ingress node", param="checkpoint")
+    if update.checkpoint is not None:
+        try:
+            path = allowed_checkpoint(update.checkpoint, checkpoint_dir)
+        except CheckpointRefused as exc:
+            raise InvalidRequest(str(exc), param="checkpoint") from None
+        if not os.path.isfile(path):
+            # Checked here so that a typo fails the request instead of every replica's reload.
+            raise InvalidRequest("no such file on the ingress node", param="checkpoint")
     return update
 
 

@@ -22,10 +22,12 @@ from pydantic import (
 
 from cluster.keys import normalize_text
 from cluster.policies import DEFAULT_POLICY, policy_names
+from cluster.secret import ClusterSecret, SecretError
 
 REDIS_URL_ENV = "RAYCACHE_REDIS_URL"
 ADMIN_TOKEN_ENV = "RAYCACHE_ADMIN_TOKEN"
 HMAC_SECRET_ENV = "RAYCACHE_HMAC_SECRET"
+API_KEYS_ENV = "RAYCACHE_API_KEYS"
 
 
 class StrictModel(BaseModel):
@@ -158,6 +160,31 @@ class LimitSettings(StrictModel):
     )
 
 
+class AuthSettings(StrictModel):
+    """Who a client is: tenants come from credentials, never from what a client claims."""
+
+    api_keys_file: str | None = Field(
+        default=None,
+        description="File of API keys, one `tenant:key` (or `tenant:sha256:<hex of the key's "
+        f"SHA-256>`) a line, `#` comments; read on each ingress node. {API_KEYS_ENV} "
+        "(`tenant:key,tenant:key`) adds more. With any key configured, a request without a "
+        "valid `Authorization: Bearer <key>` gets 401; with none, the cluster is single-tenant "
+        "(`default`).",
+    )
+    trust_tenant_header: bool = Field(
+        default=False,
+        description="Take the tenant from `tenant_header` when a request carries it. Only "
+        "behind a gateway that authenticates clients and sets the header itself.",
+    )
+    tenant_header: str = Field(
+        default="x-raycache-tenant",
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9-]+$",
+        description="The header a trusted gateway names the tenant in (see trust_tenant_header).",
+    )
+
+
 class AppArgs(StrictModel):
     """The `args` of the raycache application in a Serve config file."""
 
@@ -196,12 +223,17 @@ class AppArgs(StrictModel):
     hmac_secret: str | None = Field(
         default=None,
         min_length=16,
-        description=f"Cluster secret: signs cached values (HMAC-SHA256) and keys their cache "
-        f"keys; every replica must share it. {HMAC_SECRET_ENV} overrides it.",
+        description=f"Cluster secret (at least 16 characters, not a template's placeholder): "
+        f"signs every value in Redis and on the peer wire and every version record, "
+        f"authenticates peer calls, and keys cache keys. Null: one is generated for the Ray "
+        f"cluster and shared through Ray; set it when several clusters share one Redis. "
+        f"{HMAC_SECRET_ENV} overrides it.",
     )
-    tenant_header: str = Field(
-        default="x-raycache-tenant",
-        description="HTTP header naming the tenant; requests without it belong to `default`.",
+    auth: AuthSettings = Field(default_factory=AuthSettings)
+    checkpoint_dir: str | None = Field(
+        default=None,
+        description="Directory that published checkpoints must lie in (resolved, no `..` "
+        "escape; checked on each replica). Null: published versions may give a seed only.",
     )
     torch_threads: int = Field(
         default=1, ge=1, le=256, description="Intra-op threads of each model replica (threads)."
@@ -232,9 +264,19 @@ class AppArgs(StrictModel):
         """The spec of `model_id`, or None when no such model is served."""
         return next((m for m in self.models if m.id == model_id), None)
 
-    def secret_bytes(self) -> bytes | None:
-        """The cluster secret as bytes, or None when none is configured."""
-        return self.hmac_secret.encode() if self.hmac_secret else None
+    @field_validator("hmac_secret")
+    @classmethod
+    def _usable_secret(cls, secret: str | None) -> str | None:
+        if secret is not None:
+            try:
+                ClusterSecret.from_text(secret)
+            except SecretError as exc:
+                raise ValueError(str(exc)) from None
+        return secret
+
+    def configured_secret(self) -> ClusterSecret | None:
+        """The operator's cluster secret, or None when one is to be generated."""
+        return ClusterSecret.from_text(self.hmac_secret) if self.hmac_secret else None
 
     def with_environment(self, environ: dict[str, str] | None = None) -> AppArgs:
         """These args with the operator's environment overrides applied.
@@ -249,7 +291,8 @@ class AppArgs(StrictModel):
             updates["admin_token"] = environ[ADMIN_TOKEN_ENV] or None
         if HMAC_SECRET_ENV in environ:
             updates["hmac_secret"] = environ[HMAC_SECRET_ENV] or None
-        return self.model_copy(update=updates)
+        # Validated like the file's values: a placeholder secret in the environment fails too.
+        return parse_args({**self.model_dump(), **updates})
 
 
 class ModelUpdate(StrictModel):

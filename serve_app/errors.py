@@ -2,8 +2,10 @@
 
     RaycacheError            (500, INTERNAL)       base; never raised for bad input
     ├── InvalidRequest       (400, INVALID_ARGUMENT)
-    │   └── PromptTooLong    (400, INVALID_ARGUMENT)
+    │   ├── PromptTooLong    (400, INVALID_ARGUMENT)
+    │   └── BodyTooLarge     (413, RESOURCE_EXHAUSTED)
     ├── Unauthorized         (401, UNAUTHENTICATED)
+    ├── Forbidden            (403, PERMISSION_DENIED)
     ├── ModelNotFound        (404, NOT_FOUND)
     ├── VersionConflict      (409, FAILED_PRECONDITION)
     └── ModelUpdating        (503, UNAVAILABLE)
@@ -60,13 +62,30 @@ class PromptTooLong(InvalidRequest):
     code = "context_length_exceeded"
 
 
+class BodyTooLarge(InvalidRequest):
+    """The request body is larger than the route accepts."""
+
+    http_status = 413
+    grpc_status = "RESOURCE_EXHAUSTED"
+    code = "request_too_large"
+
+
 class Unauthorized(RaycacheError):
-    """An admin route was called without the configured bearer token."""
+    """A request lacks a valid credential: an API key, or the admin token on admin routes."""
 
     http_status = 401
     grpc_status = "UNAUTHENTICATED"
     error_type = "authentication_error"
     code = "invalid_token"
+
+
+class Forbidden(RaycacheError):
+    """The route is closed: no credential can open it until the operator configures one."""
+
+    http_status = 403
+    grpc_status = "PERMISSION_DENIED"
+    error_type = "permission_error"
+    code = "route_closed"
 
 
 class ModelNotFound(RaycacheError):

@@ -2,9 +2,12 @@
 
 HTTP routes (FastAPI, see DESIGN "Interfaces"): `POST /v1/completions`, `GET /v1/models`,
 `GET /v1/cache/stats`, `GET /healthz`, and the admin routes `POST /v1/models/{model}/version`
-and `POST /v1/cache/invalidate` (which need `Authorization: Bearer <admin_token>` when an admin
-token is configured). The same operations are methods of `Ingress`, for callers holding a
-handle (a handle is already inside the cluster: its admin methods take no token):
+and `POST /v1/cache/invalidate`. A completion's tenant comes from its API key
+(`serve_app.auth`); admin routes need `Authorization: Bearer <admin_token>` and are closed
+(403) until a token is configured; `/healthz` is open to probes and names no tenant. The same
+operations are methods of `Ingress`, for callers holding a handle (a handle is already inside
+the Ray cluster, behind its token authentication: the caller names the tenant, and admin
+methods take no token):
 
     handle = serve.get_app_handle("raycache")
     response = await handle.complete.remote({"model": "tiny-gpt", "prompt": "Hi",
@@ -30,12 +33,8 @@ from cluster.keys import routing_key
 from cluster.redis_probe import RedisProbe
 from cluster.version_actor import version_actor
 from cluster.versions import VersionRegression
-from serve_app.admin import (
-    check_admin_token,
-    parse_invalidation,
-    parse_version_update,
-    publish_update,
-)
+from serve_app.admin import parse_invalidation, parse_version_update, publish_update
+from serve_app.auth import DEFAULT_TENANT, check_admin_token, load_tenant_auth
 from serve_app.completions import (
     CompletionJob,
     CompletionRequest,
@@ -55,7 +54,6 @@ from serve_app.stats import cluster_stats
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_TENANT = "default"
 MAX_BODY_BYTES = 4 * 1024 * 1024
 DIRECTORY_TIMEOUT_S = 5.0
 
@@ -99,6 +97,15 @@ class Ingress:
         self._tokenizer = ByteTokenizer()
         self._redis = RedisProbe(self._args.redis_url)
         self._versions = version_actor(self._args.namespace, self._args.redis_url)
+        self._auth = load_tenant_auth(self._args.auth)
+        if self._auth.mode == "single_tenant":
+            logger.warning(
+                "no API keys configured: single-tenant, every request is tenant %r "
+                "(set auth.api_keys_file or RAYCACHE_API_KEYS for tenants)",
+                DEFAULT_TENANT,
+            )
+        if self._args.admin_token is None:
+            logger.warning("no admin token configured: admin routes are closed (403)")
 
     # -- handle API ---------------------------------------------------------------------------
 
@@ -135,7 +142,7 @@ class Ingress:
         `force`, `timeout_s`); returns who acknowledged. Raises `RaycacheError`."""
         if self._args.model(model) is None:
             raise ModelNotFound(f"model {model!r} does not exist", param="model")
-        update = parse_version_update(body)
+        update = parse_version_update(body, self._args.checkpoint_dir)
         try:
             outcome = await publish_update(
                 self._versions, model, update, source="admin", timeout_s=update.timeout_s
@@ -171,7 +178,8 @@ class Ingress:
         return cluster_stats(replicas)
 
     async def health(self) -> dict[str, Any]:
-        """`{"status": "ok", "redis": "up" | "down" | "disabled", "replicas": n}`."""
+        """`{"status": "ok", "redis": "up" | "down" | "disabled", "replicas": n, "auth": ...}`;
+        `auth` is `api_keys`, `single_tenant` or `trusted_header`."""
         try:
             members = await directory_actor(self._args.namespace).members.remote()
             replica_count: int | None = len(members)
@@ -182,14 +190,18 @@ class Ingress:
             "redis": await self._redis.status(),
             "replicas": replica_count,
             "models": [m.id for m in self._args.models],
+            "auth": self._auth.mode,
+            "admin": "open" if self._args.admin_token is not None else "closed",
         }
 
     # -- HTTP routes --------------------------------------------------------------------------
 
     @http_app.post("/v1/completions")
     async def http_completions(self, request: Request) -> JSONResponse:
+        tenant = self._auth.tenant_of(
+            request.headers.get("authorization"), request.headers.get(self._args.auth.tenant_header)
+        )
         body = await _json_body(request)
-        tenant = request.headers.get(self._args.tenant_header) or DEFAULT_TENANT
         return JSONResponse(await self.complete(body, tenant=tenant))
 
     @http_app.get("/v1/models")

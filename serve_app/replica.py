@@ -15,7 +15,6 @@ and every invalidation rule before the version actor counts the replica as ackno
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from dataclasses import replace
@@ -25,19 +24,14 @@ import ray
 import torch
 from ray import serve
 
-from cluster.block_hashes import (
-    BlockHash,
-    PrefixScope,
-    blake2b_256,
-    keyed_blake2b_256,
-    prompt_block_hashes,
-)
+from cluster.block_hashes import BlockHash, PrefixScope, keyed_blake2b_256, prompt_block_hashes
 from cluster.directory import Member, ReplicaId
 from cluster.invalidation import InvalidationRule, InvalidationRules
 from cluster.keys import RequestIdentity, ResultKey, result_key
 from cluster.membership import Membership
 from cluster.peer import PeerClient, PeerServer
 from cluster.prefix_cache import PrefixCache
+from cluster.ray_secret import shared_secret
 from cluster.redis_store import RedisStore, redis_key
 from cluster.result_cache import EntryTags, ResultCache
 from cluster.tiered import Placement, TieredCache
@@ -96,19 +90,19 @@ class ModelReplica:
         self._args: AppArgs = parse_args(args).with_environment()
         torch.set_num_threads(self._args.torch_threads)
         self._tokenizer = ByteTokenizer()
-        self._secret = self._args.secret_bytes()
-        # BLAKE2b takes a key of at most 64 bytes: key it with a digest of the secret.
-        self._key_secret = (
-            hashlib.blake2b(self._secret, digest_size=32).digest() if self._secret else b""
+        self._cluster_secret = await asyncio.to_thread(
+            shared_secret, self._args.namespace, self._args.configured_secret()
         )
-        self._block_hash = keyed_blake2b_256(self._key_secret) if self._secret else blake2b_256
+        self._secret = self._cluster_secret.values
+        self._block_hash = keyed_blake2b_256(self._cluster_secret.keys)
+        self._tenant_salts: dict[str, str] = {}
         self._specs = {spec.id: spec for spec in self._args.models}
         self._version_actor = version_actor(
             self._args.namespace, self._args.redis_url, rule_lifetime_s=self._rule_lifetime_s()
         )
         current = await self._startup_versions()
         self._serving: dict[str, ServingModel] = {
-            model: ServingModel(load_model(weights_spec(self._specs[model], record)), record)
+            model: ServingModel(await asyncio.to_thread(self._load, record), record)
             for model, record in current.items()
         }
         self._rules = InvalidationRules()
@@ -122,14 +116,13 @@ class ModelReplica:
             ttl_s=settings.ttl_s,
             ttl_jitter=settings.ttl_jitter,
         )
-        self._prefix = self._build_prefix_cache()
+        self._prefix = await asyncio.to_thread(self._build_prefix_cache)
         self._replica_id = ReplicaId(serve.get_replica_context().replica_id.unique_id)
         self._redis = RedisStore(self._args.redis_url) if self._args.redis_url else None
         self._peer_client = PeerClient() if self._args.peer.enabled else None
         self._peer_server = PeerServer(ResultPeerBackend(self._cache, self._prefix, self._secret))
-        peer_address = await self._peer_server.start(
-            host="0.0.0.0", port=0, advertise_host=ray.util.get_node_ip_address()
-        )
+        # The node's own address, not 0.0.0.0: peers reach it, other networks of the host do not.
+        peer_address = await self._peer_server.start(host=ray.util.get_node_ip_address(), port=0)
         self._tiered: TieredCache[CompletionOutcome] = TieredCache(
             self._cache,
             decode=lambda blob: decode_answer(blob, tier="local", secret=self._secret),
@@ -176,21 +169,33 @@ class ModelReplica:
         """
         if job.model not in self._serving:
             raise ModelNotFound(f"model {job.model!r} is not served", param="model")
-        if self._follower.lagging(job.model):
-            caught_up = await asyncio.to_thread(
-                self._follower.wait_caught_up, job.model, self._args.version_wait_s
+        if self._follower.lagging(job.model) and not await self._caught_up(job.model):
+            raise ModelUpdating(
+                f"model {job.model!r} is switching to a new version on this replica",
+                param="model",
             )
-            if not caught_up:
-                raise ModelUpdating(
-                    f"model {job.model!r} is switching to a new version on this replica",
-                    param="model",
-                )
+        # A switch retires the old weights before it waits for their requests: a request that
+        # read them just before the swap finds them retired and takes the new ones.
         serving = self._serving[job.model]
-        serving.inflight += 1
+        while not serving.enter():
+            serving = self._serving[job.model]
         try:
             return await self._answer(serving, job)
         finally:
-            serving.inflight -= 1
+            serving.leave()
+
+    async def _caught_up(self, model: str) -> bool:
+        """Wait, on the event loop, until this replica serves the newest version of `model`
+        it heard of (True), or `version_wait_s` passed (False). Polling, so that waiting
+        requests hold no worker thread that generation needs."""
+        deadline = time.monotonic() + self._args.version_wait_s
+        pause = 0.005
+        while self._follower.lagging(model):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, 0.1)
+        return True
 
     async def _answer(self, serving: ServingModel, job: CompletionJob) -> CompletionOutcome:
         model, version = serving.model, serving.version
@@ -280,7 +285,7 @@ class ModelReplica:
         assert self._prefix is not None
         spec = self._specs[job.model]
         size = self._prefix.block_size
-        scope = PrefixScope(tenant=job.tenant, model_id=job.model, model_version=version)
+        scope = self._scope(job.tenant, job.model, version)
         hashes = prompt_block_hashes(job.prompt_tokens, size, scope, self._block_hash)
         shape = torch.Size((spec.n_layers, 2, spec.n_heads, size, spec.d_model // spec.n_heads))
         return scope, hashes, shape
@@ -395,7 +400,7 @@ class ModelReplica:
         """Generate in a worker thread; returns the generation and its prefix-cached tokens."""
         if self._prefix is None:
             return generate(model, self._tokenizer, job.prompt_tokens, job.params), 0
-        scope = PrefixScope(tenant=job.tenant, model_id=job.model, model_version=version)
+        scope = self._scope(job.tenant, job.model, version)
         return generate_with_prefix_cache(
             model,
             self._tokenizer,
@@ -422,7 +427,7 @@ class ModelReplica:
         for pinned in self._args.prefix_cache.pinned:
             if pinned.model != model_id:
                 continue
-            scope = PrefixScope(pinned.tenant, pinned.model, serving.version)
+            scope = self._scope(pinned.tenant, pinned.model, serving.version)
             tokens = self._tokenizer.encode(prompt_text(pinned.text, self._args))
             cached = warm_up_prefix(
                 serving.model, tokens, cache, scope, pin=True, hash_fn=self._block_hash
@@ -464,9 +469,10 @@ class ModelReplica:
     def _apply_version(self, record: ModelVersion) -> None:
         """Switch `record.model` to `record` (in the follower's thread); raises when the
         weights do not load, and then nothing changed."""
-        model = load_model(weights_spec(self._specs[record.model], record))
+        model = self._load(record)
         old = self._serving[record.model]
         self._serving = {**self._serving, record.model: ServingModel(model, record)}
+        old.retire()
         self._drop_entries(record.model)
         if not old.wait_drained(DRAIN_TIMEOUT_S):
             logger.warning("requests on %s %s outlived the switch", record.model, old.version)
@@ -495,11 +501,13 @@ class ModelReplica:
                 continue
             self._cache.invalidate(rule.matches)
             if self._prefix is not None:
+                salt = None if rule.tenant is None else self._tenant_salt(rule.tenant)
                 self._prefix.invalidate(
-                    lambda extra, rule=rule: (
+                    lambda extra, rule=rule, salt=salt: (
                         isinstance(extra, PrefixScope)
+                        and (salt is None or extra.tenant == salt)
                         and rule.matches(
-                            EntryTags(extra.model_id, extra.model_version, extra.tenant)
+                            EntryTags(extra.model_id, extra.model_version, rule.tenant)
                         )
                     )
                 )
@@ -513,12 +521,10 @@ class ModelReplica:
 
     async def __del__(self) -> None:
         """Serve's shutdown hook: leave the ring, stop serving peers, close connections."""
-        membership = getattr(self, "_membership", None)
-        if membership is not None:
-            membership.stop()
-        follower = getattr(self, "_follower", None)
-        if follower is not None:
-            follower.stop()
+        # Both stops make blocking actor calls: in worker threads, off the event loop.
+        for stopping in (getattr(self, "_membership", None), getattr(self, "_follower", None)):
+            if stopping is not None:
+                await asyncio.to_thread(stopping.stop)
         for closing in (
             getattr(self, "_tiered", None),
             getattr(self, "_peer_client", None),
@@ -530,16 +536,31 @@ class ModelReplica:
         if server is not None:
             await server.stop(grace_s=0.5)
 
+    def _load(self, record: ModelVersion) -> CausalLM:
+        """The weights of `record` (blocking: model loading reads files and builds tensors)."""
+        spec = weights_spec(self._specs[record.model], record, self._args.checkpoint_dir)
+        return load_model(spec)
+
+    def _tenant_salt(self, tenant: str) -> str:
+        """What stands for `tenant` in keys and block hashes (derived from the cluster secret)."""
+        salt = self._tenant_salts.get(tenant)
+        if salt is None:
+            salt = self._tenant_salts[tenant] = self._cluster_secret.tenant_salt(tenant)
+        return salt
+
+    def _scope(self, tenant: str, model: str, version: str) -> PrefixScope:
+        return PrefixScope(tenant=self._tenant_salt(tenant), model_id=model, model_version=version)
+
     def _key(self, job: CompletionJob, version: str) -> ResultKey:
         identity = RequestIdentity(
             namespace=self._args.namespace,
-            tenant=job.tenant,
+            tenant=self._tenant_salt(job.tenant),
             model_id=job.model,
             model_version=version,
             kind=COMPLETION_KIND,
         )
         return result_key(
-            identity, list(job.prompt_tokens), cache_params(job.params), self._key_secret
+            identity, list(job.prompt_tokens), cache_params(job.params), self._cluster_secret.keys
         )
 
 

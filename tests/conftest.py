@@ -7,6 +7,7 @@ session on a free port, and the application once per session through `serve run`
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,6 +23,9 @@ from tests.support.processes import RedisServer, ServeRun, serve_http_port, wait
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "configs" / "cluster.yaml"
 APP_NAME = "raycache"
+# The test cluster's credentials: tenants come from API keys, admin routes need the token.
+API_KEYS = {"alice": "alice-key-0123456789abcdef", "bob": "bob-key-0123456789abcdef"}
+ADMIN_TOKEN = "admin-token-0123456789abcdef"
 
 
 @pytest.fixture(scope="session")
@@ -53,19 +57,20 @@ class RunningApp:
     config: dict[str, Any]
     serve_run: ServeRun
 
-    def http(self) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=60)
+    def http(self, tenant: str = "alice") -> httpx.Client:
+        """A client that authenticates as `tenant` with its API key."""
+        return httpx.Client(base_url=self.url, timeout=60, headers=self.auth_headers(tenant))
 
     def app_args(self) -> dict[str, Any]:
         return self.config["applications"][0]["args"]
 
     def auth_headers(self, tenant: str = "alice") -> dict[str, str]:
         """Headers that authenticate a client as `tenant` (an API key the app was given)."""
-        return {}
+        return {"authorization": f"Bearer {API_KEYS[tenant]}"}
 
     def admin_headers(self) -> dict[str, str]:
         """Headers that carry the operator's admin token."""
-        return {}
+        return {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
     def replica_count(self) -> int:
         deployments = self.config["applications"][0]["deployments"]
@@ -78,14 +83,21 @@ def running_app(
 ) -> Iterator[RunningApp]:
     """`serve run configs/cluster.yaml`, changed only where a test machine needs it.
 
-    The HTTP port moves to a free one (8000 may be taken) and Redis to the session's private
-    server; everything else is the file users run.
+    The HTTP port moves to a free one (8000 may be taken), Redis to the session's private
+    server, and the operator's credentials are configured (API keys, one stored as a digest,
+    and an admin token); everything else is the file users run.
     """
+    workdir = tmp_path_factory.mktemp("serve")
+    keys_file = workdir / "api-keys.txt"
+    bob_digest = hashlib.sha256(API_KEYS["bob"].encode()).hexdigest()
+    keys_file.write_text(f"# tenant:key\nalice:{API_KEYS['alice']}\nbob:sha256:{bob_digest}\n")
     config = yaml.safe_load(CLUSTER_YAML.read_text())
     config["http_options"]["port"] = serve_http_port()
     config["http_options"]["host"] = "127.0.0.1"
-    config["applications"][0]["args"]["redis_url"] = redis_server.url
-    workdir = tmp_path_factory.mktemp("serve")
+    args = config["applications"][0]["args"]
+    args["redis_url"] = redis_server.url
+    args["auth"] = {"api_keys_file": str(keys_file)}
+    args["admin_token"] = ADMIN_TOKEN
     config_path = workdir / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config))
     serve_run = ServeRun(config_path, ray_cluster, workdir / "serve-run.log")

@@ -77,12 +77,11 @@ def test_http_and_handles_share_one_cache(running_app, app_handle):
 
 
 def test_tenants_do_not_share_answers(running_app):
-    header = running_app.app_args().get("tenant_header", "x-raycache-tenant")
     body = completion("Tenant private")
-    with running_app.http() as http:
-        http.post("/v1/completions", json=body, headers={header: "alice"})
-        as_bob = http.post("/v1/completions", json=body, headers={header: "bob"}).json()
-        as_alice = http.post("/v1/completions", json=body, headers={header: "alice"}).json()
+    with running_app.http("alice") as alice, running_app.http("bob") as bob:
+        alice.post("/v1/completions", json=body)
+        as_bob = bob.post("/v1/completions", json=body).json()
+        as_alice = alice.post("/v1/completions", json=body).json()
     assert as_bob["cache"]["hit"] is False
     assert as_alice["cache"]["hit"] is True
     assert answer_of(as_alice) == answer_of(as_bob)  # same weights, same tokens

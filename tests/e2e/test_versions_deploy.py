@@ -44,7 +44,7 @@ MODEL = "tiny-gpt"
 )
 def test_admin_routes_reject_bad_input_naming_the_field(running_app, route, body, status, param):
     with running_app.http() as http:
-        response = http.post(route, json=body)
+        response = http.post(route, json=body, headers=running_app.admin_headers())
         assert response.status_code == status, response.text
         assert response.json()["error"]["param"] == param
         models = http.get("/v1/models").json()["data"]
@@ -56,7 +56,9 @@ def test_invalidate_over_http_answers_who_acknowledged(running_app):
     with running_app.http() as http:
         key = http.post("/v1/completions", json=prompt).json()["cache"]["key"]
         assert http.post("/v1/completions", json=prompt).json()["cache"]["hit"]
-        response = http.post("/v1/cache/invalidate", json={"key": key})
+        response = http.post(
+            "/v1/cache/invalidate", json={"key": key}, headers=running_app.admin_headers()
+        )
         assert response.status_code == 200, response.text
         assert len(response.json()["acknowledged"]) == running_app.replica_count()
         assert not http.post("/v1/completions", json=prompt).json()["cache"]["hit"]

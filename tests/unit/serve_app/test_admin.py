@@ -4,17 +4,24 @@ from __future__ import annotations
 
 import pytest
 
-from serve_app.admin import check_admin_token, parse_invalidation, parse_version_update
-from serve_app.errors import InvalidRequest, Unauthorized
+from serve_app.admin import parse_invalidation, parse_version_update
+from serve_app.errors import InvalidRequest
 
 
-def test_admin_routes_are_open_without_a_token_and_closed_to_a_wrong_one():
-    check_admin_token(None, None)
-    check_admin_token("Bearer s3cret", "s3cret")
-    for header in (None, "", "Bearer wrong", "Basic s3cret", "s3cret"):
-        with pytest.raises(Unauthorized) as raised:
-            check_admin_token(header, "s3cret")
-        assert raised.value.http_status == 401
+def test_a_checkpoint_must_lie_in_the_checkpoint_dir(tmp_path):
+    inside = tmp_path / "ckpt" / "v2.safetensors"
+    inside.parent.mkdir()
+    inside.write_bytes(b"weights")
+    outside = tmp_path / "elsewhere.safetensors"
+    outside.write_bytes(b"weights")
+    root = str(inside.parent)
+    assert parse_version_update({"version": "2", "checkpoint": str(inside)}, root).checkpoint
+    for path in (str(outside), f"{root}/../elsewhere.safetensors", "/etc/passwd"):
+        with pytest.raises(InvalidRequest) as raised:
+            parse_version_update({"version": "2", "checkpoint": path}, root)
+        assert raised.value.param == "checkpoint"
+    with pytest.raises(InvalidRequest, match="checkpoint_dir"):
+        parse_version_update({"version": "2", "checkpoint": str(inside)}, None)
 
 
 @pytest.mark.parametrize(

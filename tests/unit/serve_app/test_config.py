@@ -111,3 +111,23 @@ def test_user_config_must_name_served_models():
     replica["user_config"]["models"]["no-such-model"] = {"version": "2"}
     problems = validate_config(raw)
     assert len(problems) == 1 and "no-such-model" in problems[0], problems
+
+
+@pytest.mark.parametrize(
+    "secret", ["short", "replace-me-with-openssl-rand-hex-32", "CHANGEME-0123456789abcdef"]
+)
+def test_a_short_or_placeholder_cluster_secret_is_refused_at_start_up(secret):
+    with pytest.raises(ConfigError, match="hmac_secret"):
+        parse_args({"hmac_secret": secret})
+    with pytest.raises(ConfigError, match="hmac_secret"):
+        parse_args({}).with_environment({"RAYCACHE_HMAC_SECRET": secret})
+
+
+def test_a_configured_secret_derives_distinct_keys_and_tenant_salts():
+    secret = parse_args({"hmac_secret": "0123456789abcdef0123"}).configured_secret()
+    assert secret is not None
+    derived = {secret.values, secret.keys, secret.peer, secret.records}
+    assert len(derived) == 4 and all(len(key) == 32 for key in derived)
+    assert secret.tenant_salt("alice") != secret.tenant_salt("bob")
+    assert "alice" not in secret.tenant_salt("alice")
+    assert parse_args({}).configured_secret() is None
