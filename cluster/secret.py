@@ -22,7 +22,7 @@ import secrets
 from dataclasses import dataclass, field
 from typing import Final
 
-__all__ = ["MIN_SECRET_CHARS", "ClusterSecret", "SecretError"]
+__all__ = ["MIN_SECRET_CHARS", "ClusterSecret", "SecretError", "is_placeholder"]
 
 MIN_SECRET_CHARS: Final = 16
 _GENERATED_BYTES: Final = 32
@@ -32,6 +32,12 @@ _PLACEHOLDER_WORDS: Final = ("replace", "change-me", "changeme", "placeholder", 
 
 class SecretError(ValueError):
     """A configured secret is too short or is a template's placeholder."""
+
+
+def is_placeholder(text: str) -> bool:
+    """Whether `text` is a template's stand-in for a secret (a manifest nobody filled in)."""
+    lowered = text.lower()
+    return any(word in lowered for word in _PLACEHOLDER_WORDS)
 
 
 @dataclass(frozen=True)
@@ -63,8 +69,7 @@ class ClusterSecret:
         """An operator's configured secret; raises `SecretError` for a short or placeholder one."""
         if len(text) < MIN_SECRET_CHARS:
             raise SecretError(f"the cluster secret needs at least {MIN_SECRET_CHARS} characters")
-        lowered = text.lower()
-        if any(word in lowered for word in _PLACEHOLDER_WORDS):
+        if is_placeholder(text):
             raise SecretError(
                 "the cluster secret is still a placeholder; set a random one "
                 "(for example `openssl rand -hex 32`)"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final, Literal
 
+from cluster.secret import is_placeholder
 from serve_app.config import ADMIN_TOKEN_ENV, API_KEYS_ENV, AuthSettings, ConfigError
 from serve_app.errors import Forbidden, InvalidRequest, Unauthorized
 
@@ -107,8 +108,8 @@ def _add_key(keys: dict[bytes, str], entry: str, where: str) -> None:
         if not _HEX_DIGEST.match(hex_digest):
             raise ConfigError(f"{where}: a stored key is `sha256:` and 64 hex digits")
         digest = bytes.fromhex(hex_digest)
-    elif len(key) < 16:
-        raise ConfigError(f"{where}: an API key needs at least 16 characters")
+    elif len(key) < 16 or is_placeholder(key):
+        raise ConfigError(f"{where}: an API key needs at least 16 characters, not a placeholder")
     else:
         digest = _digest(key.encode())
     if keys.get(digest, tenant) != tenant:

@@ -22,7 +22,7 @@ from pydantic import (
 
 from cluster.keys import normalize_text
 from cluster.policies import DEFAULT_POLICY, policy_names
-from cluster.secret import ClusterSecret, SecretError
+from cluster.secret import MIN_SECRET_CHARS, ClusterSecret, SecretError, is_placeholder
 
 REDIS_URL_ENV = "RAYCACHE_REDIS_URL"
 ADMIN_TOKEN_ENV = "RAYCACHE_ADMIN_TOKEN"
@@ -264,6 +264,16 @@ class AppArgs(StrictModel):
         """The spec of `model_id`, or None when no such model is served."""
         return next((m for m in self.models if m.id == model_id), None)
 
+    @field_validator("admin_token")
+    @classmethod
+    def _usable_admin_token(cls, token: str | None) -> str | None:
+        if token is not None and (len(token) < MIN_SECRET_CHARS or is_placeholder(token)):
+            raise ValueError(
+                f"the admin token needs at least {MIN_SECRET_CHARS} characters and must not be "
+                "a placeholder (for example `openssl rand -hex 32`)"
+            )
+        return token
+
     @field_validator("hmac_secret")
     @classmethod
     def _usable_secret(cls, secret: str | None) -> str | None:
@@ -360,12 +370,17 @@ def parse_user_config(raw: dict[str, object] | None, args: AppArgs) -> ReplicaUs
     return config
 
 
+_SECRET_FIELDS = frozenset({"admin_token", "hmac_secret"})
+
+
 def _problems(exc: ValidationError) -> str:
     problems = []
     for error in exc.errors():
         where = ".".join(str(part) for part in error["loc"]) or "args"
         if error["type"] == "extra_forbidden":
             problems.append(f"{where}: unknown key")
+        elif error["loc"] and error["loc"][-1] in _SECRET_FIELDS:
+            problems.append(f"{where}: {error['msg']}")  # never quote a secret back
         else:
             problems.append(f"{where}: {error['msg']} (got {error.get('input')!r})")
     return "; ".join(problems)

@@ -44,11 +44,14 @@ def test_duplicate_model_ids_are_rejected():
 
 
 def test_environment_overrides_the_file():
-    args = parse_args({"redis_url": "redis://file:6379", "admin_token": "from-file"})
+    args = parse_args({"redis_url": "redis://file:6379", "admin_token": "from-file-0123456789"})
     overridden = args.with_environment(
-        {"RAYCACHE_REDIS_URL": "redis://env:1", "RAYCACHE_ADMIN_TOKEN": "from-env"}
+        {"RAYCACHE_REDIS_URL": "redis://env:1", "RAYCACHE_ADMIN_TOKEN": "from-env-0123456789"}
     )
-    assert (overridden.redis_url, overridden.admin_token) == ("redis://env:1", "from-env")
+    assert (overridden.redis_url, overridden.admin_token) == (
+        "redis://env:1",
+        "from-env-0123456789",
+    )
     assert args.with_environment({}).redis_url == "redis://file:6379"
     assert args.with_environment({"RAYCACHE_REDIS_URL": ""}).redis_url is None
 
@@ -131,3 +134,10 @@ def test_a_configured_secret_derives_distinct_keys_and_tenant_salts():
     assert secret.tenant_salt("alice") != secret.tenant_salt("bob")
     assert "alice" not in secret.tenant_salt("alice")
     assert parse_args({}).configured_secret() is None
+
+
+@pytest.mark.parametrize("token", ["short", "replace-me-with-openssl-rand-hex-32"])
+def test_a_short_or_placeholder_admin_token_is_refused(token):
+    with pytest.raises(ConfigError, match="admin_token") as raised:
+        parse_args({"admin_token": token})
+    assert token not in str(raised.value)  # a secret is never quoted back
