@@ -34,6 +34,7 @@ from cluster.prefix_cache import PrefixCache
 from cluster.ray_secret import shared_secret
 from cluster.redis_store import RedisStore, redis_key
 from cluster.result_cache import EntryTags, ResultCache
+from cluster.secret import ClusterSecret
 from cluster.tiered import Placement, TieredCache
 from cluster.version_actor import version_actor
 from cluster.version_follower import VersionFollower
@@ -78,6 +79,25 @@ def cache_params(params: SamplingParams) -> dict[str, object]:
         key["top_p"] = float(params.top_p)
         key["seed"] = params.seed
     return key
+
+
+def completion_key(
+    namespace: str,
+    secret: ClusterSecret,
+    job: CompletionJob,
+    version: str,
+    tenant_salt: str | None = None,
+) -> ResultKey:
+    """The result key of `job` answered at `version`: keyed with the cluster secret, and with
+    the tenant's salt (derived from the secret when not given) standing for the tenant."""
+    identity = RequestIdentity(
+        namespace=namespace,
+        tenant=secret.tenant_salt(job.tenant) if tenant_salt is None else tenant_salt,
+        model_id=job.model,
+        model_version=version,
+        kind=COMPLETION_KIND,
+    )
+    return result_key(identity, list(job.prompt_tokens), cache_params(job.params), secret.keys)
 
 
 @serve.deployment(name="ModelReplica")
@@ -552,15 +572,8 @@ class ModelReplica:
         return PrefixScope(tenant=self._tenant_salt(tenant), model_id=model, model_version=version)
 
     def _key(self, job: CompletionJob, version: str) -> ResultKey:
-        identity = RequestIdentity(
-            namespace=self._args.namespace,
-            tenant=self._tenant_salt(job.tenant),
-            model_id=job.model,
-            model_version=version,
-            kind=COMPLETION_KIND,
-        )
-        return result_key(
-            identity, list(job.prompt_tokens), cache_params(job.params), self._cluster_secret.keys
+        return completion_key(
+            self._args.namespace, self._cluster_secret, job, version, self._tenant_salt(job.tenant)
         )
 
 
