@@ -14,9 +14,12 @@ client process measures, interleaved round by round on the same data:
 - `prefix_blocks`: the 128 blocks in one call (a gRPC stream of pieces, reassembled);
   throughput in MB/s (10^6 bytes) of the median round.
 
-Both sides run in separate processes, as two replicas would, on loopback. Prints a table and the
-gRPC/raw ratios, and writes them to `--json`. The numbers are of this machine only (compare
-ratios, not absolute values); on a shared 2-core machine the two processes compete for cores.
+Both sides run in separate processes, as two replicas would, on loopback. The gRPC calls are
+authenticated as in production (a per-call credential from a cluster secret generated for the
+run); the raw baseline is not, so the ratios include what authentication costs. Prints a table
+and the gRPC/raw ratios, and writes them to `--json`. The numbers are of this machine only
+(compare ratios, not absolute values); on a shared 2-core machine the two processes compete for
+cores.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ from typing import Any
 import grpc
 
 from cluster.peer import PeerClient, PeerLimits, PeerServer
+from cluster.secret import ClusterSecret
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_COUNT = 64
@@ -77,9 +81,6 @@ class MemoryBackend:
 
     async def put_results(self, items: Sequence[tuple[str, bytes]]) -> None:
         self.results.update(items)
-
-    async def put_blocks(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        self.blocks.update(items)
 
 
 # --- The raw baseline: the same batch over a plain TCP stream ----------------------------------
@@ -138,13 +139,14 @@ class RawClient:
 # --- Server process ------------------------------------------------------------------------------
 
 
-def _server_process(conn: Connection, chunk_bytes: int) -> None:
-    asyncio.run(_serve(conn, chunk_bytes))
+def _server_process(conn: Connection, chunk_bytes: int, auth_key: bytes) -> None:
+    asyncio.run(_serve(conn, chunk_bytes, auth_key))
 
 
-async def _serve(conn: Connection, chunk_bytes: int) -> None:
+async def _serve(conn: Connection, chunk_bytes: int, auth_key: bytes) -> None:
     results, blocks = _data()
-    peer = PeerServer(MemoryBackend(results, blocks), PeerLimits(chunk_bytes=chunk_bytes))
+    backend = MemoryBackend(results, blocks)
+    peer = PeerServer(backend, auth_key, PeerLimits(chunk_bytes=chunk_bytes))
     address = await peer.start("127.0.0.1", 0)
     raw_store = {key.encode(): value for key, value in results.items()} | blocks
 
@@ -168,12 +170,14 @@ async def _time(call: Callable[[], Awaitable[object]]) -> float:
     return time.perf_counter() - started
 
 
-async def _measure(options: argparse.Namespace, address: str, raw_port: int) -> dict[str, Any]:
+async def _measure(
+    options: argparse.Namespace, address: str, raw_port: int, auth_key: bytes
+) -> dict[str, Any]:
     results, blocks = _data()
     small_keys = list(results)
     block_hashes = list(blocks)
     total_block_bytes = sum(len(block) for block in blocks.values())
-    client = PeerClient(PeerLimits(chunk_bytes=options.chunk_kib * 1024))
+    client = PeerClient(auth_key, PeerLimits(chunk_bytes=options.chunk_kib * 1024))
     raw = RawClient(*await asyncio.open_connection("127.0.0.1", raw_port))
 
     # Same answers both ways (and warm channels, caches and allocators).
@@ -260,15 +264,18 @@ def main() -> None:
     options = parser.parse_args()
     options.json.parent.mkdir(parents=True, exist_ok=True)
 
+    auth_key = ClusterSecret.generate().peer
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    server = context.Process(target=_server_process, args=(child, options.chunk_kib * 1024))
+    server = context.Process(
+        target=_server_process, args=(child, options.chunk_kib * 1024, auth_key)
+    )
     server.start()
     try:
         if not parent.poll(60):
             raise RuntimeError("the server process did not start")
         address, raw_port = parent.recv()
-        results = asyncio.run(_measure(options, address, raw_port))
+        results = asyncio.run(_measure(options, address, raw_port, auth_key))
         parent.send("stop")
         server.join(10)
     finally:

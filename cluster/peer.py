@@ -1,9 +1,35 @@
 """The replica-to-replica fetch service: a grpc.aio server over a replica's caches, and its client.
 
 Every replica runs a `PeerServer` over its local caches (a `PeerBackend`) and registers the
-address it returns with the directory; other replicas fetch from and store to the owner of a key
-through one shared `PeerClient`. Values are codec envelopes (`cluster.codec`): opaque bytes here,
-decoded as untrusted by whoever asked for them.
+address it returns with the directory; other replicas fetch from, and store results to, the owner
+of a key through one shared `PeerClient`. Values are codec envelopes (`cluster.codec`): opaque
+bytes here, decoded as untrusted by whoever asked for them.
+
+Authentication: every call carries a one-time credential in its metadata, made from the peer key
+of the cluster secret (`ClusterSecret.peer`), which every replica holds:
+
+    x-raycache-peer-auth: <unix ms>.<nonce, 32 hex>.<mac, 64 hex>
+    mac = BLAKE2b-256(key = peer key; method path, server address, unix ms, nonce)
+
+The server accepts a call only when the MAC is right (compared in constant time), the time is
+within `AUTH_WINDOW_S` of its own clock, and the nonce is new. It remembers the nonces it
+accepted for as long as their time stays in the window, at most `PeerLimits.replay_memory` of
+them; when that memory is full it forgets the oldest and from then on refuses any credential
+that is not newer than the one it forgot, so a replay is refused either way. The server address
+(as advertised) is in the MAC, so a credential seen going to one replica is no good at another.
+The check runs in a server interceptor, which sees the method and the metadata before grpc reads
+the request: a refused call fails with UNAUTHENTICATED without a byte of its request being read
+or parsed, and is counted in `PeerServer.rejected_calls`. What the credential does not give: it
+authenticates the call, not the bytes of its request, and the channel is not encrypted. Someone
+who can read the traffic sees the values (signed envelopes, not encrypted); someone who can also
+rewrite it could change a request in flight. Neither can make calls of their own, and a value
+they alter fails its signature (`cluster.codec`).
+
+Limits: requests over `PeerLimits` (too many keys, a key too long, a key repeated) are refused
+with INVALID_ARGUMENT before the backend is asked for anything; a message over
+`max_message_bytes` is refused by grpc (RESOURCE_EXHAUSTED). Once authenticated, a call's handler
+ends within `PeerLimits.server_deadline_s` (DEADLINE_EXCEEDED), however slow the backend or the
+reader of a stream.
 
 Blocks stream: a batch of prefix blocks is cut into `BlockPiece`s (see `proto/peer.proto`) packed
 into messages of at most `PeerLimits.chunk_bytes` of data, so values of many MiB travel in
@@ -18,8 +44,14 @@ with INTERNAL and the server goes on serving.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import hashlib
+import hmac
 import logging
+import secrets
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, Protocol, TypeVar
@@ -30,12 +62,16 @@ import grpc.aio
 from cluster.proto import peer_pb2, peer_pb2_grpc
 
 __all__ = [
+    "AUTH_METADATA_KEY",
+    "AUTH_WINDOW_S",
     "DEFAULT_LIMITS",
     "PeerBackend",
     "PeerClient",
     "PeerClientStats",
     "PeerLimits",
     "PeerServer",
+    "method_path",
+    "peer_credential",
 ]
 
 _log = logging.getLogger(__name__)
@@ -47,6 +83,17 @@ _ENTRY_OVERHEAD: Final = 16  # an Entry's tags and length prefixes, bounded
 _PIECE_OVERHEAD: Final = 48  # a BlockPiece's tags, varints and length prefixes, bounded
 _WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::", "[::]"})
 _MIN_PING_INTERVAL_MS: Final = 10_000  # the server's floor for its clients' keepalive pings
+
+AUTH_METADATA_KEY: Final = "x-raycache-peer-auth"
+"""The metadata key of a call's credential."""
+AUTH_WINDOW_S: Final = 30.0
+"""How far a credential's time may be from the server's clock, either way."""
+_NONCE_BYTES: Final = 16
+_MAC_BYTES: Final = 32
+_MAC_PERSON: Final = b"raycache peer v1"  # BLAKE2b personalisation: this use of the key only
+_MIN_KEY_BYTES: Final = 16
+_MAX_KEY_BYTES: Final = 64  # BLAKE2b's longest key
+_MAX_TIME_DIGITS: Final = 15  # unix ms until the year 33658; bounds int() of a hostile string
 
 
 @dataclass(frozen=True)
@@ -69,11 +116,16 @@ class PeerLimits:
     """Server: calls in progress at once; beyond, RESOURCE_EXHAUSTED."""
     max_concurrent_streams: int = 128
     """Server: HTTP/2 streams of one client connection at once; beyond, they queue."""
+    replay_memory: int = 1 << 16
+    """Server: nonces of accepted credentials remembered (about 200 bytes each)."""
+    server_deadline_s: float = 5.0
+    """Server: the longest any call may take there, whatever the client's deadline."""
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"PeerLimits.{name} must be a positive int, got {value!r}")
+            kinds = (int, float) if name == "server_deadline_s" else (int,)
+            if not isinstance(value, kinds) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"PeerLimits.{name} must be a positive number, got {value!r}")
         if 2 * self.chunk_bytes > self.max_message_bytes:
             raise ValueError(
                 f"PeerLimits.chunk_bytes ({self.chunk_bytes}) must be at most half of "
@@ -87,7 +139,8 @@ DEFAULT_LIMITS: Final = PeerLimits()
 class PeerBackend(Protocol):
     """What a replica offers its peers: its local caches, by key and by block hash.
 
-    Any method may raise; the call that needed it then fails with INTERNAL, nothing more.
+    Any method may raise; the call that needed it then fails with INTERNAL, nothing more. Keys
+    and hashes of one call are distinct.
     """
 
     async def get_results(self, keys: Sequence[str]) -> Sequence[bytes | None]:
@@ -102,9 +155,160 @@ class PeerBackend(Protocol):
         """Store results that another replica computed (the cache may decline some)."""
         ...
 
-    async def put_blocks(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        """Store blocks that another replica computed (the cache may decline some)."""
-        ...
+
+# --- Credentials ---------------------------------------------------------------------------------
+
+
+def method_path(name: str) -> str:
+    """The gRPC path of the Peer service's method `name`, e.g. `/raycache.peer.v1.Peer/Ping`."""
+    service = peer_pb2.DESCRIPTOR.services_by_name["Peer"]
+    return f"/{service.full_name}/{service.methods_by_name[name].name}"
+
+
+def _check_key(key: bytes) -> bytes:
+    if not isinstance(key, bytes) or not _MIN_KEY_BYTES <= len(key) <= _MAX_KEY_BYTES:
+        raise ValueError(
+            f"the peer auth key must be {_MIN_KEY_BYTES} to {_MAX_KEY_BYTES} bytes "
+            "(ClusterSecret.peer)"
+        )
+    return key
+
+
+def _mac(key: bytes, method: str, address: str, unix_ms: int, nonce: bytes) -> bytes:
+    message = f"{method}\n{address}\n{unix_ms}\n{nonce.hex()}".encode()
+    return hashlib.blake2b(message, key=key, digest_size=_MAC_BYTES, person=_MAC_PERSON).digest()
+
+
+def peer_credential(key: bytes, method: str, address: str, now_s: float, nonce: bytes) -> str:
+    """The credential of one call of `method` (a path) to the server advertised as `address`.
+
+    `now_s` is the caller's unix time; `nonce` is 16 random bytes, never used twice.
+    """
+    unix_ms = int(now_s * 1000)
+    mac = _mac(key, method, address, unix_ms, nonce)
+    return f"{unix_ms}.{nonce.hex()}.{mac.hex()}"
+
+
+@dataclass(frozen=True)
+class _Credential:
+    unix_ms: int
+    nonce: bytes
+    mac: bytes
+
+
+def _parse_credential(text: str) -> _Credential | None:
+    """The parts of a credential, or None when it is not one."""
+    parts = text.split(".")
+    if len(parts) != 3:
+        return None
+    unix_ms, nonce, mac = parts
+    if not (unix_ms.isascii() and unix_ms.isdigit() and len(unix_ms) <= _MAX_TIME_DIGITS):
+        return None
+    try:
+        credential = _Credential(int(unix_ms), bytes.fromhex(nonce), bytes.fromhex(mac))
+    except ValueError:
+        return None
+    if len(credential.nonce) != _NONCE_BYTES or len(credential.mac) != _MAC_BYTES:
+        return None
+    return credential
+
+
+class _ReplayGuard:
+    """The nonces accepted within the window, so that none is accepted twice.
+
+    Bounded: when full, the oldest nonce is forgotten and the floor rises to its time; nothing at
+    or below the floor is accepted again, so a forgotten nonce cannot come back. Time here never
+    runs backwards (the latest `now_ms` seen counts), so a clock set back cannot revive a nonce
+    that was dropped as expired.
+    """
+
+    def __init__(self, capacity: int, window_s: float) -> None:
+        self._capacity = capacity
+        self._window_ms = window_s * 1000
+        self._order: deque[tuple[int, bytes]] = deque()  # (unix ms, nonce), in the order accepted
+        self._seen: set[bytes] = set()
+        self._floor = -1
+        self._latest_ms = 0.0
+
+    def admit(self, nonce: bytes, unix_ms: int, now_ms: float) -> bool:
+        """Whether this is the first use of `nonce` (remembering it if so)."""
+        self._latest_ms = max(self._latest_ms, now_ms)
+        expired = self._latest_ms - self._window_ms
+        # Accepted in about time order: stop at the first one still in the window.
+        while self._order and self._order[0][0] < expired:
+            self._seen.discard(self._order.popleft()[1])
+        if unix_ms < expired or unix_ms <= self._floor or nonce in self._seen:
+            return False
+        if len(self._order) >= self._capacity:
+            forgotten, oldest = self._order.popleft()
+            self._seen.discard(oldest)
+            self._floor = max(self._floor, forgotten)
+            if unix_ms <= self._floor:
+                return False
+        self._order.append((unix_ms, nonce))
+        self._seen.add(nonce)
+        return True
+
+
+async def _refuse(request_iterator: object, context: grpc.aio.ServicerContext) -> NoReturn:
+    await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "peer call not authenticated")
+
+
+# A request-streaming handler: grpc hands it the call without reading a request message.
+_REFUSE: Final = grpc.stream_unary_rpc_method_handler(_refuse)
+
+
+class _Authenticator(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Lets through only calls with a valid, fresh, unused credential for this server."""
+
+    def __init__(
+        self, key: bytes, address: Callable[[], str | None], memory: int, clock: Callable[[], float]
+    ) -> None:
+        self._key = key
+        self._address = address
+        self._clock = clock
+        self._guard = _ReplayGuard(memory, AUTH_WINDOW_S)
+        self.rejected = 0
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        reason = self._refusal(details)
+        if reason is None:
+            return await continuation(details)
+        self.rejected += 1
+        # At the 1st, 2nd, 4th, 8th ... refusal: an attack shows in the log without flooding it.
+        level = logging.WARNING if self.rejected & (self.rejected - 1) == 0 else logging.DEBUG
+        _log.log(
+            level, "peer call %.100r refused (%s); %d so far", details.method, reason, self.rejected
+        )
+        return _REFUSE
+
+    def _refusal(self, details: grpc.HandlerCallDetails) -> str | None:
+        """Why the call is refused; None when it is authenticated."""
+        values = [v for k, v in details.invocation_metadata or () if k == AUTH_METADATA_KEY]
+        if len(values) != 1 or not isinstance(values[0], str):
+            return "no credential" if not values else "a malformed credential"
+        credential = _parse_credential(values[0])
+        if credential is None:
+            return "a malformed credential"
+        now_ms = self._clock() * 1000
+        if abs(credential.unix_ms - now_ms) > AUTH_WINDOW_S * 1000:
+            return "a credential outside the time window"
+        address = self._address()
+        method = details.method
+        if isinstance(method, bytes):
+            method = method.decode("utf-8", "replace")
+        if address is None or not isinstance(method, str):
+            return "the server is not serving"
+        expected = _mac(self._key, method, address, credential.unix_ms, credential.nonce)
+        if not hmac.compare_digest(expected, credential.mac):
+            return "a wrong MAC"
+        if not self._guard.admit(credential.nonce, credential.unix_ms, now_ms):
+            return "a credential used before"
+        return None
 
 
 # --- Block pieces: cutting values up and putting them back together ---------------------------
@@ -221,11 +425,26 @@ class _Assembler:
 
 
 class PeerServer:
-    """Serves one replica's caches to its peers over grpc.aio; start once, stop once."""
+    """Serves one replica's caches to its peers over grpc.aio; start once, stop once.
 
-    def __init__(self, backend: PeerBackend, limits: PeerLimits = DEFAULT_LIMITS) -> None:
+    `auth_key` is the cluster secret's peer key (`ClusterSecret.peer`): only calls whose
+    credential was made with it are served. `clock` is the unix time that credentials are
+    checked against.
+    """
+
+    def __init__(
+        self,
+        backend: PeerBackend,
+        auth_key: bytes,
+        limits: PeerLimits = DEFAULT_LIMITS,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._backend = backend
         self._limits = limits
+        self._authenticator = _Authenticator(
+            _check_key(auth_key), lambda: self._address, limits.replay_memory, clock
+        )
         self._server: Any = None
         self._address: str | None = None
         self._started = False
@@ -235,14 +454,21 @@ class PeerServer:
         """`host:port` that peers should dial, once started; None before and after."""
         return self._address
 
+    @property
+    def rejected_calls(self) -> int:
+        """Calls refused as unauthenticated since the server was made."""
+        return self._authenticator.rejected
+
     async def start(
         self, host: str = "0.0.0.0", port: int = 0, advertise_host: str | None = None
     ) -> str:
         """Listen on `host:port` (0: a free port) and return the address to advertise.
 
-        The advertised host is `advertise_host` (the node's IP, as the caller knows it), or
-        `host` when that is a specific address; a wildcard bind with no advertise_host is a
-        ValueError, since no peer could dial `0.0.0.0`. A port that is taken is an OSError.
+        Bind to the node's own address where possible; a wildcard `host` listens on every
+        interface. The advertised host is `advertise_host` (the node's IP, as the caller knows
+        it), or `host` when that is a specific address; a wildcard bind with no advertise_host is
+        a ValueError, since no peer could dial `0.0.0.0`. Clients must dial exactly the
+        advertised address: it is part of every credential. A port that is taken is an OSError.
         """
         if self._started:
             raise RuntimeError("a PeerServer starts once; make a new one to serve again")
@@ -254,6 +480,7 @@ class PeerServer:
             advertise_host = host
         limits = self._limits
         server = grpc.aio.server(
+            interceptors=[self._authenticator],
             options=[
                 ("grpc.max_send_message_length", limits.max_message_bytes),
                 ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -275,10 +502,10 @@ class PeerServer:
             raise OSError(f"cannot listen on {_join_host_port(host, port)}: {exc}") from exc
         if not bound:
             raise OSError(f"cannot listen on {_join_host_port(host, port)}")
+        self._address = _join_host_port(advertise_host, bound)
         await server.start()
         self._started = True
         self._server = server
-        self._address = _join_host_port(advertise_host, bound)
         _log.info("peer server listening on %s:%d, advertised as %s", host, bound, self._address)
         return self._address
 
@@ -297,7 +524,11 @@ def _join_host_port(host: str, port: int) -> str:
 
 
 class _Servicer(peer_pb2_grpc.PeerServicer):
-    """The gRPC side of PeerServer: checks requests, calls the backend, checks its answers."""
+    """The gRPC side of PeerServer: checks requests, calls the backend, checks its answers.
+
+    Only authenticated calls get here (see `_Authenticator`). Each runs within the server's
+    deadline.
+    """
 
     def __init__(self, backend: PeerBackend, limits: PeerLimits) -> None:
         self._backend = backend
@@ -306,12 +537,15 @@ class _Servicer(peer_pb2_grpc.PeerServicer):
     async def GetResults(
         self, request: peer_pb2.GetResultsRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.GetResultsResponse:
-        keys = list(request.keys)
-        await self._check_keys(context, [key.encode() for key in keys])
-        if not keys:
-            return peer_pb2.GetResultsResponse()
-        values = await self._backend_call(context, "get_results", self._backend.get_results, keys)
-        await self._check_values(context, "get_results", values, len(keys))
+        async with self._deadline(context):
+            await self._check_keys(context, request.keys)
+            keys = list(request.keys)
+            if not keys:
+                return peer_pb2.GetResultsResponse()
+            values = await self._backend_call(
+                context, "get_results", self._backend.get_results, keys
+            )
+            await self._check_values(context, "get_results", values, len(keys))
         # A response over the message limit would fail as a whole: what does not fit is a miss.
         budget = self._limits.max_message_bytes - 64
         entries = []
@@ -327,57 +561,35 @@ class _Servicer(peer_pb2_grpc.PeerServicer):
 
     async def GetBlocks(
         self, request: peer_pb2.GetBlocksRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[peer_pb2.BlockPieces]:
-        hashes = list(request.hashes)
-        await self._check_keys(context, hashes)
-        if not hashes:
-            return
-        values = await self._backend_call(context, "get_blocks", self._backend.get_blocks, hashes)
-        await self._check_values(context, "get_blocks", values, len(hashes))
-        limit = self._limits.max_value_bytes
-        sendable = [value if value is None or len(value) <= limit else None for value in values]
-        for pieces in _pack_pieces(sendable, self._limits.chunk_bytes):
-            yield peer_pb2.BlockPieces(pieces=pieces)
+    ) -> None:
+        # Written with context.write, not yielded: the deadline then covers every write, so a
+        # reader that stops reading cannot hold the call open.
+        async with self._deadline(context):
+            await self._check_keys(context, request.hashes)
+            hashes = list(request.hashes)
+            if not hashes:
+                return
+            values = await self._backend_call(
+                context, "get_blocks", self._backend.get_blocks, hashes
+            )
+            await self._check_values(context, "get_blocks", values, len(hashes))
+            limit = self._limits.max_value_bytes
+            sendable = [value if value is None or len(value) <= limit else None for value in values]
+            for pieces in _pack_pieces(sendable, self._limits.chunk_bytes):
+                await context.write(peer_pb2.BlockPieces(pieces=pieces))
 
     async def PutResults(
         self, request: peer_pb2.PutResultsRequest, context: grpc.aio.ServicerContext
     ) -> peer_pb2.PutAck:
-        items = [(item.key, item.value) for item in request.items]
-        await self._check_keys(context, [key.encode() for key, _ in items])
-        if any(len(value) > self._limits.max_value_bytes for _, value in items):
-            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "a value over max_value_bytes")
-        if items:
-            await self._backend_call(context, "put_results", self._backend.put_results, items)
-        return peer_pb2.PutAck(stored=len(items))
-
-    async def PutBlocks(
-        self,
-        request_iterator: AsyncIterator[peer_pb2.PutBlocksRequest],
-        context: grpc.aio.ServicerContext,
-    ) -> peer_pb2.PutAck:
-        hashes: list[bytes] | None = None
-        assembler = _Assembler(0, 0, 0)
-        async for message in request_iterator:
-            if hashes is None:
-                hashes = list(message.hashes)
-                await self._check_keys(context, hashes)
-                limits = self._limits
-                assembler = _Assembler(len(hashes), limits.max_value_bytes, limits.max_batch_bytes)
-            elif message.hashes:
+        async with self._deadline(context):
+            await self._check_keys(context, [item.key for item in request.items])
+            items = [(item.key, item.value) for item in request.items]
+            if any(len(value) > self._limits.max_value_bytes for _, value in items):
                 await _abort(
-                    context, grpc.StatusCode.INVALID_ARGUMENT, "hashes after the first message"
+                    context, grpc.StatusCode.INVALID_ARGUMENT, "a value over max_value_bytes"
                 )
-            for piece in message.pieces:
-                assembler.add(piece)
-        if not hashes:
-            return peer_pb2.PutAck(stored=0)
-        values = assembler.finish()
-        items = [(h, value) for h, value in zip(hashes, values, strict=True) if value is not None]
-        if assembler.malformed:
-            dropped = len(hashes) - len(items)
-            _log.debug("put_blocks: %d of %d blocks malformed", dropped, len(hashes))
-        if items:
-            await self._backend_call(context, "put_blocks", self._backend.put_blocks, items)
+            if items:
+                await self._backend_call(context, "put_results", self._backend.put_results, items)
         return peer_pb2.PutAck(stored=len(items))
 
     async def Ping(
@@ -385,7 +597,22 @@ class _Servicer(peer_pb2_grpc.PeerServicer):
     ) -> peer_pb2.PingResponse:
         return peer_pb2.PingResponse()
 
-    async def _check_keys(self, context: grpc.aio.ServicerContext, keys: Sequence[bytes]) -> None:
+    @contextlib.asynccontextmanager
+    async def _deadline(self, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Fail the call with DEADLINE_EXCEEDED once it has run for `server_deadline_s`."""
+        seconds = self._limits.server_deadline_s
+        try:
+            async with asyncio.timeout(seconds):
+                yield
+        except TimeoutError:
+            await _abort(
+                context, grpc.StatusCode.DEADLINE_EXCEEDED, f"over the server's {seconds} s limit"
+            )
+
+    async def _check_keys(
+        self, context: grpc.aio.ServicerContext, keys: Sequence[str] | Sequence[bytes]
+    ) -> None:
+        """INVALID_ARGUMENT unless the keys are few enough, short enough and distinct."""
         limits = self._limits
         if len(keys) > limits.max_keys:
             await _abort(
@@ -393,12 +620,15 @@ class _Servicer(peer_pb2_grpc.PeerServicer):
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"{len(keys)} keys in one request; at most {limits.max_keys}",
             )
-        if any(len(key) > limits.max_key_bytes for key in keys):
+        encoded = [key.encode() if isinstance(key, str) else key for key in keys]
+        if any(len(key) > limits.max_key_bytes for key in encoded):
             await _abort(
                 context,
                 grpc.StatusCode.INVALID_ARGUMENT,
                 f"a key or hash longer than {limits.max_key_bytes} bytes",
             )
+        if len(set(encoded)) != len(encoded):
+            await _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "a key or hash repeated")
 
     async def _backend_call(
         self,
@@ -465,21 +695,30 @@ class PeerClient:
 
     Never raises for what a peer does: every failure is a miss (or False), counted in `stats()`.
     Use it from one event loop (grpc.aio channels belong to the loop that made them).
-    `keepalive_s` is how often an idle channel pings its peer; servers refuse pings more often
-    than every 10 s, so it may not be less.
+    `auth_key` is the cluster secret's peer key (`ClusterSecret.peer`); every call carries a
+    fresh credential made with it for the address dialled, which must be the one the server
+    advertised. `keepalive_s` is how often an idle channel pings its peer; servers refuse pings
+    more often than every 10 s, so it may not be less. `timer` measures latency; `clock` is the
+    unix time that credentials carry; `nonce` makes their 16 random bytes.
     """
 
     def __init__(
         self,
+        auth_key: bytes,
         limits: PeerLimits = DEFAULT_LIMITS,
         *,
         keepalive_s: float = 20.0,
         timer: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = time.time,
+        nonce: Callable[[int], bytes] = secrets.token_bytes,
     ) -> None:
         if keepalive_s < _MIN_PING_INTERVAL_MS / 1000:
             raise ValueError(f"keepalive_s must be at least 10 (seconds), got {keepalive_s!r}")
+        self._auth_key = _check_key(auth_key)
         self._limits = limits
         self._timer = timer
+        self._clock = clock
+        self._nonce = nonce
         self._options = [
             ("grpc.max_send_message_length", limits.max_message_bytes),
             ("grpc.max_receive_message_length", limits.max_message_bytes),
@@ -508,11 +747,12 @@ class PeerClient:
         """The value of each key at the peer, in order; None for a miss."""
         if not keys:
             return []
-        request = peer_pb2.GetResultsRequest(keys=keys)
+        asked = _distinct(keys)
+        request = peer_pb2.GetResultsRequest(keys=asked)
         response = await self._call(address, "GetResults", request, timeout_s)
-        values: list[bytes | None] = [None] * len(keys)
+        values: list[bytes | None] = [None] * len(asked)
         if response is not None:
-            if len(response.entries) == len(keys):
+            if len(response.entries) == len(asked):
                 for i, entry in enumerate(response.entries):
                     value = entry.value  # each read of a bytes field copies it
                     if entry.found and len(value) <= self._limits.max_value_bytes:
@@ -520,10 +760,9 @@ class PeerClient:
                         self._bytes_received += len(value)
             else:
                 entries = len(response.entries)
-                _log.debug("peer %s answered %d keys with %d entries", address, len(keys), entries)
+                _log.debug("peer %s answered %d keys with %d entries", address, len(asked), entries)
                 self._errors += 1
-        self._count_items(values)
-        return values
+        return self._count_items(_spread(keys, asked, values))
 
     async def get_blocks(
         self, address: str, hashes: Sequence[bytes], timeout_s: float = 0.5
@@ -535,64 +774,44 @@ class PeerClient:
         """
         if not hashes:
             return []
+        asked = _distinct(hashes)
         limits = self._limits
-        assembler = _Assembler(len(hashes), limits.max_value_bytes, limits.max_batch_bytes)
+        assembler = _Assembler(len(asked), limits.max_value_bytes, limits.max_batch_bytes)
 
         async def receive(stub: Any) -> _Assembler:
             async for message in stub.GetBlocks(
-                peer_pb2.GetBlocksRequest(hashes=hashes), timeout=timeout_s
+                peer_pb2.GetBlocksRequest(hashes=asked),
+                timeout=timeout_s,
+                metadata=self._credential(address, "GetBlocks"),
             ):
                 for piece in message.pieces:
                     assembler.add(piece)
             return assembler
 
-        values: list[bytes | None] = [None] * len(hashes)
+        values: list[bytes | None] = [None] * len(asked)
         if await self._run(address, receive) is not None:
             values = assembler.finish()
             if assembler.malformed:
                 _log.debug("peer %s streamed malformed blocks", address)
                 self._errors += 1
         self._bytes_received += assembler.bytes_received
-        self._count_items(values)
-        return values
+        return self._count_items(_spread(hashes, asked, values))
 
     async def put_results(
         self, address: str, items: Sequence[tuple[str, bytes]], timeout_s: float = 1.0
     ) -> bool:
-        """Ask the peer to store these results; True when it acknowledged all of them."""
+        """Ask the peer to store these results; True when it acknowledged all of them.
+
+        Of a key given twice, the last value is sent.
+        """
         if not items:
             return True
+        distinct = dict(items)
         request = peer_pb2.PutResultsRequest(
-            items=[peer_pb2.ResultItem(key=key, value=value) for key, value in items]
+            items=[peer_pb2.ResultItem(key=key, value=value) for key, value in distinct.items()]
         )
         ack = await self._call(address, "PutResults", request, timeout_s)
-        return ack is not None and ack.stored == len(items)
-
-    async def put_blocks(
-        self, address: str, items: Sequence[tuple[bytes, bytes]], timeout_s: float = 1.0
-    ) -> bool:
-        """Ask the peer to store these blocks, streamed in pieces; True when it stored all."""
-        if not items:
-            return True
-        limits = self._limits
-        sizes = [len(value) for _, value in items]
-        if max(sizes) > limits.max_value_bytes or sum(sizes) > limits.max_batch_bytes:
-            self._requests += 1
-            self._errors += 1
-            return False
-
-        def messages() -> Iterator[peer_pb2.PutBlocksRequest]:
-            hashes: list[bytes] | None = [h for h, _ in items]
-            values = [value for _, value in items]
-            for pieces in _pack_pieces(values, limits.chunk_bytes):
-                yield peer_pb2.PutBlocksRequest(hashes=hashes, pieces=pieces)
-                hashes = None
-
-        async def send(stub: Any) -> Any:
-            return await stub.PutBlocks(messages(), timeout=timeout_s)
-
-        ack = await self._run(address, send)
-        return ack is not None and ack.stored == len(items)
+        return ack is not None and ack.stored == len(distinct)
 
     async def ping(self, address: str, timeout_s: float = 0.2) -> bool:
         """Whether the peer answers within `timeout_s`."""
@@ -626,7 +845,9 @@ class PeerClient:
         """A unary call; its response, or None when it failed."""
 
         async def call(stub: Any) -> Any:
-            return await getattr(stub, method)(request, timeout=timeout_s)
+            return await getattr(stub, method)(
+                request, timeout=timeout_s, metadata=self._credential(address, method)
+            )
 
         return await self._run(address, call)
 
@@ -661,7 +882,38 @@ class PeerClient:
             self._channels[address] = entry
         return entry[1]
 
-    def _count_items(self, values: Sequence[bytes | None]) -> None:
+    def _credential(self, address: str, method: str) -> tuple[tuple[str, str], ...]:
+        """The metadata of one call of `method` (a name) to `address`."""
+        credential = peer_credential(
+            self._auth_key, _METHOD_PATHS[method], address, self._clock(), self._nonce(_NONCE_BYTES)
+        )
+        return ((AUTH_METADATA_KEY, credential),)
+
+    def _count_items(self, values: list[bytes | None]) -> list[bytes | None]:
         hits = sum(value is not None for value in values)
         self._hits += hits
         self._misses += len(values) - hits
+        return values
+
+
+_METHOD_PATHS: Final = {
+    method.name: method_path(method.name)
+    for method in peer_pb2.DESCRIPTOR.services_by_name["Peer"].methods
+}
+
+_K = TypeVar("_K", str, bytes)
+
+
+def _distinct(keys: Sequence[_K]) -> list[_K]:
+    """`keys` without repeats, in first-seen order (servers refuse a request with repeats)."""
+    return list(dict.fromkeys(keys))
+
+
+def _spread(
+    keys: Sequence[_K], asked: Sequence[_K], values: list[bytes | None]
+) -> list[bytes | None]:
+    """The value of each of `keys`, from the values of the distinct keys `asked`."""
+    if len(asked) == len(keys):
+        return values
+    found = dict(zip(asked, values, strict=True))
+    return [found[key] for key in keys]

@@ -139,8 +139,11 @@ class ModelReplica:
         self._prefix = await asyncio.to_thread(self._build_prefix_cache)
         self._replica_id = ReplicaId(serve.get_replica_context().replica_id.unique_id)
         self._redis = RedisStore(self._args.redis_url) if self._args.redis_url else None
-        self._peer_client = PeerClient() if self._args.peer.enabled else None
-        self._peer_server = PeerServer(ResultPeerBackend(self._cache, self._prefix, self._secret))
+        peer_key = self._cluster_secret.peer
+        self._peer_client = PeerClient(peer_key) if self._args.peer.enabled else None
+        self._peer_server = PeerServer(
+            ResultPeerBackend(self._cache, self._prefix, self._secret), peer_key
+        )
         # The node's own address, not 0.0.0.0: peers reach it, other networks of the host do not.
         peer_address = await self._peer_server.start(host=ray.util.get_node_ip_address(), port=0)
         self._tiered: TieredCache[CompletionOutcome] = TieredCache(
@@ -399,6 +402,7 @@ class ModelReplica:
             "peer_fetch_ms": _mean_ms(tiers.peer.fetch_seconds, tiers.peer.fetches),
             "redis_fetch_ms": _mean_ms(tiers.redis.fetch_seconds, tiers.redis.fetches),
             "corrupt_values": tiers.peer.corrupt + tiers.redis.corrupt,
+            "peer_calls_refused": self._peer_server.rejected_calls,
             "stale_values": tiers.peer.stale + tiers.redis.stale,
             "single_flight_waits": tiers.single_flight_waits,
             "stores_dropped": tiers.stores_dropped,

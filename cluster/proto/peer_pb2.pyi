@@ -66,14 +66,6 @@ class PutResultsRequest(_message.Message):
     items: _containers.RepeatedCompositeFieldContainer[ResultItem]
     def __init__(self, items: _Optional[_Iterable[_Union[ResultItem, _Mapping]]] = ...) -> None: ...
 
-class PutBlocksRequest(_message.Message):
-    __slots__ = ("hashes", "pieces")
-    HASHES_FIELD_NUMBER: _ClassVar[int]
-    PIECES_FIELD_NUMBER: _ClassVar[int]
-    hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    pieces: _containers.RepeatedCompositeFieldContainer[BlockPiece]
-    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ..., pieces: _Optional[_Iterable[_Union[BlockPiece, _Mapping]]] = ...) -> None: ...
-
 class PutAck(_message.Message):
     __slots__ = ("stored",)
     STORED_FIELD_NUMBER: _ClassVar[int]

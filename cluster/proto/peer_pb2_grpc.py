@@ -50,11 +50,6 @@ class PeerStub:
                 request_serializer=peer__pb2.PutResultsRequest.SerializeToString,
                 response_deserializer=peer__pb2.PutAck.FromString,
                 _registered_method=True)
-        self.PutBlocks = channel.stream_unary(
-                '/raycache.peer.v1.Peer/PutBlocks',
-                request_serializer=peer__pb2.PutBlocksRequest.SerializeToString,
-                response_deserializer=peer__pb2.PutAck.FromString,
-                _registered_method=True)
         self.Ping = channel.unary_unary(
                 '/raycache.peer.v1.Peer/Ping',
                 request_serializer=peer__pb2.PingRequest.SerializeToString,
@@ -87,13 +82,6 @@ class PeerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
-    def PutBlocks(self, request_iterator, context):
-        """The owner stores blocks that another replica computed; values streamed in pieces.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
     def Ping(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -116,11 +104,6 @@ def add_PeerServicer_to_server(servicer, server):
             'PutResults': grpc.unary_unary_rpc_method_handler(
                     servicer.PutResults,
                     request_deserializer=peer__pb2.PutResultsRequest.FromString,
-                    response_serializer=peer__pb2.PutAck.SerializeToString,
-            ),
-            'PutBlocks': grpc.stream_unary_rpc_method_handler(
-                    servicer.PutBlocks,
-                    request_deserializer=peer__pb2.PutBlocksRequest.FromString,
                     response_serializer=peer__pb2.PutAck.SerializeToString,
             ),
             'Ping': grpc.unary_unary_rpc_method_handler(
@@ -210,33 +193,6 @@ class Peer:
             target,
             '/raycache.peer.v1.Peer/PutResults',
             peer__pb2.PutResultsRequest.SerializeToString,
-            peer__pb2.PutAck.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def PutBlocks(request_iterator,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.stream_unary(
-            request_iterator,
-            target,
-            '/raycache.peer.v1.Peer/PutBlocks',
-            peer__pb2.PutBlocksRequest.SerializeToString,
             peer__pb2.PutAck.FromString,
             options,
             channel_credentials,

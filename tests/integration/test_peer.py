@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import secrets
 import time
 from collections.abc import AsyncIterator, Awaitable, Sequence
 
@@ -19,11 +20,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cluster.peer import (
+    AUTH_METADATA_KEY,
     PeerClient,
     PeerLimits,
     PeerServer,
     _Assembler,
     _pack_pieces,
+    method_path,
+    peer_credential,
 )
 from cluster.proto import peer_pb2, peer_pb2_grpc
 from tests.support.processes import free_port
@@ -34,8 +38,20 @@ MiB = 1024 * 1024
 SLACK_S = 0.5  # scheduling noise on a loaded 2-core machine; deadlines under test are 0.1-0.2 s
 
 
+KEY = secrets.token_bytes(32)
+"""The peer key that every server and client of these tests share."""
+
+
 def _bytes(seed: int, size: int) -> bytes:
     return random.Random(seed).randbytes(size)
+
+
+def _auth(address: str, method: str) -> tuple[tuple[str, str], ...]:
+    """Metadata that authenticates one call of `method` on a plain stub."""
+    credential = peer_credential(
+        KEY, method_path(method), address, time.time(), secrets.token_bytes(16)
+    )
+    return ((AUTH_METADATA_KEY, credential),)
 
 
 class MemoryBackend:
@@ -53,9 +69,6 @@ class MemoryBackend:
 
     async def put_results(self, items: Sequence[tuple[str, bytes]]) -> None:
         self.results.update(items)
-
-    async def put_blocks(self, items: Sequence[tuple[bytes, bytes]]) -> None:
-        self.blocks.update(items)
 
 
 class SlowBackend(MemoryBackend):
@@ -105,13 +118,13 @@ class FaultyBackend(MemoryBackend):
 
 @pytest_asyncio.fixture
 async def client() -> AsyncIterator[PeerClient]:
-    client = PeerClient()
+    client = PeerClient(KEY)
     yield client
     await client.close()
 
 
 async def _serve(backend: MemoryBackend, limits: PeerLimits | None = None) -> PeerServer:
-    server = PeerServer(backend, limits or PeerLimits())
+    server = PeerServer(backend, KEY, limits or PeerLimits())
     await server.start("127.0.0.1", 0)
     return server
 
@@ -183,7 +196,7 @@ async def test_a_5_MiB_block_is_streamed_in_pieces_and_reassembled_bit_exactly(
     expected = [small[0], big, None, small[1], b"", *small[2:]]
 
     server = await _serve(backend, limits)
-    client = PeerClient(limits)
+    client = PeerClient(KEY, limits)
     try:
         assert server.address is not None
         assert await client.get_blocks(server.address, hashes, timeout_s=5.0) == expected
@@ -194,9 +207,12 @@ async def test_a_5_MiB_block_is_streamed_in_pieces_and_reassembled_bit_exactly(
             server.address, options=[("grpc.max_receive_message_length", 2 * MiB)]
         ) as channel:
             stub = peer_pb2_grpc.PeerStub(channel)
+            request = peer_pb2.GetBlocksRequest(hashes=hashes)
             sizes = [
                 sum(len(piece.data) for piece in message.pieces)
-                async for message in stub.GetBlocks(peer_pb2.GetBlocksRequest(hashes=hashes))
+                async for message in stub.GetBlocks(
+                    request, metadata=_auth(server.address, "GetBlocks")
+                )
             ]
         assert len(sizes) >= 6
         assert max(sizes) <= limits.chunk_bytes
@@ -211,17 +227,29 @@ async def test_put_then_get(client: PeerClient, backend: MemoryBackend, address:
     results = [(f"r{i}", _bytes(i, 200 + i)) for i in range(10)]
     blocks = [(b"b%d" % i, _bytes(50 + i, 64 * 1024)) for i in range(8)]
     blocks.append((b"large", _bytes(7, 3 * MiB + 1)))
+    backend.blocks.update(blocks)
 
     assert await client.put_results(address, results, timeout_s=2.0)
-    assert await client.put_blocks(address, blocks, timeout_s=5.0)
     assert backend.results == dict(results)
-    assert backend.blocks == dict(blocks)
     assert await client.get_results(address, [k for k, _ in results], 2.0) == [
         v for _, v in results
     ]
     assert await client.get_blocks(address, [h for h, _ in blocks], 5.0) == [v for _, v in blocks]
-    assert await client.put_results(address, []) and await client.put_blocks(address, [])
+    assert await client.put_results(address, [])
     assert await client.ping(address)
+
+
+@pytest.mark.asyncio
+async def test_a_key_asked_twice_is_asked_once_and_answered_twice(
+    client: PeerClient, backend: MemoryBackend, address: str
+) -> None:
+    backend.results.update({"a": b"1", "b": b"2"})
+    backend.blocks[b"h"] = b"block"
+    assert await client.get_results(address, ["a", "b", "a", "x"], 2.0) == [b"1", b"2", b"1", None]
+    assert await client.get_blocks(address, [b"h", b"h"], 2.0) == [b"block", b"block"]
+    assert await client.put_results(address, [("c", b"old"), ("c", b"new")], 2.0)
+    assert backend.results["c"] == b"new"
+    assert client.stats().errors == 0
 
 
 @pytest.mark.asyncio
@@ -231,7 +259,7 @@ async def test_concurrent_clients_each_get_their_own_answers(
     for i in range(200):
         backend.results[f"k{i}"] = _bytes(i, 100 + i)
         backend.blocks[b"h%d" % i] = _bytes(1000 + i, 16 * 1024)
-    clients = [PeerClient() for _ in range(6)]
+    clients = [PeerClient(KEY) for _ in range(6)]
 
     async def work(client: PeerClient, seed: int) -> None:
         rng = random.Random(seed)
@@ -278,11 +306,10 @@ async def test_a_stopped_or_absent_server_is_a_miss_within_the_deadline(
         result, took = await _timed(client.get_blocks(address_now, [b"h"], 0.2))
         assert result == [None] and took < 0.2 + SLACK_S
         assert not await client.put_results(address_now, [("k", b"v")], 0.2)
-        assert not await client.put_blocks(address_now, [(b"h", b"v")], 0.2)
         assert not await client.ping(address_now, 0.2)
     stats = client.stats()
-    assert stats.requests == 1 + 2 * 5
-    assert stats.errors + stats.timeouts == 2 * 5
+    assert stats.requests == 1 + 2 * 4
+    assert stats.errors + stats.timeouts == 2 * 4
     assert stats.hits == 1
 
 
@@ -298,7 +325,7 @@ async def test_a_restarted_peer_is_served_again_on_the_cached_channel(
     await first.stop(0)
     assert await client.get_results(address, ["k"], 0.2) == [None]
 
-    second = PeerServer(backend)
+    second = PeerServer(backend, KEY)
     await second.start("127.0.0.1", int(address.rsplit(":", 1)[1]))
     try:
         deadline = time.monotonic() + 3.0  # reconnect backoff is capped at 2 s
@@ -347,7 +374,9 @@ async def test_a_failing_backend_is_a_miss_and_the_server_serves_on(
         backend.fault = fault
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await peer_pb2_grpc.PeerStub(stub_channel).GetResults(
-                peer_pb2.GetResultsRequest(keys=["a", "b"]), timeout=2.0
+                peer_pb2.GetResultsRequest(keys=["a", "b"]),
+                timeout=2.0,
+                metadata=_auth(server.address, "GetResults"),
             )
         assert raised.value.code() == grpc.StatusCode.INTERNAL
     finally:
@@ -384,16 +413,18 @@ async def test_requests_over_the_servers_limits_are_rejected_cleanly(
     try:
         nine = [f"k{i}" for i in range(9)]
         assert await client.get_results(server.address, nine, 2.0) == [None] * 9
-        assert await client.get_blocks(server.address, [b"h"] * 9, 2.0) == [None] * 9
+        nine_hashes = [b"h%d" % i for i in range(9)]
+        assert await client.get_blocks(server.address, nine_hashes, 2.0) == [None] * 9
         assert await client.get_results(server.address, ["x" * 33], 2.0) == [None]
         assert not await client.put_results(server.address, [(k, b"v") for k in nine], 2.0)
-        assert not await client.put_blocks(server.address, [(b"%d" % i, b"v") for i in range(9)])
-        assert client.stats().errors == 5
+        assert client.stats().errors == 4
         assert await client.get_results(server.address, nine[:8], 2.0) == [b"v"] * 8
 
         with pytest.raises(grpc.aio.AioRpcError) as raised:
             await peer_pb2_grpc.PeerStub(channel).GetResults(
-                peer_pb2.GetResultsRequest(keys=nine), timeout=2.0
+                peer_pb2.GetResultsRequest(keys=nine),
+                timeout=2.0,
+                metadata=_auth(server.address, "GetResults"),
             )
         assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "at most 8" in (raised.value.details() or "")
@@ -410,13 +441,11 @@ async def test_values_over_the_clients_limits_are_misses_or_not_sent(
     backend.blocks[b"big"] = _bytes(2, 4096)
     backend.blocks[b"ok"] = b"ok"
     server = await _serve(backend)
-    client = PeerClient(PeerLimits(max_value_bytes=1024, max_batch_bytes=1024))
+    client = PeerClient(KEY, PeerLimits(max_value_bytes=1024, max_batch_bytes=1024))
     assert server.address is not None
     try:
         assert await client.get_results(server.address, ["big"], 2.0) == [None]
         assert await client.get_blocks(server.address, [b"big", b"ok"], 2.0) == [None, b"ok"]
-        assert not await client.put_blocks(server.address, [(b"x", bytes(2048))], 2.0)
-        assert b"x" not in backend.blocks
     finally:
         await client.close()
         await server.stop(0)
@@ -428,7 +457,7 @@ async def test_results_that_would_overflow_the_response_are_misses(backend: Memo
     values = [_bytes(i, 900 * 1024) for i in range(3)]
     backend.results.update({f"k{i}": value for i, value in enumerate(values)})
     server = await _serve(backend, limits)
-    client = PeerClient(limits)
+    client = PeerClient(KEY, limits)
     assert server.address is not None
     try:
         keys = ["k0", "absent", "k1", "k2"]
@@ -443,25 +472,6 @@ async def test_results_that_would_overflow_the_response_are_misses(backend: Memo
     finally:
         await client.close()
         await server.stop(0)
-
-
-@pytest.mark.asyncio
-async def test_the_server_stores_only_the_consistent_blocks_of_a_put(
-    backend: MemoryBackend, address: str
-) -> None:
-    good, gap = _piece(0, 4, 0, b"good"), _piece(1, 6, 3, b"def")
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = peer_pb2_grpc.PeerStub(channel)
-        first = peer_pb2.PutBlocksRequest(hashes=[b"h0", b"h1"], pieces=[good])
-        ack = await stub.PutBlocks(iter([first, peer_pb2.PutBlocksRequest(pieces=[gap])]))
-        assert ack.stored == 1
-        assert backend.blocks == {b"h0": b"good"}
-
-        again = peer_pb2.PutBlocksRequest(hashes=[b"h2"])
-        with pytest.raises(grpc.aio.AioRpcError) as raised:
-            await stub.PutBlocks(iter([first, again]), timeout=2.0)
-        assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert (await stub.PutBlocks(iter([]), timeout=2.0)).stored == 0
 
 
 # --- A hostile peer ------------------------------------------------------------------------------
@@ -595,15 +605,15 @@ async def test_the_server_advertises_the_callers_host_and_refuses_a_taken_port(
     backend: MemoryBackend, client: PeerClient
 ) -> None:
     with pytest.raises(ValueError, match="advertise_host"):
-        await PeerServer(backend).start("0.0.0.0", 0)
-    server = PeerServer(backend)
+        await PeerServer(backend, KEY).start("0.0.0.0", 0)
+    server = PeerServer(backend, KEY)
     address = await server.start("0.0.0.0", 0, advertise_host="127.0.0.1")
     try:
         host, port = address.rsplit(":", 1)
         assert host == "127.0.0.1" and int(port) > 0 and server.address == address
         assert await client.ping(address)
         with pytest.raises(OSError):
-            await PeerServer(backend).start("127.0.0.1", int(port))
+            await PeerServer(backend, KEY).start("127.0.0.1", int(port))
         with pytest.raises(RuntimeError):
             await server.start("127.0.0.1", 0)
     finally:

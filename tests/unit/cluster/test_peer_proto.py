@@ -42,7 +42,6 @@ def test_the_loaded_descriptor_is_the_protos(tmp_path: Path) -> None:
         "GetResults",
         "GetBlocks",
         "PutResults",
-        "PutBlocks",
         "Ping",
     ]
 
