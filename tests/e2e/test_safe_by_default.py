@@ -11,11 +11,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
+import grpc
 import httpx
 import pytest
+import ray
 
 from cluster.codec import encode
+from cluster.directory_actor import directory_actor
+from cluster.proto import peer_pb2, peer_pb2_grpc
 from cluster.ray_secret import shared_secret
 from cluster.redis_store import redis_key
 from serve_app.completions import CompletionJob, parse_completion_request
@@ -176,3 +181,25 @@ async def test_an_answer_computed_across_an_invalidation_is_not_served_from_cach
             "/v1/completions", json=body, headers=running_app.auth_headers("alice")
         )
     assert again.json()["cache"]["hit"] is False
+
+
+def unauthenticated_calls(stub: peer_pb2_grpc.PeerStub) -> list[Callable[[], object]]:
+    """Every peer RPC, called as an attacker would: well-formed, with no credential."""
+    forged = peer_pb2.PutResultsRequest(items=[peer_pb2.ResultItem(key="0" * 32, value=b"x")])
+    return [
+        lambda: stub.GetResults(peer_pb2.GetResultsRequest(keys=["0" * 32]), timeout=10),
+        lambda: list(stub.GetBlocks(peer_pb2.GetBlocksRequest(hashes=[b"\0" * 32]), timeout=10)),
+        lambda: stub.PutResults(forged, timeout=10),
+        lambda: stub.Ping(peer_pb2.PingRequest(), timeout=10),
+    ]
+
+
+def test_the_running_replicas_peer_ports_refuse_a_caller_without_the_secret(running_app):
+    members = ray.get(directory_actor(running_app.app_args()["namespace"]).members.remote())
+    assert len(members) == running_app.replica_count()
+    for member in members:
+        with grpc.insecure_channel(member.peer_address) as channel:
+            for call in unauthenticated_calls(peer_pb2_grpc.PeerStub(channel)):
+                with pytest.raises(grpc.RpcError) as refused:
+                    call()
+                assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
