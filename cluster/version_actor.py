@@ -10,11 +10,19 @@ A thin Ray shell over `VersionRegistry`, `Subscriptions` and `InvalidationRules`
   applied it. Replicas that did not, or failed to load the weights, are returned and taken out
   of the directory's ring until they catch up (the next `watch` that shows them caught up puts
   them back). Old-version keys in Redis are then purged in the background.
+- A version that every replica which answered failed to load (a bad checkpoint, say) is rolled
+  back: the version before it is published again as the next generation, stored in Redis in
+  its place, and waited for, so replicas serve again instead of refusing every request, and
+  replicas started later load the restored version, not the failing one.
 - `invalidate` does the same for an `InvalidationRule`.
 
-State survives a restart through Redis (versions and rules are reloaded on first use) and,
-when Redis is away too, through the replicas: a `watch` carrying a newer record than the actor
-holds is adopted. All methods are idempotent (Ray may retry them after a restart).
+State survives a restart through Redis (versions and rules are reloaded on first use; records
+there are signed with the cluster secret's records key, see `cluster.version_store`) and, when
+Redis is away or holds nothing valid, through the replicas: a `watch` carrying a newer record
+than the actor holds is adopted. So that a publish or invalidation right after a restart does
+not reuse a generation (or rule number) the replicas already hold, which they would take for
+applied, those wait `RESTART_SETTLE_S` after the restart for the replicas' reports. All methods
+are idempotent (Ray may retry them after a restart).
 """
 
 from __future__ import annotations
@@ -24,7 +32,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import ray
@@ -41,6 +49,9 @@ __all__ = ["VersionActor", "VersionUpdate", "version_actor"]
 logger = logging.getLogger(__name__)
 
 LOAD_RETRY_S = 1.0
+# After a restart, how long operators wait for the replicas' first watch calls (Ray retries
+# the calls in flight at once; the others come within the followers' retry pause).
+RESTART_SETTLE_S = 3.0
 DIRECTORY_TIMEOUT_S = 5.0
 RULE_LIFETIME_S = 7 * 24 * 3600.0
 
@@ -58,11 +69,16 @@ class VersionActor:
     """See the module docstring."""
 
     def __init__(
-        self, namespace: str, redis_url: str | None, lease_s: float, rule_lifetime_s: float
+        self,
+        namespace: str,
+        redis_url: str | None,
+        records_key: bytes,
+        lease_s: float,
+        rule_lifetime_s: float,
     ) -> None:
         self._namespace = namespace
         self._redis_url = redis_url
-        self._store = VersionStore(redis_url, namespace) if redis_url else None
+        self._store = VersionStore(redis_url, namespace, records_key) if redis_url else None
         self._registry = VersionRegistry()
         self._subscriptions = Subscriptions(lease_s)
         self._rules = InvalidationRules()
@@ -74,6 +90,8 @@ class VersionActor:
         self._acked: asyncio.Event | None = None
         self._excluded: set[str] = set()
         self._purges: set[asyncio.Task[None]] = set()
+        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        self._settled_at = time.monotonic() + (RESTART_SETTLE_S if restarted else 0.0)
 
     # -- queries ------------------------------------------------------------------------------
 
@@ -140,8 +158,11 @@ class VersionActor:
     ) -> PublishOutcome:
         """Make `version` current and wait up to `timeout_s` for every subscribed replica.
 
+        When every replica that answered failed to apply it, the version before it is restored
+        (see the module docstring) and waited for, up to `timeout_s` again.
         Raises `VersionRegression` (see `VersionRegistry.publish`) without changing anything.
         """
+        await self._settle()
         await self._load(refresh=True)
         before = self._registry.current(model)
         record = self._registry.publish(
@@ -153,27 +174,26 @@ class VersionActor:
             checkpoint=checkpoint,
             force=force,
         )
-        if record is not before:
-            stored = await self._persist(record)
-            if stored is not None and stored.generation > record.generation:
-                self._registry.adopt(stored)  # another publisher got there first
-                record = stored
+        ours = record is not before
+        if ours:
             if before is not None and force and record.version in (before.version, *before.history):
                 # The label is reused for other weights: its old answers must not be reachable.
                 await self._add_rule(model=model, version=record.version)
-            self._wake()
-            if before is not None and before.version != record.version:
-                self._purge_later(redis_key_pattern(self._namespace, model, before.version))
-        targets = self._subscriptions.alive(time.monotonic())
-        await self._wait_for(
-            targets,
-            lambda rid: (
-                self._subscriptions.has_applied(rid, model, record.generation)
-                or self._subscriptions.failure(rid, model, record.generation) is not None
-            ),
-            timeout_s,
-        )
-        return await self._outcome(record, targets)
+            stored = await self._make_current(record)
+            ours = stored is record
+            record = stored
+        outcome = await self._rollout(record, timeout_s)
+        if (
+            ours
+            and before is not None
+            and outcome.loaded_nowhere
+            and self._registry.current(model) is record  # no newer publish meanwhile
+        ):
+            return await self._roll_back(outcome, before, timeout_s)
+        await self._exclude([*outcome.missing, *outcome.failed])
+        if ours and before is not None and before.version != record.version:
+            self._purge_later(redis_key_pattern(self._namespace, model, before.version))
+        return outcome
 
     async def invalidate(
         self,
@@ -185,6 +205,7 @@ class VersionActor:
     ) -> PublishOutcome:
         """Make every cached answer matching the selectors invalid on every replica and in
         Redis; waits up to `timeout_s` for every subscribed replica to apply it."""
+        await self._settle()
         await self._load()
         rule = await self._add_rule(model=model, version=version, tenant=tenant, key=key)
         targets = self._subscriptions.alive(time.monotonic())
@@ -196,7 +217,9 @@ class VersionActor:
                 self._purge_later(f"{self._namespace}:{model or '*'}:{version or '*'}:r:{key}")
             else:
                 self._purge_later(redis_key_pattern(self._namespace, model, version))
-        return await self._outcome(None, targets, rule_seq=rule.seq)
+        outcome = self._outcome(None, targets, rule_seq=rule.seq)
+        await self._exclude(list(outcome.missing))
+        return outcome
 
     # -- internals ----------------------------------------------------------------------------
 
@@ -205,6 +228,12 @@ class VersionActor:
         if self._changed is None or self._acked is None:
             self._changed, self._acked = asyncio.Event(), asyncio.Event()
         return self._changed, self._acked
+
+    async def _settle(self) -> None:
+        """After a restart, wait until the replicas have had time to report what they hold."""
+        remaining = self._settled_at - time.monotonic()
+        if remaining > 0:
+            await asyncio.sleep(remaining)
 
     def _wake(self) -> None:
         changed, _ = self._events()
@@ -236,7 +265,49 @@ class VersionActor:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(acked.wait(), timeout=min(remaining, 0.5))
 
-    async def _outcome(
+    async def _make_current(self, record: ModelVersion) -> ModelVersion:
+        """Store `record` (just made current here) and wake the watchers; returns the record
+        now current: `record`, or a newer one another publisher stored first."""
+        stored = await self._persist(record)
+        if stored is not None and stored.generation > record.generation:
+            self._registry.adopt(stored)
+            record = stored
+        self._wake()
+        return record
+
+    async def _rollout(self, record: ModelVersion, timeout_s: float) -> PublishOutcome:
+        """Wait up to `timeout_s` until every replica subscribed now applied `record` or
+        failed to; who did which."""
+        targets = self._subscriptions.alive(time.monotonic())
+        await self._wait_for(
+            targets,
+            lambda rid: (
+                self._subscriptions.has_applied(rid, record.model, record.generation)
+                or self._subscriptions.failure(rid, record.model, record.generation) is not None
+            ),
+            timeout_s,
+        )
+        return self._outcome(record, targets)
+
+    async def _roll_back(
+        self, failed: PublishOutcome, previous: ModelVersion, timeout_s: float
+    ) -> PublishOutcome:
+        """Make `previous` current again after `failed.record` loaded nowhere; wait for it."""
+        assert failed.record is not None
+        restored = await self._make_current(self._registry.restore(previous, now=time.time()))
+        logger.warning(
+            "no replica could load %s %s (%s); restored %s as generation %d",
+            failed.record.model,
+            failed.record.version,
+            "; ".join(f"{rid}: {error}" for rid, error in sorted(failed.failed.items())),
+            restored.version,
+            restored.generation,
+        )
+        outcome = await self._rollout(restored, timeout_s)
+        await self._exclude([*outcome.missing, *outcome.failed])
+        return replace(failed, restored=restored)
+
+    def _outcome(
         self, record: ModelVersion | None, targets: list[str], rule_seq: int = 0
     ) -> PublishOutcome:
         acknowledged, missing, failed = [], [], {}
@@ -252,9 +323,6 @@ class VersionActor:
                 acknowledged.append(rid)
             else:
                 missing.append(rid)
-        behind = [*missing, *failed]
-        if behind:
-            await self._exclude(behind)
         return PublishOutcome(record, tuple(acknowledged), tuple(missing), failed)
 
     def _has_reached(self, replica_id: str, record: ModelVersion | None, rule_seq: int) -> bool:
@@ -301,6 +369,7 @@ class VersionActor:
             self._loaded = True
 
     async def _exclude(self, replica_ids: list[str]) -> None:
+        """Take `replica_ids` out of the directory's ring (they are behind); best effort."""
         fresh = [rid for rid in replica_ids if rid not in self._excluded]
         if not fresh:
             return
@@ -343,17 +412,20 @@ class VersionActor:
 def version_actor(
     namespace: str,
     redis_url: str | None,
+    records_key: bytes,
     lease_s: float = 10.0,
     rule_lifetime_s: float = RULE_LIFETIME_S,
 ) -> ActorHandle[Any]:
     """The version-broadcast actor of raycache namespace `namespace`, created on first use.
 
     Detached and named ``versions-{namespace}`` in the Ray namespace of the directory; whoever
-    creates it first decides its Redis URL (every replica of an application shares one).
+    creates it first decides its Redis URL and `records_key` (the cluster secret's `records`
+    key, which signs what it stores in Redis; every replica of an application shares both).
+    The key travels as an actor argument: Ray's token authentication guards actor calls.
     """
     return VersionActor.options(  # type: ignore[attr-defined,no-any-return]
         name=f"versions-{namespace}",
         namespace=ACTOR_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
-    ).remote(namespace, redis_url, lease_s, rule_lifetime_s)
+    ).remote(namespace, redis_url, records_key, lease_s, rule_lifetime_s)

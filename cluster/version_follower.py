@@ -6,11 +6,13 @@ Two daemon threads feed one serialized `apply` step:
   was applied before the call, so acknowledging is simply calling again);
 - the Redis listener (when Redis is configured) re-reads the stored versions on every
   (re)connect and takes every pub/sub announcement, so a replica follows versions published by
-  another cluster sharing the Redis, and catches up by itself after Redis comes back.
+  another cluster sharing the Redis, and catches up by itself after Redis comes back. Only
+  records signed with the cluster secret's records key are taken (`VersionStore`).
 
 Versions are compared by generation only; a record is applied once, in generation order per
 model. Applying means calling `apply_version(record)` (load the weights, switch, drop the old
-entries; it may raise, and is then retried on the next round) and `apply_rules(rules)`.
+entries; it may raise, and is then reported to the actor and retried, at most once per
+`FAILED_RETRY_PAUSE_S` while nothing newer arrives) and `apply_rules(rules)`.
 
 `lagging(model)` is true between hearing of a newer version and having applied it: the replica
 must not answer from the old version then (`wait_caught_up`). `in_contact()` is false when the
@@ -41,6 +43,7 @@ logger = logging.getLogger(__name__)
 WATCH_TIMEOUT_S = 5.0
 CALL_TIMEOUT_S = 5.0
 RETRY_PAUSE_S = 0.5
+FAILED_RETRY_PAUSE_S = 1.0
 CONTACT_S = 10.0
 
 
@@ -193,8 +196,11 @@ class VersionFollower:
                 self._stopped.wait(RETRY_PAUSE_S)
                 continue
             self._last_contact = self._clock()
-            for record in update.records:
-                self._hear(record)
+            heard_newer = [self._hear(record) for record in update.records]
             self.catch_up()  # also retries versions that failed to load last round
             if update.rules:
                 self.offer_rules(list(update.rules))
+            if self._failures and not any(heard_newer):
+                # The actor answers at once while a version is not applied here: without a
+                # pause, a version that cannot load would be retried in a tight loop.
+                self._stopped.wait(FAILED_RETRY_PAUSE_S)

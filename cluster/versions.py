@@ -12,12 +12,14 @@ version-broadcast actor, `version_follower` applies them on a replica.
   (at-least-once delivery is fine); an unseen label is the next generation; a label published
   before is going backwards and needs `force`. `adopt` takes a record from elsewhere (Redis,
   another cluster, a replica that outlived a restarted actor) when its generation is newer.
+  `restore` brings back the version before one that no replica could load, as the next
+  generation, so that replicas waiting for the failed one serve again.
 - `Subscriptions` tracks the replicas that follow the versions (under leases renewed by their
   long-polls) and what each has applied, so a publish can wait for exactly the replicas that
   were subscribed when it began.
 
 Records travel as strict JSON (`to_json` / `from_json`), never pickled: they are read back from
-Redis, which other processes can write.
+Redis, which other processes can write (`version_store` signs them and ignores unsigned ones).
 """
 
 from __future__ import annotations
@@ -204,6 +206,23 @@ class VersionRegistry:
         self._current[model] = record
         return record
 
+    def restore(self, previous: ModelVersion, now: float) -> ModelVersion:
+        """Make `previous`'s label and weights current again, as the next generation.
+
+        For a rollout that no replica could load: replicas that wait for the failed version
+        (and refuse requests meanwhile) take the restored one as newer and serve again. The
+        failed label stays in the history, since a replica may have served it briefly.
+        """
+        return self.publish(
+            previous.model,
+            previous.version,
+            source="rollback",
+            now=now,
+            seed=previous.seed,
+            checkpoint=previous.checkpoint,
+            force=True,
+        )
+
     def adopt(self, record: ModelVersion) -> bool:
         """Take `record` if it is newer (higher generation) than what is known; whether taken."""
         current = self._current.get(record.model)
@@ -219,22 +238,35 @@ class PublishOutcome:
 
     `acknowledged` applied it in time; `missing` were subscribed when it began and did not
     answer before the deadline; `failed` answered with an error (replica id -> message), e.g.
-    weights that would not load. Every missing or failed replica is out of the ring until it
-    catches up.
+    weights that would not load. When every replica that answered failed, the version before
+    it was made current again: `restored` is that record (a new generation), and the failed
+    one is current nowhere. Every replica still behind the current version is out of the ring
+    until it catches up.
     """
 
     record: ModelVersion | None
     acknowledged: tuple[str, ...]
     missing: tuple[str, ...]
     failed: Mapping[str, str] = field(default_factory=dict)
+    restored: ModelVersion | None = None
 
     @property
     def complete(self) -> bool:
         """Whether every subscribed replica applied it."""
         return not self.missing and not self.failed
 
+    @property
+    def rolled_back(self) -> bool:
+        """Whether the publish was undone because no replica could apply it."""
+        return self.restored is not None
+
+    @property
+    def loaded_nowhere(self) -> bool:
+        """Whether replicas answered and every one that did failed to apply it."""
+        return bool(self.failed) and not self.acknowledged
+
     def as_json(self) -> dict[str, Any]:
-        record = self.record
+        record, restored = self.record, self.restored
         return {
             "model": record.model if record else None,
             "version": record.version if record else None,
@@ -242,6 +274,12 @@ class PublishOutcome:
             "acknowledged": list(self.acknowledged),
             "missing": list(self.missing),
             "failed": dict(self.failed),
+            "rolled_back": self.rolled_back,
+            "restored": (
+                {"version": restored.version, "generation": restored.generation}
+                if restored
+                else None
+            ),
         }
 
 

@@ -1,6 +1,9 @@
-"""The version rules: generations, idempotence, no going back, adoption, subscriptions."""
+"""The version rules: generations, idempotence, no going back, adoption, restoring,
+subscriptions, publish outcomes."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -8,6 +11,7 @@ from hypothesis import strategies as st
 
 from cluster.versions import (
     ModelVersion,
+    PublishOutcome,
     Subscriptions,
     VersionFormatError,
     VersionRegistry,
@@ -112,3 +116,38 @@ def test_a_removed_subscriber_is_not_waited_for():
     subscriptions.remove("a")
     subscriptions.remove("a")
     assert subscriptions.alive(now=1.0) == []
+
+
+def test_restoring_brings_back_the_previous_weights_as_the_next_generation():
+    registry = VersionRegistry()
+    good = registry.publish("m", "1", source="config", now=1.0, seed=0)
+    registry.publish("m", "broken", source="admin", now=2.0, checkpoint="/ckpt/broken")
+    restored = registry.restore(good, now=3.0)
+    assert (restored.version, restored.generation, restored.source) == ("1", 3, "rollback")
+    assert restored.same_weights(good.seed, good.checkpoint)
+    assert restored.history == ("broken",)  # the failed label is not reused silently
+    assert registry.current("m") is restored
+    with pytest.raises(VersionRegression):
+        registry.publish("m", "broken", source="admin", now=4.0, checkpoint="/ckpt/fixed")
+
+
+def test_an_outcome_says_whether_it_loaded_nowhere_and_was_rolled_back():
+    failed = ModelVersion("m", "broken", 2)
+    restored = ModelVersion("m", "1", 3, source="rollback")
+    nowhere = PublishOutcome(failed, (), ("c",), {"a": "OSError: x", "b": "OSError: x"})
+    assert nowhere.loaded_nowhere and not nowhere.rolled_back and not nowhere.complete
+    assert not PublishOutcome(failed, ("a",), (), {"b": "OSError: x"}).loaded_nowhere
+    assert not PublishOutcome(failed, (), ("a",)).loaded_nowhere  # nobody answered
+    rolled = replace(nowhere, restored=restored)
+    assert rolled.rolled_back
+    assert rolled.as_json() == {
+        "model": "m",
+        "version": "broken",
+        "generation": 2,
+        "acknowledged": [],
+        "missing": ["c"],
+        "failed": {"a": "OSError: x", "b": "OSError: x"},
+        "rolled_back": True,
+        "restored": {"version": "1", "generation": 3},
+    }
+    assert PublishOutcome(failed, ("a",), ()).as_json()["rolled_back"] is False
