@@ -13,7 +13,10 @@ the replies not read yet; it costs within a few per cent of the CPU of decoding 
 reply (`benchmarks.redis_bandwidth`).
 
 Failure is a miss, never an exception: every Redis error makes a read a miss, a write `False`
-and a delete 0, and is counted in `stats()`. Three things keep a dead or hung Redis cheap:
+and a delete 0, and is counted in `stats()`. So does any other exception the client raises
+(a bug or an unexpected state in redis-py, say): it is logged (at most once a minute) and
+counts as a failure for the breaker. Only cancellations, and what the caller's own decoder
+raises, propagate. Three things keep a dead or hung Redis cheap:
 
 - explicit short timeouts on connect, on every reply read and on every send (redis-py's
   defaults wait for a long time when Redis hangs);
@@ -37,6 +40,7 @@ One store, one connection pool (one per node for a cluster), used from one async
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import functools
 import logging
@@ -185,8 +189,17 @@ class _Outcome(enum.Enum):
 
 _FAILED: Final = _Outcome.FAILED
 # What redis-py raises: its own tree, RedisClusterException (outside it), and OSError/TimeoutError
-# from below it in some paths (TLS handshakes, DNS).
+# from below it in some paths (TLS handshakes, DNS). Anything else is unexpected, and logged.
 _REDIS_FAILURES: Final = (RedisError, RedisClusterException, OSError)
+_UNEXPECTED_LOG_INTERVAL_S: Final = 60.0
+
+
+class _DecoderFailed(Exception):
+    """Carries what the caller's decoder raised through `_run`, which must not count it."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(error)
+        self.error = error
 
 
 class RedisStore:
@@ -277,6 +290,7 @@ class RedisStore:
         self._sets = self._deletes = self._bytes_read = self._bytes_written = 0
         self._skipped_too_large = self._fetches = 0
         self._fetch_seconds = self._fetch_max_seconds = 0.0
+        self._unexpected_logged_at: float | None = None
 
     # -- data -----------------------------------------------------------------------------------
 
@@ -306,7 +320,10 @@ class RedisStore:
             if isinstance(reply, bytes):
                 self._hits += 1
                 self._bytes_read += len(reply)
-                results[index] = decode(index, reply)
+                try:
+                    results[index] = decode(index, reply)
+                except Exception as exc:
+                    raise _DecoderFailed(exc) from exc
             else:
                 self._misses += 1
                 self._errors += reply is not None  # an error reply, such as an ACL refusal
@@ -314,6 +331,8 @@ class RedisStore:
         try:
             if keys:
                 await self._run(functools.partial(_streamed_gets, keys, deliver), timed=True)
+        except _DecoderFailed as failed:
+            raise failed.error from None
         finally:
             self._misses += len(keys) - arrived
         return results
@@ -470,9 +489,17 @@ class RedisStore:
             # The pool is exhausted by this replica's own load: Redis is not at fault.
             self._errors += 1
             return _FAILED
+        except _DecoderFailed:
+            raise  # the caller's, not Redis's
         except _REDIS_FAILURES as exc:
             self._errors += 1
             self._failed(exc)
+            return _FAILED
+        except Exception as exc:
+            self._errors += 1
+            self._log_unexpected(exc)
+            self._failed(exc)
+            await _drop_idle_connections(client)
             return _FAILED
         finally:
             if timed:
@@ -497,11 +524,37 @@ class RedisStore:
                 self._breaker.reset_timeout_s,
             )
 
+    def _log_unexpected(self, exc: Exception) -> None:
+        """Log, with its traceback, an exception outside redis-py's own; once a minute at most."""
+        now = self._timer()
+        last = self._unexpected_logged_at
+        if last is not None and now - last < _UNEXPECTED_LOG_INTERVAL_S:
+            return
+        self._unexpected_logged_at = now
+        _log.warning(
+            "Redis client at %s raised %s (%.200s); treated as a failed call",
+            self._url_for_logs,
+            type(exc).__name__,
+            exc,
+            exc_info=exc,
+        )
+
     def _succeeded(self) -> None:
         if self._breaker.state != "closed":
             _log.info("Redis tier at %s is back", self._url_for_logs)
         self._breaker.record_success()
         self._last_ok, self._last_at = True, self._timer()
+
+
+async def _drop_idle_connections(client: _Client) -> None:
+    """Disconnect the pool's idle connections after an unexpected exception: redis-py may have
+    put back a connection with replies still unread, whose next reader would take them for its
+    own. Not done for Redis Cluster, whose client exposes no pool of idle connections per node
+    (its nodes can only drop every connection, busy ones included)."""
+    if isinstance(client, RedisCluster):
+        return
+    with contextlib.suppress(Exception):
+        await client.connection_pool.disconnect(inuse_connections=False)
 
 
 def _make_client(url: str, cluster: bool | None, options: dict[str, Any]) -> _Client:

@@ -236,8 +236,16 @@ class ResultCache:
 
     def invalidate(self, predicate: Callable[[EntryTags], bool]) -> int:
         """Remove every entry whose tags satisfy `predicate`; returns how many."""
+        return self.invalidate_entries(lambda _, tags: predicate(tags))
+
+    def invalidate_entries(self, selects: Callable[[ResultKey, EntryTags], bool]) -> int:
+        """Remove every entry for which `selects(key, tags)` is true; returns how many.
+
+        `selects` runs under the lock, once per entry: it must be quick and must not call
+        back into this cache.
+        """
         with self._lock:
-            doomed = [key for key, entry in self._entries.items() if predicate(entry[TAGS])]
+            doomed = [key for key, entry in self._entries.items() if selects(key, entry[TAGS])]
             for key in doomed:
                 self._discard(key)
             self._invalidations += len(doomed)

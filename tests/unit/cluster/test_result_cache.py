@@ -206,6 +206,23 @@ def test_invalidation_by_tags_and_predicate():
     cache.check_integrity()
 
 
+def test_invalidation_by_key_and_tags():
+    cache = ResultCache(max_bytes=10_000, max_entries=100)
+    for name in ("a1", "a2", "b1"):
+        cache.put(k(name), b"x", EntryTags("m", name[1], "t"))
+    seen: list[tuple[ResultKey, EntryTags]] = []
+
+    def selects(key: ResultKey, tags: EntryTags) -> bool:
+        seen.append((key, tags))
+        return key.startswith("a") and tags.version == "1"
+
+    assert cache.invalidate_entries(selects) == 1
+    assert sorted(seen) == sorted((k(n), EntryTags("m", n[1], "t")) for n in ("a1", "a2", "b1"))
+    assert [name for name in ("a1", "a2", "b1") if k(name) in cache] == ["a2", "b1"]
+    assert cache.stats().invalidations == 1
+    cache.check_integrity()
+
+
 operations = st.lists(
     st.tuples(
         st.sampled_from(["get", "put", "pop", "tick", "invalidate"]),
