@@ -1,8 +1,10 @@
 """The completion request and response: OpenAI's `/v1/completions` subset plus raycache fields.
 
 `parse_completion_request` turns an untrusted JSON body into a `CompletionRequest` or raises
-`InvalidRequest` naming the field. `completion_response` builds the `text_completion` object from
-what a replica answered.
+`InvalidRequest` naming the field, whether the body came over HTTP or from a handle caller: every
+integer it accepts fits in 64 bits and every string encodes to UTF-8, so no later step (a
+message, the tokenizer, the response) can fail on what a client sent. `completion_response` builds
+the `text_completion` object from what a replica answered.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
@@ -19,6 +21,10 @@ from serve_app.models import SamplingParams
 
 MAX_STOP_SEQUENCES = 4
 MAX_STOP_CHARS = 64
+# Bounds of the integer fields, wider than any limit: the configured ones are checked later.
+MAX_INT64 = 2**63 - 1
+MAX_TOKEN_ID = 2**31 - 1
+TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
 CacheTier = Literal["local", "peer", "redis"]
 
 
@@ -29,8 +35,13 @@ class CompletionRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
     model: str = Field(min_length=1, max_length=128)
-    prompt: str | list[int] = Field(description="Text, or token ids of the model's tokenizer.")
-    max_tokens: int = Field(default=16, description="Most tokens to generate.")
+    prompt: str | list[TokenId] = Field(description="Text, or token ids of the model's tokenizer.")
+    max_tokens: int = Field(
+        default=16,
+        ge=1,
+        le=MAX_INT64,
+        description="Most tokens to generate; the application's limit is checked by the ingress.",
+    )
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: int | None = Field(default=None, ge=0, lt=2**63)
@@ -38,6 +49,15 @@ class CompletionRequest(BaseModel):
     n: int = Field(default=1, ge=1, le=1, description="Only one choice is supported.")
     stream: Literal[False] = Field(default=False, description="Streaming is not supported yet.")
     user: str | None = Field(default=None, max_length=256, description="Accepted, unused.")
+
+    @field_validator("model", "prompt", "stop", "user")
+    @classmethod
+    def _encodable(cls, value: Any) -> Any:
+        texts = value if isinstance(value, list) else [value]
+        for text in texts:
+            if isinstance(text, str) and not _is_unicode(text):
+                raise ValueError("not valid Unicode (a lone surrogate such as \\ud800)")
+        return value
 
     @field_validator("stop")
     @classmethod
@@ -73,13 +93,26 @@ def parse_completion_request(body: object) -> CompletionRequest:
     try:
         return CompletionRequest.model_validate(body)
     except ValidationError as exc:
-        error = exc.errors()[0]
+        errors = exc.errors()
+        # A value that fits no member of a union fails once per member; the deepest failure is
+        # the one that says what is wrong (prompt [-1]: the token id, not "should be a string").
+        first_field = [e for e in errors if e["loc"][:1] == errors[0]["loc"][:1]]
+        error = max(first_field, key=lambda e: len(e["loc"]))
         field = str(error["loc"][0]) if error["loc"] else "body"
         if error["type"] == "extra_forbidden":
             raise InvalidRequest("unknown field", param=field) from None
         if error["type"] == "missing":
             raise InvalidRequest("field required", param=field) from None
         raise InvalidRequest(error["msg"], param=field) from None
+
+
+def _is_unicode(text: str) -> bool:
+    """Whether `text` encodes to UTF-8 (it has no lone surrogate)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

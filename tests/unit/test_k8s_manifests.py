@@ -1,7 +1,7 @@
 """The Kubernetes manifests in k8s/ agree with KubeRay, Ray Serve, the app and each other.
 
-Pure: the files are only parsed, against the KubeRay v1.7.0 CRD in shared/kuberay/ and Ray
-Serve's own config schema; nothing talks to a cluster.
+Pure: the files are only parsed, against the KubeRay v1.7.0 CRD vendored in tests/data/kuberay/
+(see its SOURCE.md) and Ray Serve's own config schema; nothing talks to a cluster.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from serve_app.config import REDIS_URL_ENV, parse_args
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-CRD = ROOT.parent / "shared" / "kuberay" / "ray.io_rayservices.v1.7.0.yaml"
+CRD = ROOT / "tests" / "data" / "kuberay" / "ray.io_rayservices.v1.7.0.yaml"
 
 Manifest = dict[str, Any]
 
