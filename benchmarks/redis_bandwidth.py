@@ -1,6 +1,6 @@
 """Bandwidth of the Redis prefix-fetch path beside raw redis-py GETs of the same bytes.
 
-    python -m benchmarks.redis_bandwidth [--rounds 60] [--repeat 1] [--secret]
+    python -m benchmarks.redis_bandwidth [--rounds 60] [--repeat 1]
                                          [--json benchmarks/results/redis_bandwidth.json]
 
 Starts its own redis-server on a free loopback port and writes the KV blocks of a 2,048-token
@@ -72,6 +72,7 @@ from redis.utils import HIREDIS_AVAILABLE
 from cluster.block_hashes import BlockHash, PrefixScope, prompt_block_hashes
 from cluster.prefix_cache import PrefixCache
 from cluster.redis_store import RedisStore
+from cluster.secret import ClusterSecret
 from serve_app.models import TinyGPTConfig
 from serve_app.shared_blocks import (
     chunk_key,
@@ -88,7 +89,7 @@ PREFIX_TOKENS, BLOCK_TOKENS, CHUNK_BLOCKS = 2048, 16, 16
 WARM_UP_ROUNDS = 3
 NAMESPACE = "bench"
 SCOPE = PrefixScope("tenant", "tiny-gpt", "1")
-SECRET = b"redis-bandwidth benchmark secret"
+SECRET = ClusterSecret(b"redis-bandwidth benchmark secret")
 
 
 def _block_shape() -> torch.Size:
@@ -127,7 +128,7 @@ async def _measure(
 
 
 async def _run_payload(
-    url: str, dtype: torch.dtype, rounds: int, repeat: int, secret: bytes | None
+    url: str, dtype: torch.dtype, rounds: int, repeat: int, secret: ClusterSecret
 ) -> dict[str, Any]:
     rng = random.Random(5)
     tokens = [rng.randrange(256) for _ in range(PREFIX_TOKENS)]
@@ -246,7 +247,7 @@ async def _run_payload(
         "chunk_bytes": sizes[0],
         "total_bytes": total,
         "tensor_bytes": tensor_bytes,
-        "hmac": secret is not None,
+        "mac": "Poly1305 (one-time key from keyed BLAKE2b)",
         "methods": methods,
         "ratios": ratios,
         "meets_target": ratios["fetch+decode/raw_get (median_ms)"] >= TARGET,
@@ -263,14 +264,11 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument(
-        "--secret", action="store_true", help="sign the chunks (HMAC) and check them on reading"
-    )
-    parser.add_argument(
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "redis_bandwidth.json"
     )
     options = parser.parse_args()
     options.json.parent.mkdir(parents=True, exist_ok=True)
-    secret = SECRET if options.secret else None
+    secret = SECRET
 
     with tempfile.TemporaryDirectory(prefix="redis-bandwidth-") as workdir:
         server = RedisServer(Path(workdir))
@@ -304,8 +302,7 @@ def main() -> None:
     for name, payload in results.items():
         print(
             f"{name}: {payload['chunks']} chunks x {payload['chunk_bytes'] / 2**20:.2f} MiB "
-            f"= {payload['total_bytes'] / 2**20:.2f} MiB"
-            + (", signed (HMAC)" if payload["hmac"] else "")
+            f"= {payload['total_bytes'] / 2**20:.2f} MiB, signed ({payload['mac']})"
         )
         for method, numbers in payload["methods"].items():
             print(

@@ -31,6 +31,7 @@ import torch
 from cluster.block_hashes import PrefixScope, prompt_block_hashes
 from cluster.prefix_cache import PrefixCache
 from cluster.redis_store import RedisStore
+from cluster.secret import ClusterSecret
 from serve_app.models import ByteTokenizer, SamplingParams, TinyGPT, TinyGPTConfig, generate
 from serve_app.prefix_generation import generate_with_prefix_cache
 from serve_app.shared_blocks import fetch_prefix_from_redis, store_prefix_in_redis
@@ -43,6 +44,7 @@ BLOCK = 16
 CHUNK = 16
 NAMESPACE = "bench"
 SCOPE = PrefixScope("tenant", "tiny-gpt", "1")
+SECRET = ClusterSecret.generate()
 FIRST_TOKEN = SamplingParams(max_tokens=1, temperature=0.0)
 
 
@@ -62,7 +64,7 @@ async def measure(repetitions: int, url: str) -> dict[str, float]:
         model, tokenizer, [*shared, 1], FIRST_TOKEN, writer, SCOPE
     )  # fills the writer's cache with the shared blocks
     hashes = prompt_block_hashes(shared, BLOCK, SCOPE)
-    written = await store_prefix_in_redis(store, writer, hashes, 0, SCOPE, NAMESPACE, CHUNK, None)
+    written = await store_prefix_in_redis(store, writer, hashes, 0, SCOPE, NAMESPACE, CHUNK, SECRET)
     assert written, "nothing reached Redis"
     from_redis, scratch, cached = [], [], []
     for _ in range(repetitions):
@@ -82,7 +84,7 @@ async def measure(repetitions: int, url: str) -> dict[str, float]:
             block_shape=shape,
             dtype=torch.float32,
             device=model.device,
-            secret=None,
+            secret=SECRET,
         )
         _, cached_tokens = generate_with_prefix_cache(
             model, tokenizer, prompt, FIRST_TOKEN, reader, SCOPE

@@ -1,22 +1,27 @@
 """The cached form of a completion answer: a codec envelope around a small msgpack map.
 
 The same bytes live in the local result cache and travel to peers and Redis, so decoding treats
-them as untrusted: the envelope's checksum (and HMAC, with a cluster secret) is verified, the
-map is read with msgpack's limits, and every field is type-checked. Anything wrong is a
-`CodecError`, which callers count as a miss.
+them as untrusted: the envelope's MAC is verified, the map is read with msgpack's limits, and
+every field is type-checked. An envelope records what it answers (result key, tenant, model,
+version) and decoding checks these against the request, so a valid value copied under another
+key (another prompt, tenant or version) is refused like a corrupt one. Anything wrong is a
+`CodecError`, which callers count as a miss; a value signed under another cluster secret is a
+`ForeignValue`, a miss that is not deleted.
 """
 
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
 
-from cluster.codec import CodecError, decode, encode
+from cluster.codec import CodecError, Envelope, decode, encode
 from cluster.invalidation import InvalidationRules
 from cluster.result_cache import EntryTags
-from cluster.tiered import StaleValue
+from cluster.secret import ClusterSecret
+from cluster.tiered import ForeignValue, StaleValue
 from serve_app.completions import CacheTier, CompletionOutcome
 from serve_app.models import Generation
 
@@ -28,18 +33,32 @@ _FIELDS: dict[str, type] = {
     "prompt_tokens": int,
     "completion_tokens": int,
 }
+_META_KEYS = frozenset({"key", "tenant"})
 
 
-def encode_answer(
-    generation: Generation,
-    model: str,
-    version: str,
-    tenant: str,
-    secret: bytes | None = None,
-    key: str | None = None,
-) -> bytes:
-    """The envelope of `generation`, produced by `model` at `version` for `tenant`, cached
-    under the result key `key` (hex; recorded so invalidation by key reaches every copy)."""
+@dataclass(frozen=True)
+class AnswerIdentity:
+    """What an answer answers: its result key (hex), and the tenant, model and version whose
+    request it is the answer to."""
+
+    key: str
+    tenant: str
+    model: str
+    version: str
+
+    @classmethod
+    def of(cls, key: str, tags: EntryTags) -> AnswerIdentity:
+        """The identity of the entry stored under `key` with `tags`."""
+        return cls(key=key, tenant=tags.tenant, model=tags.model, version=tags.version)
+
+    def tags(self) -> EntryTags:
+        """The invalidation tags of an entry with this identity."""
+        return EntryTags(model=self.model, version=self.version, tenant=self.tenant)
+
+
+def encode_answer(generation: Generation, identity: AnswerIdentity, secret: ClusterSecret) -> bytes:
+    """The envelope of `generation`, signed under `secret`, recording `identity` (so that it
+    is refused under any other key, and invalidation by key reaches every copy)."""
     answer = {
         "text": generation.text,
         "finish_reason": generation.finish_reason,
@@ -48,42 +67,74 @@ def encode_answer(
     }
     return encode(
         ANSWER_KIND,
-        model,
-        version,
+        identity.model,
+        identity.version,
         created_at=time.time(),
         blob=msgpack.packb(answer),
-        meta={"tenant": tenant} if key is None else {"tenant": tenant, "key": key},
+        meta={"tenant": identity.tenant, "key": identity.key},
         secret=secret,
     )
 
 
-def answer_tags(blob: bytes, secret: bytes | None = None) -> EntryTags:
-    """The tags of a verified answer envelope (for storing one a peer sent); raises CodecError."""
-    envelope = decode(blob, secret=secret, max_bytes=MAX_ANSWER_BYTES, expect_kind=ANSWER_KIND)
-    tenant = envelope.meta.get("tenant")
-    if not isinstance(tenant, str):
-        raise CodecError("header", "answer has no tenant")
-    decode_answer(blob, "peer", secret)  # the whole answer must be valid too
-    return EntryTags(model=envelope.model, version=envelope.version, tenant=tenant)
+def answer_tags(
+    blob: bytes, secret: ClusterSecret, key: str, rules: InvalidationRules | None = None
+) -> EntryTags:
+    """The tags of a verified answer envelope stored under `key` (for storing one a peer sent).
+
+    Raises CodecError when the envelope is invalid, is not a well-formed answer, was signed
+    under another secret (reason "foreign_secret") or records another key than `key`, and
+    `StaleValue` when an invalidation rule in `rules` covers it.
+    """
+    envelope, identity = _open(blob, secret)
+    if identity.key != key:
+        raise CodecError("identity", "answer was recorded under another key")
+    _outcome(envelope, "peer")  # the whole answer must be valid too
+    if rules is not None and rules.covers(identity.tags(), identity.key, envelope.created_at):
+        raise StaleValue(f"answer of {envelope.model} {envelope.version} was invalidated")
+    return identity.tags()
 
 
 def decode_answer(
     blob: bytes,
     tier: CacheTier,
-    secret: bytes | None = None,
+    secret: ClusterSecret,
     rules: InvalidationRules | None = None,
+    *,
+    expect: AnswerIdentity,
 ) -> CompletionOutcome:
-    """The outcome stored by `encode_answer`, as served from `tier`.
+    """The outcome stored by `encode_answer` for the request `expect`, as served from `tier`.
 
-    Raises `CodecError` for a malformed value, and `StaleValue` for one that an invalidation
-    rule in `rules` covers.
+    Raises `CodecError` for a malformed value or one recorded for another identity than
+    `expect` (reason "identity"), `ForeignValue` for one signed under another cluster secret,
+    and `StaleValue` for one that an invalidation rule in `rules` covers.
     """
+    try:
+        envelope, identity = _open(blob, secret)
+    except CodecError as exc:
+        if exc.reason == "foreign_secret":
+            raise ForeignValue(str(exc)) from None
+        raise
+    if identity != expect:
+        raise CodecError("identity", "answer was recorded for another key, tenant or version")
+    if rules is not None and rules.covers(identity.tags(), identity.key, envelope.created_at):
+        raise StaleValue(f"answer of {envelope.model} {envelope.version} was invalidated")
+    return _outcome(envelope, tier)
+
+
+def _open(blob: bytes, secret: ClusterSecret) -> tuple[Envelope, AnswerIdentity]:
+    """The verified envelope of an answer and the identity it records; raises CodecError."""
     envelope = decode(blob, secret=secret, max_bytes=MAX_ANSWER_BYTES, expect_kind=ANSWER_KIND)
-    if rules is not None and len(rules):
-        tenant, key = envelope.meta.get("tenant"), envelope.meta.get("key")
-        tags = EntryTags(model=envelope.model, version=envelope.version, tenant=str(tenant))
-        if rules.covers(tags, key if isinstance(key, str) else None, envelope.created_at):
-            raise StaleValue(f"answer of {envelope.model} {envelope.version} was invalidated")
+    meta = envelope.meta
+    if meta.keys() != _META_KEYS or not all(isinstance(meta[name], str) for name in _META_KEYS):
+        raise CodecError("header", "answer metadata must be exactly a str key and tenant")
+    identity = AnswerIdentity(
+        key=meta["key"], tenant=meta["tenant"], model=envelope.model, version=envelope.version
+    )
+    return envelope, identity
+
+
+def _outcome(envelope: Envelope, tier: CacheTier) -> CompletionOutcome:
+    """The answer inside a verified envelope, type-checked field by field."""
     try:
         fields: Any = msgpack.unpackb(
             envelope.blob, raw=False, strict_map_key=True, max_str_len=MAX_ANSWER_BYTES

@@ -28,6 +28,8 @@ REDIS_URL_ENV = "RAYCACHE_REDIS_URL"
 ADMIN_TOKEN_ENV = "RAYCACHE_ADMIN_TOKEN"
 HMAC_SECRET_ENV = "RAYCACHE_HMAC_SECRET"
 API_KEYS_ENV = "RAYCACHE_API_KEYS"
+MAX_SEED = 2**63 - 1
+"""Largest weight seed: what torch.manual_seed and the checkpoint records hold (int64)."""
 
 
 class StrictModel(BaseModel):
@@ -56,7 +58,10 @@ class ModelSpec(StrictModel):
         default="tiny-gpt", description="Model family; `tiny-gpt` is the built-in byte-level GPT."
     )
     seed: int = Field(
-        default=0, ge=0, description="Seed the weights are built from when no checkpoint is given."
+        default=0,
+        ge=0,
+        le=MAX_SEED,
+        description="Seed the weights are built from when no checkpoint is given.",
     )
     checkpoint: str | None = Field(
         default=None,
@@ -316,7 +321,10 @@ class ModelUpdate(StrictModel):
         description="The new version's label; answers are cached under it.",
     )
     seed: int | None = Field(
-        default=None, ge=0, description="Build the weights from this seed (built-in model)."
+        default=None,
+        ge=0,
+        le=MAX_SEED,
+        description="Build the weights from this seed (built-in model).",
     )
     checkpoint: str | None = Field(
         default=None,

@@ -17,7 +17,6 @@ Every error a client can cause is a `RaycacheError`: over HTTP it becomes its st
 OpenAI-style JSON body naming the field; over a handle it is raised as is.
 """
 
-import json
 import logging
 from typing import Any
 
@@ -30,6 +29,7 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.directory_actor import directory_actor
 from cluster.keys import routing_key
+from cluster.ray_secret import shared_secret
 from cluster.redis_probe import RedisProbe
 from cluster.version_actor import version_actor
 from cluster.versions import VersionRegression
@@ -50,6 +50,7 @@ from serve_app.errors import (
     VersionConflict,
 )
 from serve_app.models import ByteTokenizer
+from serve_app.request_body import read_json_body
 from serve_app.stats import cluster_stats
 
 logger = logging.getLogger(__name__)
@@ -75,13 +76,7 @@ async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResp
 
 async def _json_body(request: Request) -> Any:
     """The request's JSON body; bad or oversized JSON is an `InvalidRequest` on `body`."""
-    raw = await request.body()
-    if len(raw) > MAX_BODY_BYTES:
-        raise InvalidRequest(f"larger than {MAX_BODY_BYTES} bytes", param="body")
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InvalidRequest(f"not valid JSON ({exc})", param="body") from None
+    return await read_json_body(request, MAX_BODY_BYTES)
 
 
 # Everything the class uses must be defined above it: `serve.ingress` serializes the class
@@ -96,7 +91,9 @@ class Ingress:
         self._replicas = replicas
         self._tokenizer = ByteTokenizer()
         self._redis = RedisProbe(self._args.redis_url)
-        self._versions = version_actor(self._args.namespace, self._args.redis_url)
+        # Before the first request is served: blocking here holds up no request.
+        secret = shared_secret(self._args.namespace, self._args.configured_secret())
+        self._versions = version_actor(self._args.namespace, self._args.redis_url, secret.records)
         self._auth = load_tenant_auth(self._args.auth)
         if self._auth.mode == "single_tenant":
             logger.warning(
@@ -241,12 +238,6 @@ class Ingress:
             tokens = self._tokenizer.encode(prompt_text(request.prompt, self._args))
         else:
             tokens = list(request.prompt)
-            bad = next((t for t in tokens if not 0 <= t < self._tokenizer.vocab_size), None)
-            if bad is not None:
-                raise InvalidRequest(
-                    f"token id {bad} is outside the vocabulary [0, {self._tokenizer.vocab_size})",
-                    param="prompt",
-                )
         if not tokens:
             raise InvalidRequest("must not be empty", param="prompt")
         # At least one position must remain for the first generated token.
@@ -258,6 +249,13 @@ class Ingress:
                 f"has {len(tokens)} tokens; the limit for model {spec.id!r} is {longest}",
                 param="prompt",
             )
+        if not isinstance(request.prompt, str):
+            bad = next((t for t in tokens if not 0 <= t < self._tokenizer.vocab_size), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    f"token id {bad} is outside the vocabulary [0, {self._tokenizer.vocab_size})",
+                    param="prompt",
+                )
         return CompletionJob(
             model=spec.id,
             tenant=tenant,

@@ -41,7 +41,7 @@ from cluster.version_follower import VersionFollower
 from cluster.version_store import VersionStore
 from cluster.versions import ModelVersion, VersionRegression
 from serve_app.admin import publish_update
-from serve_app.answers import decode_answer, encode_answer
+from serve_app.answers import AnswerIdentity, decode_answer, encode_answer
 from serve_app.completions import CompletionJob, CompletionOutcome
 from serve_app.config import AppArgs, parse_args, parse_user_config, prompt_text
 from serve_app.errors import ModelNotFound, ModelUpdating
@@ -113,12 +113,14 @@ class ModelReplica:
         self._cluster_secret = await asyncio.to_thread(
             shared_secret, self._args.namespace, self._args.configured_secret()
         )
-        self._secret = self._cluster_secret.values
         self._block_hash = keyed_blake2b_256(self._cluster_secret.keys)
         self._tenant_salts: dict[str, str] = {}
         self._specs = {spec.id: spec for spec in self._args.models}
         self._version_actor = version_actor(
-            self._args.namespace, self._args.redis_url, rule_lifetime_s=self._rule_lifetime_s()
+            self._args.namespace,
+            self._args.redis_url,
+            self._cluster_secret.records,
+            rule_lifetime_s=self._rule_lifetime_s(),
         )
         current = await self._startup_versions()
         self._serving: dict[str, ServingModel] = {
@@ -141,16 +143,23 @@ class ModelReplica:
         self._redis = RedisStore(self._args.redis_url) if self._args.redis_url else None
         peer_key = self._cluster_secret.peer
         self._peer_client = PeerClient(peer_key) if self._args.peer.enabled else None
-        self._peer_server = PeerServer(
-            ResultPeerBackend(self._cache, self._prefix, self._secret), peer_key
+        self._peer_backend = ResultPeerBackend(
+            self._cache, self._prefix, self._cluster_secret, self._rules
         )
+        self._peer_server = PeerServer(self._peer_backend, peer_key)
         # The node's own address, not 0.0.0.0: peers reach it, other networks of the host do not.
         peer_address = await self._peer_server.start(host=ray.util.get_node_ip_address(), port=0)
         self._tiered: TieredCache[CompletionOutcome] = TieredCache(
             self._cache,
-            decode=lambda blob: decode_answer(blob, tier="local", secret=self._secret),
-            decode_remote=lambda blob: decode_answer(
-                blob, tier="local", secret=self._secret, rules=self._rules
+            decode=lambda blob, key, tags: decode_answer(
+                blob, "local", self._cluster_secret, expect=AnswerIdentity.of(key, tags)
+            ),
+            decode_remote=lambda blob, key, tags: decode_answer(
+                blob,
+                "local",
+                self._cluster_secret,
+                rules=self._rules,
+                expect=AnswerIdentity.of(key, tags),
             ),
             peer=self._peer_client,
             redis=self._redis,
@@ -164,17 +173,18 @@ class ModelReplica:
             interval_s=self._args.stats_interval_s,
         )
         self._membership.start()
+        self._version_store = (
+            VersionStore(self._args.redis_url, self._args.namespace, self._cluster_secret.records)
+            if self._args.redis_url
+            else None
+        )
         self._follower = VersionFollower(
             self._replica_id,
             actor=lambda: self._version_actor,
             initial=current,
             apply_version=self._apply_version,
             apply_rules=self._apply_rules,
-            store=(
-                VersionStore(self._args.redis_url, self._args.namespace)
-                if self._args.redis_url
-                else None
-            ),
+            store=self._version_store,
         )
         self._follower.start()
         logger.info(
@@ -279,9 +289,10 @@ class ModelReplica:
             model_version=version,
             cache_tier=None,
         )
-        encoded = encode_answer(
-            generation, job.model, version, job.tenant, self._secret, key=self._key(job, version)
+        identity = AnswerIdentity(
+            key=self._key(job, version), tenant=job.tenant, model=job.model, version=version
         )
+        encoded = encode_answer(generation, identity, self._cluster_secret)
         return outcome, encoded
 
     def _owner_address(self, job: CompletionJob) -> str | None:
@@ -329,14 +340,14 @@ class ModelReplica:
                 self._prefix,
                 hashes,
                 usable=usable,
-                extra=scope,
+                scope=scope,
                 peer=self._peer_client,
                 owner_address=owner_address,
                 block_shape=shape,
                 dtype=torch.float32,
                 device=model.device,
                 timeout_s=self._args.peer.timeout_s,
-                secret=self._secret,
+                secret=self._cluster_secret,
             )
         if self._redis is not None:
             self._redis_blocks += await fetch_prefix_from_redis(
@@ -350,7 +361,7 @@ class ModelReplica:
                 block_shape=shape,
                 dtype=torch.float32,
                 device=model.device,
-                secret=self._secret,
+                secret=self._cluster_secret,
             )
 
     def _share_prefix(
@@ -369,7 +380,7 @@ class ModelReplica:
                 scope=scope,
                 namespace=self._args.namespace,
                 chunk_blocks=self._args.prefix_cache.redis_chunk_blocks,
-                secret=self._secret,
+                secret=self._cluster_secret,
             )
         )
 
@@ -402,6 +413,13 @@ class ModelReplica:
             "peer_fetch_ms": _mean_ms(tiers.peer.fetch_seconds, tiers.peer.fetches),
             "redis_fetch_ms": _mean_ms(tiers.redis.fetch_seconds, tiers.redis.fetches),
             "corrupt_values": tiers.peer.corrupt + tiers.redis.corrupt,
+            "foreign_values": tiers.peer.foreign + tiers.redis.foreign,
+            "tier_errors": tiers.peer.errors + tiers.redis.errors,
+            "invalidated_in_flight": tiers.invalidated_in_flight,
+            "peer_values_refused": self._peer_backend.rejected,
+            "version_records_refused": self._version_store.rejected_records
+            if self._version_store is not None
+            else 0,
             "peer_calls_refused": self._peer_server.rejected_calls,
             "stale_values": tiers.peer.stale + tiers.redis.stale,
             "single_flight_waits": tiers.single_flight_waits,
@@ -506,8 +524,9 @@ class ModelReplica:
             self._pin_prompts(self._prefix, record.model)
 
     def _drop_entries(self, model_id: str) -> None:
-        """Drop every local result and prefix block of `model_id`."""
-        dropped = self._cache.invalidate(lambda tags: tags.model == model_id)
+        """Drop every local result and prefix block of `model_id`, and keep what computations
+        of it in flight will answer from being stored (their weights are being retired)."""
+        dropped = self._tiered.invalidate(lambda _key, tags: tags.model == model_id)
         if self._prefix is not None:
             dropped += self._prefix.invalidate(
                 lambda extra: isinstance(extra, PrefixScope) and extra.model_id == model_id
@@ -516,15 +535,13 @@ class ModelReplica:
 
     def _apply_rules(self, rules: list[InvalidationRule]) -> None:
         """Enforce invalidation `rules` (in the follower's thread): first for values fetched
-        from peers and Redis, then by dropping matching local entries."""
+        from peers and Redis, then by dropping matching local entries and keeping matching
+        computations in flight from storing their answers."""
         self._rules.add(rules)
         self._rules.prune(time.time() - self._rule_lifetime_s())
         for rule in rules:
-            if rule.key is not None:
-                self._cache.pop(ResultKey(rule.key))
-                continue
-            self._cache.invalidate(rule.matches)
-            if self._prefix is not None:
+            self._tiered.invalidate(lambda key, tags, rule=rule: rule.matches(tags, key))
+            if rule.key is None and self._prefix is not None:
                 salt = None if rule.tenant is None else self._tenant_salt(rule.tenant)
                 self._prefix.invalidate(
                     lambda extra, rule=rule, salt=salt: (

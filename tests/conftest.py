@@ -85,7 +85,7 @@ def running_app(
 
     The HTTP port moves to a free one (8000 may be taken), Redis to the session's private
     server, and the operator's credentials are configured (API keys, one stored as a digest,
-    and an admin token); everything else is the file users run.
+    and an admin token, and the pinned prompt's tenant); everything else is the file users run.
     """
     workdir = tmp_path_factory.mktemp("serve")
     keys_file = workdir / "api-keys.txt"
@@ -98,6 +98,9 @@ def running_app(
     args["redis_url"] = redis_server.url
     args["auth"] = {"api_keys_file": str(keys_file)}
     args["admin_token"] = ADMIN_TOKEN
+    # Tenants share no prefix block, a pinned one included: pinned for alice, whom tests ask as.
+    for pinned in args["prefix_cache"]["pinned"]:
+        pinned["tenant"] = "alice"
     config_path = workdir / "cluster.yaml"
     config_path.write_text(yaml.safe_dump(config))
     serve_run = ServeRun(config_path, ray_cluster, workdir / "serve-run.log")

@@ -71,7 +71,8 @@ def test_http_and_handles_share_one_cache(running_app, app_handle):
     body = completion("Asked over HTTP, then over a handle")
     with running_app.http() as http:
         over_http = http.post("/v1/completions", json=body).json()
-    over_handle = app_handle.complete.remote(body).result(timeout_s=60)
+    # A handle's caller is inside the cluster and names the tenant.
+    over_handle = app_handle.complete.remote(body, tenant="alice").result(timeout_s=60)
     assert over_handle["cache"]["hit"] is True
     assert answer_of(over_http) == answer_of(over_handle)
 

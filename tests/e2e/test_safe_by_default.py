@@ -23,6 +23,7 @@ from cluster.directory_actor import directory_actor
 from cluster.proto import peer_pb2, peer_pb2_grpc
 from cluster.ray_secret import shared_secret
 from cluster.redis_store import redis_key
+from cluster.secret import ClusterSecret
 from serve_app.completions import CompletionJob, parse_completion_request
 from serve_app.models import ByteTokenizer
 from serve_app.replica import completion_key
@@ -32,6 +33,7 @@ pytestmark = pytest.mark.e2e
 
 MODEL = "tiny-gpt"
 VERSION = "1"
+KEY_ID = slice(20, 28)  # where an envelope names the secret that signed it (cluster/codec.py)
 
 
 def completion(prompt: str, **overrides: object) -> dict[str, object]:
@@ -71,19 +73,18 @@ def test_a_tenant_learns_nothing_of_another_tenants_prompts(running_app):
     with running_app.http("alice") as alice, running_app.http("bob") as bob:
         assert alice.post("/v1/completions", json=completion(secret_prompt)).status_code == 200
         assert alice.post("/v1/completions", json=completion(secret_prompt)).json()["cache"]["hit"]
-        probes = [
-            bob.post("/v1/completions", json=completion(secret_prompt)).json(),
-            # Claiming alice through the tenant header does nothing: no gateway is trusted.
-            bob.post(
-                "/v1/completions",
-                json=completion(secret_prompt),
-                headers={"x-raycache-tenant": "alice"},
-            ).json(),
-            bob.post("/v1/completions", json=completion(secret_prompt + " And more.")).json(),
-        ]
-    for probe in probes:
-        assert probe["cache"]["hit"] is False
-        assert probe["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+        # Claiming alice through the tenant header does nothing: no gateway is trusted. A longer
+        # prompt, so that its blocks would show as cached tokens had alice's been shared.
+        claimed = bob.post(
+            "/v1/completions",
+            json=completion(secret_prompt + " And more."),
+            headers={"x-raycache-tenant": "alice"},
+        ).json()
+        # Bob's own blocks of the prompt are cached now, but alice's answer is not his.
+        asked = bob.post("/v1/completions", json=completion(secret_prompt)).json()
+    assert claimed["cache"]["hit"] is False
+    assert claimed["usage"]["prompt_tokens_details"]["cached_tokens"] == 0
+    assert asked["cache"]["hit"] is False
 
 
 def test_admin_routes_need_the_admin_token(running_app):
@@ -122,8 +123,19 @@ def test_a_value_moved_or_forged_in_redis_is_never_served(running_app, redis_ser
             "another tenant": ("bob", completion("The answer that an attacker moves around")),
             "a forged value": ("alice", completion("A prompt nobody asked before, forged")),
         }
-        # Well-formed, and unsigned: what anyone with write access to Redis can make.
-        forged = encode("completion", MODEL, VERSION, created_at=time.time(), blob=b"\x80")
+        # Well-formed and signed, under a secret of the attacker's own, and claiming the
+        # cluster's key id (which any envelope in Redis shows): what anyone who can write to
+        # Redis can make.
+        forged = encode(
+            "completion",
+            MODEL,
+            VERSION,
+            created_at=time.time(),
+            blob=b"\x80",
+            meta={"key": "0" * 32, "tenant": "alice"},
+            secret=ClusterSecret.generate(),
+        )
+        forged = forged[: KEY_ID.start] + envelope[KEY_ID] + forged[KEY_ID.stop :]
         for name, (tenant, body) in victims.items():
             redis.set(
                 redis_key_of(running_app, tenant, body), forged if "forged" in name else envelope
@@ -133,9 +145,16 @@ def test_a_value_moved_or_forged_in_redis_is_never_served(running_app, redis_ser
                 client = bob if tenant == "bob" else alice
                 answer = client.post("/v1/completions", json=body).json()
                 assert answer["cache"]["hit"] is False, name
-    stats = httpx.get(f"{running_app.url}/v1/cache/stats", timeout=30).json()
-    rejected = sum(r["cluster"]["corrupt_values"] for r in stats["replicas"].values())
-    assert rejected >= len(victims)
+
+    def rejected() -> int:
+        stats = httpx.get(f"{running_app.url}/v1/cache/stats", timeout=30).json()
+        return sum(r["cluster"]["corrupt_values"] for r in stats["replicas"].values())
+
+    # Replicas report their statistics every few seconds.
+    wait_until(lambda: rejected() >= len(victims), 30, "the rejections to be reported", 0.5)
+    # Deleted when found, then replaced by the replica's own answer.
+    for name, (tenant, body) in victims.items():
+        assert redis.get(redis_key_of(running_app, tenant, body)) not in (envelope, forged), name
 
 
 @pytest.mark.asyncio

@@ -12,6 +12,7 @@ from cluster.block_hashes import BlockHash, PrefixScope, prompt_block_hashes
 from cluster.codec import MAGIC
 from cluster.prefix_cache import PrefixCache
 from cluster.redis_store import RedisStore
+from cluster.secret import ClusterSecret
 from serve_app import shared_blocks
 from serve_app.shared_blocks import (
     chunk_key,
@@ -26,6 +27,7 @@ pytestmark = pytest.mark.integration
 BLOCK, CHUNK = 4, 3
 SHAPE = torch.Size((2, 2, 1, BLOCK, 8))  # layers, K and V, heads, tokens, dims
 SCOPE = PrefixScope("tenant", "tiny-gpt", "1")
+SECRET = ClusterSecret(b"prefix chunk tests' cluster secret")
 
 
 async def stored(url: str) -> tuple[RedisStore, str, list[BlockHash], list[torch.Tensor]]:
@@ -38,14 +40,20 @@ async def stored(url: str) -> tuple[RedisStore, str, list[BlockHash], list[torch
     assert writer.insert(hashes, blocks, parent=None, extra=SCOPE) == 10
     store = RedisStore(url, socket_timeout_s=2.0, connect_timeout_s=2.0)
     namespace = f"chunks{uuid.uuid4().hex[:8]}"  # the Redis server is the session's
-    assert await store_prefix_in_redis(store, writer, hashes, 0, SCOPE, namespace, CHUNK, None)
+    assert await store_prefix_in_redis(store, writer, hashes, 0, SCOPE, namespace, CHUNK, SECRET)
     return store, namespace, hashes, blocks
 
 
-async def fetch(store: RedisStore, namespace: str, hashes: list[BlockHash]):
+async def fetch(
+    store: RedisStore,
+    namespace: str,
+    hashes: list[BlockHash],
+    scope: PrefixScope = SCOPE,
+    secret: ClusterSecret = SECRET,
+):
     ranges = chunk_ranges(len(hashes), CHUNK)
     return await fetch_chunks_from_redis(
-        store, hashes, ranges, SCOPE, namespace, SHAPE, torch.float32, None
+        store, hashes, ranges, scope, namespace, SHAPE, torch.float32, secret
     )
 
 
@@ -62,7 +70,7 @@ async def test_every_chunk_comes_back_as_the_blocks_that_were_stored(redis_serve
         reader = PrefixCache(BLOCK, max_bytes=1 << 24)
         added = await fetch_prefix_from_redis(
             store, reader, hashes, 10, SCOPE, namespace, CHUNK, SHAPE, torch.float32,
-            torch.device("cpu"), None,
+            torch.device("cpu"), SECRET,
         )  # fmt: skip
         assert added == 10 and reader.cached_run(hashes) == 10
         reader.check_integrity()
@@ -82,7 +90,7 @@ async def test_a_missing_or_corrupt_chunk_ends_the_run_and_later_ones_are_not_de
         admin.delete(second)
     else:
         value = bytearray(admin.get(second))
-        value[-1] ^= 0xFF  # the payload's last byte: the checksum fails
+        value[-1] ^= 0xFF  # the payload's last byte: the MAC fails
         assert bytes(value[:4]) == MAGIC
         admin.set(second, bytes(value))
     admin.close()
@@ -99,5 +107,29 @@ async def test_a_missing_or_corrupt_chunk_ends_the_run_and_later_ones_are_not_de
         assert [len(chunk) for chunk in chunks] == [3]
         assert len(decoded) == (1 if damage == "missing" else 2)  # nothing after the gap
         assert store.stats().hits == (3 if damage == "missing" else 4)
+    finally:
+        await store.close()
+
+
+@pytest.mark.asyncio
+async def test_chunks_moved_to_another_scope_or_signed_under_another_secret_are_misses(
+    redis_server,
+):
+    store, namespace, hashes, _ = await stored(redis_server.url)
+    admin = redis_server.client()
+    other_version = PrefixScope(SCOPE.tenant, SCOPE.model_id, "2")
+    # The first chunk copied where version 2 of the model would look for it.
+    first = admin.get(chunk_key(namespace, SCOPE, hashes[2]))
+    admin.set(chunk_key(namespace, other_version, hashes[2]), first)
+    # The second chunk's bytes put under the third chunk's key.
+    admin.set(
+        chunk_key(namespace, SCOPE, hashes[8]), admin.get(chunk_key(namespace, SCOPE, hashes[5]))
+    )
+    admin.close()
+    try:
+        assert await fetch(store, namespace, hashes, scope=other_version) == []
+        assert [len(chunk) for chunk in await fetch(store, namespace, hashes)] == [3, 3]
+        other = ClusterSecret(b"the secret of another cluster")
+        assert await fetch(store, namespace, hashes, secret=other) == []
     finally:
         await store.close()

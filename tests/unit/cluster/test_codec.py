@@ -1,21 +1,21 @@
 """The envelope codec: bit-exact round trips, each rejection by name, and hostile bytes.
 
 `forge` writes envelopes from the layout drawn in `cluster/codec.py`'s docstring, independently
-of `encode`: it checks that the docstring is true, and it builds envelopes with a valid checksum
-around any header at all, as an attacker without the cluster secret could.
+of `encode`: it checks that the docstring is true, and it builds envelopes with a valid MAC
+around any header at all, as a replica with a bug (or a stolen secret) could.
 """
 
 import hashlib
-import hmac
 import math
 import struct
 import time
 import tracemalloc
+from typing import Any
 
 import msgpack
 import pytest
 import torch
-import xxhash
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
@@ -28,12 +28,24 @@ from cluster.codec import (
     MAX_NDIM,
     CodecError,
     Envelope,
-    decode,
-    encode,
 )
+from cluster.secret import ClusterSecret
 
-SECRET = b"cluster-secret"
+SECRET = ClusterSecret(b"the codec tests' cluster secret")
+OTHER = ClusterSecret(b"another cluster's secret entirely")
+FIXED = struct.Struct("<4sB3sIQ8s16s")  # magic, version, reserved, H, P, key id, nonce
+HEADER_AT = FIXED.size  # 44
 FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def encode(*args: Any, **kwargs: Any) -> bytes:
+    """`codec.encode`, signed under SECRET unless told otherwise."""
+    return codec.encode(*args, **{"secret": SECRET, **kwargs})
+
+
+def decode(data: Any, **kwargs: Any) -> Envelope:
+    """`codec.decode` by a reader holding SECRET unless told otherwise."""
+    return codec.decode(data, **{"secret": SECRET, **kwargs})
 
 
 def bits(tensor: torch.Tensor) -> bytes:
@@ -76,24 +88,23 @@ def forge(
     payload: bytes = b"",
     *,
     packed: bytes | None = None,
-    secret: bytes | None = None,
-    flags: int = 0,
-    reserved: int = 0,
+    secret: ClusterSecret = SECRET,
+    key_id: bytes | None = None,
+    nonce: bytes = bytes(range(16)),
+    reserved: bytes = bytes(3),
     magic: bytes = MAGIC,
-    format_version: int = 1,
+    format_version: int = 2,
 ) -> bytes:
-    """An envelope laid out as the module docstring draws it, with a valid checksum."""
+    """An envelope laid out as the module docstring draws it, signed under `secret` (and naming
+    `key_id`, by default the secret's own)."""
     if packed is None:
         packed = msgpack.packb(header)
-    flags |= 1 if secret else 0
-    fixed = struct.pack(
-        "<4sBBHIQ", magic, format_version, flags, reserved, len(packed), len(payload)
-    )
-    signed = fixed + packed + payload
-    mac = hmac.new(secret, signed, hashlib.sha256).digest() if secret else b""
-    prefix = len(fixed) + len(packed) + 8 + len(mac)
-    padding = bytes(-prefix % 16)
-    return fixed + packed + xxhash.xxh3_64(signed).digest() + mac + padding + payload
+    key_id = secret.key_id if key_id is None else key_id
+    fixed = FIXED.pack(magic, format_version, reserved, len(packed), len(payload), key_id, nonce)
+    one_time_key = hashlib.blake2b(nonce, key=secret.values, digest_size=32).digest()
+    mac = Poly1305.generate_tag(one_time_key, fixed + packed + payload)
+    padding = bytes(-(len(fixed) + len(packed) + len(mac)) % 16)
+    return fixed + packed + mac + padding + payload
 
 
 def reason_of(data: bytes | bytearray | memoryview, **kwargs: object) -> str:
@@ -124,7 +135,7 @@ def sample_tensors() -> dict[str, torch.Tensor]:
     }
 
 
-def sample_envelope(secret: bytes | None = None) -> bytes:
+def sample_envelope(secret: ClusterSecret = SECRET) -> bytes:
     return encode(
         "kv",
         "tiny-gpt",
@@ -140,7 +151,7 @@ def sample_envelope(secret: bytes | None = None) -> bytes:
 # Round trips
 
 
-@pytest.mark.parametrize("secret", [None, SECRET])
+@pytest.mark.parametrize("secret", [SECRET, OTHER])
 def test_round_trip(secret):
     envelope = decode(sample_envelope(secret), secret=secret, expect_kind="kv")
     assert_same(
@@ -213,20 +224,23 @@ def test_blob_only_and_empty_envelopes():
     assert decode(encode("", "", "", created_at=0.0)).blob == b""
 
 
-def test_encoding_is_deterministic():
-    assert sample_envelope() == sample_envelope()
-    assert sample_envelope(SECRET) == sample_envelope(SECRET)
+def test_every_encoding_draws_a_new_nonce():
+    first, second = sample_envelope(), sample_envelope()
+    assert first[28:44] != second[28:44] and first != second
+    assert bits(decode(first).tensors["k"]) == bits(decode(second).tensors["k"])
 
 
 def test_layout_is_the_documented_one():
     data = sample_envelope()
-    assert data[:4] == MAGIC and data[4] == 1 and data[5] == 0
+    assert data[:4] == MAGIC and data[4] == 2 and data[5:8] == bytes(3)
     header_len, payload_len = struct.unpack_from("<IQ", data, 8)
-    header = msgpack.unpackb(data[20 : 20 + header_len])
+    assert data[20:28] == SECRET.key_id
+    header = msgpack.unpackb(data[HEADER_AT : HEADER_AT + header_len])
     assert (len(data) - payload_len) % 16 == 0
     payload = data[len(data) - payload_len :]
-    assert data == forge(header, payload)
-    assert forge(header, payload, secret=SECRET) == sample_envelope(SECRET)
+    assert data == forge(header, payload, nonce=data[28:44])
+    theirs = sample_envelope(OTHER)
+    assert forge(header, payload, secret=OTHER, nonce=theirs[28:44]) == theirs
     tensors = sample_tensors()
     for name, dtype, shape, offset, length in header["tensors"]:
         assert offset % 16 == 0
@@ -278,7 +292,7 @@ def tensors_strategy(draw):
     tensors_strategy(),
     st.binary(max_size=64),
     metas,
-    st.none() | st.binary(min_size=1, max_size=40),
+    st.binary(min_size=16, max_size=40).map(ClusterSecret),
     st.floats(allow_nan=False, allow_infinity=False),
     st.text(max_size=8),
     st.booleans(),
@@ -333,7 +347,7 @@ def test_too_large():
     assert decode(data, max_bytes=len(data)).kind == "kv"
 
 
-@pytest.mark.parametrize("keep", [0, 3, 19, 20, 40, -1])
+@pytest.mark.parametrize("keep", [0, 3, 19, 27, 43, 44, 60, -1])
 def test_truncated(keep):
     data = sample_envelope()
     assert reason_of(data[:keep]) == "truncated"
@@ -341,10 +355,10 @@ def test_truncated(keep):
 
 def test_wrong_magic():
     assert reason_of(forge(canonical_header([]), magic=b"PK\x03\x04")) == "magic"
-    assert reason_of(b"\x80\x04\x95" + bytes(40)) == "magic"  # a pickle is not an envelope
+    assert reason_of(b"\x80\x04\x95" + bytes(60)) == "magic"  # a pickle is not an envelope
 
 
-@pytest.mark.parametrize("format_version", [0, 2, 255])
+@pytest.mark.parametrize("format_version", [0, 1, 3, 255])
 def test_unknown_format_version(format_version):
     assert reason_of(forge(canonical_header([]), format_version=format_version)) == "format_version"
 
@@ -352,52 +366,64 @@ def test_unknown_format_version(format_version):
 def test_framing():
     header = canonical_header([("x", "float32", [3])])
     payload = bytes(12)
-    assert reason_of(forge(header, payload, flags=0b10)) == "framing"
-    assert reason_of(forge(header, payload, reserved=1)) == "framing"
+    assert reason_of(forge(header, payload, reserved=b"\x00\x01\x00")) == "framing"
+    assert reason_of(forge(header, payload, reserved=b"\x80\x00\x00")) == "framing"
     assert reason_of(forge(header, payload) + b"\x00") == "framing"
     data = bytearray(forge(header, payload))
-    padding_at = 20 + len(msgpack.packb(header)) + 8
+    padding_at = HEADER_AT + len(msgpack.packb(header)) + 16
     assert padding_at % 16, "this header must leave padding before the payload"
     data[padding_at] = 1
     assert reason_of(bytes(data)) == "framing"
 
 
-@pytest.mark.parametrize("where", ["header", "checksum", "tensor", "gap", "blob"])
-def test_checksum(where):
+@pytest.mark.parametrize("where", ["nonce", "header", "mac", "tensor", "gap", "blob"])
+def test_a_changed_byte_fails_the_mac(where):
     data = bytearray(sample_envelope())
     header_len, payload_len = struct.unpack_from("<IQ", data, 8)
     payload_start = len(data) - payload_len
-    mask = next(entry for entry in msgpack.unpackb(data[20 : 20 + header_len])["tensors"])
+    header = msgpack.unpackb(data[HEADER_AT : HEADER_AT + header_len])
+    mask = next(entry for entry in header["tensors"])
     position = {
-        "header": 20 + header_len // 2,
-        "checksum": 20 + header_len + 3,
+        "nonce": 30,
+        "header": HEADER_AT + header_len // 2,
+        "mac": HEADER_AT + header_len + 3,
         "tensor": payload_start + 100,
         "gap": payload_start + mask[3] + mask[4],  # alignment zeros between two tensors
         "blob": len(data) - 1,
     }[where]
     data[position] ^= 0x01
-    assert reason_of(bytes(data)) == "checksum"
+    assert reason_of(bytes(data)) == "hmac"
 
 
-def test_an_empty_secret_is_no_secret():
-    assert decode(encode("a", "m", "1", created_at=0.0, secret=b""), secret=None).kind == "a"
-    assert decode(encode("a", "m", "1", created_at=0.0), secret=b"").kind == "a"
+def test_a_value_signed_under_another_secret_is_foreign_not_forged():
+    theirs = sample_envelope(OTHER)
+    assert reason_of(theirs) == "foreign_secret"
+    assert decode(theirs, secret=OTHER).model == "tiny-gpt"
+    # Naming our key id does not make their MAC ours: that is a forgery.
+    relabelled = theirs[:20] + SECRET.key_id + theirs[28:]
+    assert reason_of(relabelled) == "hmac"
+    # And our value relabelled with their key id is foreign to us (not deleted, never served).
+    assert reason_of(sample_envelope()[:20] + OTHER.key_id + sample_envelope()[28:]) == (
+        "foreign_secret"
+    )
 
 
-def test_hmac():
-    signed, unsigned = sample_envelope(SECRET), sample_envelope()
-    assert reason_of(unsigned, secret=SECRET) == "hmac"  # a reader with a secret needs an HMAC
-    assert reason_of(signed, secret=b"another secret") == "hmac"
-    assert reason_of(signed) == "hmac"  # and a reader without one refuses signed envelopes
-    tampered = bytearray(signed)
-    header_len = struct.unpack_from("<I", tampered, 8)[0]
-    tampered[20 + header_len + 8 + 5] ^= 0x80
-    assert reason_of(bytes(tampered), secret=SECRET) == "hmac"
-    # A forger who can compute the checksum still cannot sign without the secret.
-    header = msgpack.unpackb(signed[20 : 20 + header_len])
+def test_a_forger_without_the_secret_cannot_sign():
+    signed = sample_envelope()
+    header_len = struct.unpack_from("<I", signed, 8)[0]
+    header = msgpack.unpackb(signed[HEADER_AT : HEADER_AT + header_len])
     payload = signed[len(signed) - struct.unpack_from("<Q", signed, 12)[0] :]
-    assert reason_of(forge(header, payload, secret=b"guess"), secret=SECRET) == "hmac"
-    assert decode(forge(header, payload, secret=SECRET), secret=SECRET).model == "tiny-gpt"
+    guess = ClusterSecret(b"a guess at the cluster secret")
+    assert reason_of(forge(header, payload, secret=guess, key_id=SECRET.key_id)) == "hmac"
+    assert decode(forge(header, payload)).model == "tiny-gpt"
+
+
+def test_format_1_envelopes_are_no_longer_read():
+    packed = msgpack.packb(canonical_header([]))
+    # Format 1: the 20-byte fixed header, the msgpack header, an xxh3 checksum, padding.
+    old = struct.pack("<4sBBHIQ", MAGIC, 1, 0, 0, len(packed), 0) + packed + bytes(8)
+    old += bytes(-len(old) % 16)
+    assert reason_of(old) == "format_version"
 
 
 HOSTILE_HEADERS = {
@@ -459,8 +485,8 @@ def test_malformed_msgpack_header(packed):
 
 
 def test_header_over_its_size_limit():
-    fixed = struct.pack("<4sBBHIQ", MAGIC, 1, 0, 0, MAX_HEADER_BYTES + 1, 0)
-    assert reason_of(fixed + bytes(MAX_HEADER_BYTES + 9)) == "header"
+    fixed = FIXED.pack(MAGIC, 2, bytes(3), MAX_HEADER_BYTES + 1, 0, SECRET.key_id, bytes(16))
+    assert reason_of(fixed + bytes(MAX_HEADER_BYTES + 32)) == "header"
 
 
 @pytest.mark.parametrize("dtype", ["complex64", "float8_e4m3fn", "object", "torch.float32", ""])
@@ -501,7 +527,7 @@ def test_expect_kind():
 
 
 def test_codec_error_is_a_value_error():
-    with pytest.raises(ValueError, match="checksum"):
+    with pytest.raises(ValueError, match="hmac"):
         decode(sample_envelope()[:-1] + b"\x00")
 
 
@@ -539,8 +565,8 @@ def test_unencodable(arguments):
 
 def test_huge_declared_lengths_are_rejected_without_allocating():
     cases = [
-        struct.pack("<4sBBHIQ", MAGIC, 1, 0, 0, 2**32 - 1, 2**64 - 1) + bytes(8),
-        struct.pack("<4sBBHIQ", MAGIC, 1, 0, 0, 16, 2**63) + bytes(64),
+        FIXED.pack(MAGIC, 2, bytes(3), 2**32 - 1, 2**64 - 1, SECRET.key_id, bytes(16)) + bytes(8),
+        FIXED.pack(MAGIC, 2, bytes(3), 16, 2**63, SECRET.key_id, bytes(16)) + bytes(64),
         forge(packed=b"\xdd\xff\xff\xff\xff"),
         forge(packed=b"\xc6\x7f\xff\xff\xff"),
         forge(canonical_header([], tensors=[["x", "uint8", [2**62], 0, 2**62]], blob=[2**62, 0])),
@@ -570,15 +596,18 @@ def test_random_bytes(data):
 
 @FUZZ
 @given(
-    st.integers(0, 3),
+    st.sampled_from([bytes(3), b"\x01\x00\x00"]),
     st.integers(0, 2**32 - 1) | st.integers(0, 64),
     st.integers(0, 2**64 - 1) | st.integers(0, 256),
+    st.sampled_from([SECRET.key_id, OTHER.key_id]),
     st.binary(max_size=300),
 )
-def test_random_bytes_behind_a_plausible_fixed_header(flags, header_len, payload_len, rest):
-    data = struct.pack("<4sBBHIQ", MAGIC, 1, flags, 0, header_len, payload_len) + rest
+def test_random_bytes_behind_a_plausible_fixed_header(
+    reserved, header_len, payload_len, key_id, rest
+):
+    data = FIXED.pack(MAGIC, 2, reserved, header_len, payload_len, key_id, bytes(16)) + rest
     try:
-        decode(data, secret=SECRET if flags & 1 else None)
+        decode(data)
     except CodecError as exc:
         event(exc.reason)
 
@@ -648,8 +677,9 @@ def forged_envelopes(draw: st.DrawFn) -> tuple[dict, bytes]:
 
 @FUZZ
 @given(forged_envelopes())
-def test_forged_headers_with_valid_checksums(forged):
-    """What an attacker who knows the format but not the secret can put in Redis."""
+def test_forged_headers_with_valid_macs(forged):
+    """What a replica with a bug, or an attacker holding the secret, could write: decoding
+    still raises nothing but CodecError and returns only what the bytes hold."""
     header, payload = forged
     try:
         envelope = decode(forge(header, payload))
@@ -674,7 +704,7 @@ def test_any_header_object(header):
         event(exc.reason)
 
 
-VALID = {None: sample_envelope(), SECRET: sample_envelope(SECRET)}
+VALID = sample_envelope()
 
 mutations = st.one_of(
     st.tuples(st.just("flip"), st.lists(st.tuples(st.integers(0), st.integers(0, 7)), max_size=4)),
@@ -708,12 +738,12 @@ def mutate(data: bytes, mutation: tuple) -> bytes:
 
 
 @FUZZ
-@given(st.sampled_from(sorted(VALID, key=bool)), mutations, st.booleans())
-def test_mutated_envelopes_fail_unless_unchanged(secret, mutation, writable):
-    original = VALID[secret]
+@given(mutations, st.booleans())
+def test_mutated_envelopes_fail_unless_unchanged(mutation, writable):
+    original = VALID
     data = mutate(original, mutation)
     try:
-        envelope = decode(bytearray(data) if writable else data, secret=secret)
+        envelope = decode(bytearray(data) if writable else data)
     except CodecError as exc:
         event(exc.reason)
         assert data != original

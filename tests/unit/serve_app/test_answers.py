@@ -1,33 +1,71 @@
-"""The cached form of an answer: round trip, and untrusted bytes rejected as CodecError."""
+"""The cached form of an answer: round trip, untrusted bytes rejected as CodecError, and a
+valid answer refused under any other key, tenant, model or version than its own."""
+
+import dataclasses
 
 import msgpack
 import pytest
 
 from cluster.codec import CodecError, encode
-from serve_app.answers import ANSWER_KIND, decode_answer, encode_answer
+from cluster.invalidation import InvalidationRule, InvalidationRules
+from cluster.secret import ClusterSecret
+from cluster.tiered import ForeignValue, StaleValue
+from serve_app.answers import (
+    ANSWER_KIND,
+    AnswerIdentity,
+    answer_tags,
+    decode_answer,
+    encode_answer,
+)
 from serve_app.models import Generation
 
 GENERATION = Generation(prompt_tokens=5, tokens=(104, 105), text="hi", finish_reason="length")
-SECRET = b"0123456789abcdef-cluster-secret"
+SECRET = ClusterSecret(b"0123456789abcdef-cluster-secret")
+OTHER = ClusterSecret(b"the secret of another cluster")
+IDENTITY = AnswerIdentity(key="ab" * 32, tenant="t", model="m", version="7")
 
 
-@pytest.mark.parametrize("secret", [None, SECRET])
-def test_round_trip(secret):
-    outcome = decode_answer(encode_answer(GENERATION, "m", "7", "t", secret), "redis", secret)
+def answer(identity: AnswerIdentity = IDENTITY, secret: ClusterSecret = SECRET) -> bytes:
+    return encode_answer(GENERATION, identity, secret)
+
+
+def test_round_trip():
+    outcome = decode_answer(answer(), "redis", SECRET, expect=IDENTITY)
     assert (outcome.text, outcome.finish_reason) == ("hi", "length")
     assert (outcome.prompt_tokens, outcome.completion_tokens) == (5, 2)
     assert (outcome.model_version, outcome.cache_tier) == ("7", "redis")
 
 
-def test_tampering_and_wrong_secrets_are_rejected():
-    blob = bytearray(encode_answer(GENERATION, "m", "7", "t", SECRET))
-    with pytest.raises(CodecError):
-        decode_answer(bytes(blob), "peer", b"another-secret-of-16+")
-    with pytest.raises(CodecError):
-        decode_answer(bytes(blob), "peer", None)
-    blob[-3] ^= 0xFF
-    with pytest.raises(CodecError):
-        decode_answer(bytes(blob), "peer", SECRET)
+@pytest.mark.parametrize(
+    "moved",
+    [
+        {"key": "cd" * 32},  # another prompt (or sampling parameters)
+        {"tenant": "mallory"},
+        {"model": "other-model"},
+        {"version": "8"},
+    ],
+    ids=lambda moved: next(iter(moved)),
+)
+def test_a_valid_answer_copied_to_another_request_is_refused(moved):
+    """The bytes are untouched and correctly signed: only what they answer differs."""
+    with pytest.raises(CodecError) as info:
+        decode_answer(answer(), "redis", SECRET, expect=dataclasses.replace(IDENTITY, **moved))
+    assert info.value.reason == "identity"
+
+
+def test_an_answer_signed_under_another_secret_is_foreign_not_corrupt():
+    with pytest.raises(ForeignValue):
+        decode_answer(answer(secret=OTHER), "redis", SECRET, expect=IDENTITY)
+    assert decode_answer(answer(secret=OTHER), "redis", OTHER, expect=IDENTITY).text == "hi"
+
+
+@pytest.mark.parametrize("position", [30, 100, -3, -1])
+def test_a_flipped_byte_is_refused_as_corrupt(position):
+    blob = bytearray(answer())
+    blob[position] ^= 0x10
+    with pytest.raises(CodecError) as info:
+        decode_answer(bytes(blob), "peer", SECRET, expect=IDENTITY)
+    assert not isinstance(info.value, ForeignValue)
 
 
 @pytest.mark.parametrize(
@@ -45,20 +83,45 @@ def test_tampering_and_wrong_secrets_are_rejected():
     ],
 )
 def test_a_valid_envelope_with_a_bad_answer_inside_is_rejected(inner):
-    blob = encode(ANSWER_KIND, "m", "1", created_at=0.0, blob=inner)
+    meta = {"key": IDENTITY.key, "tenant": IDENTITY.tenant}
+    blob = encode(ANSWER_KIND, "m", "7", created_at=0.0, blob=inner, meta=meta, secret=SECRET)
     with pytest.raises(CodecError):
-        decode_answer(blob, "redis")
+        decode_answer(blob, "redis", SECRET, expect=IDENTITY)
+
+
+@pytest.mark.parametrize(
+    "meta", [{}, {"key": IDENTITY.key}, {"key": 1, "tenant": "t"}, {**IDENTITY.__dict__}]
+)
+def test_an_answer_must_record_exactly_its_key_and_tenant(meta):
+    inner = msgpack.packb(
+        {"text": "x", "finish_reason": "stop", "prompt_tokens": 1, "completion_tokens": 1}
+    )
+    blob = encode(ANSWER_KIND, "m", "7", created_at=0.0, blob=inner, meta=meta, secret=SECRET)
+    with pytest.raises(CodecError):
+        decode_answer(blob, "redis", SECRET, expect=IDENTITY)
 
 
 def test_another_kind_of_envelope_is_rejected():
     with pytest.raises(CodecError):
-        decode_answer(encode("kv", "m", "1", created_at=0.0), "redis")
+        kv = encode("kv", "m", "7", created_at=0.0, secret=SECRET)
+        decode_answer(kv, "redis", SECRET, expect=IDENTITY)
 
 
-def test_tags_come_from_a_verified_envelope():
-    from serve_app.answers import answer_tags
+def test_an_invalidated_answer_is_stale():
+    rules = InvalidationRules([InvalidationRule(seq=1, issued_at=4e9, tenant="t")])
+    with pytest.raises(StaleValue):
+        decode_answer(answer(), "redis", SECRET, rules, expect=IDENTITY)
 
-    tags = answer_tags(encode_answer(GENERATION, "m", "7", "alice", SECRET), SECRET)
-    assert (tags.model, tags.version, tags.tenant) == ("m", "7", "alice")
+
+def test_tags_come_from_a_verified_envelope_stored_under_its_own_key():
+    tags = answer_tags(answer(), SECRET, IDENTITY.key)
+    assert (tags.model, tags.version, tags.tenant) == ("m", "7", "t")
+    with pytest.raises(CodecError) as info:
+        answer_tags(answer(), SECRET, "cd" * 32)  # a peer PUT under another key
+    assert info.value.reason == "identity"
+    with pytest.raises(CodecError) as info:
+        answer_tags(answer(secret=OTHER), SECRET, IDENTITY.key)
+    assert info.value.reason == "foreign_secret"
+    forged = encode(ANSWER_KIND, "m", "1", created_at=0.0, blob=b"x", secret=SECRET)
     with pytest.raises(CodecError):
-        answer_tags(encode(ANSWER_KIND, "m", "1", created_at=0.0, blob=b"x"))
+        answer_tags(forged, SECRET, IDENTITY.key)
