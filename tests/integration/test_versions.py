@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 
+import httpx
 import pytest
 import ray
 from ray import serve
@@ -311,3 +312,22 @@ def test_records_written_to_redis_without_the_secret_do_not_change_the_weights(a
     )
     assert outcome["generation"] == generation + 1
     assert sorted(outcome["acknowledged"]) == replicas, outcome
+
+
+def test_admin_routes_are_closed_without_an_admin_token(app):
+    """The `app` fixture configures no admin token: both admin routes answer 403 over HTTP,
+    saying how to open them, whatever the caller sends; the weights stay as they were."""
+    name, handle = app
+    http = serve.context._get_global_client().http_config
+    base = f"http://{http.host}:{http.port}/{name}"
+    calls = [
+        (f"{base}/v1/models/{MODEL}/version", {"version": "evil", "seed": 1337}),
+        (f"{base}/v1/cache/invalidate", {"model": MODEL}),
+    ]
+    for url, payload in calls:
+        for headers in ({}, {"authorization": "Bearer any-token-0123456789abcdef"}):
+            response = httpx.post(url, json=payload, headers=headers, timeout=60)
+            assert response.status_code == 403, response.text
+            assert "RAYCACHE_ADMIN_TOKEN" in response.json()["error"]["message"]
+    served = handle.complete.remote(body(PROMPTS[0])).result(timeout_s=60)
+    assert served["model_version"] == "1"
