@@ -103,6 +103,16 @@ class Ingress:
             )
         if self._args.admin_token is None:
             logger.warning("no admin token configured: admin routes are closed (403)")
+        if self._auth.mode == "api_keys":
+            tenants = set(self._auth.keys.values())
+            for pinned in self._args.prefix_cache.pinned:
+                if pinned.tenant not in tenants:
+                    logger.warning(
+                        "a pinned prompt of %s belongs to tenant %r, which no API key maps to: "
+                        "no request can reuse it (set its `tenant`)",
+                        pinned.model,
+                        pinned.tenant,
+                    )
 
     # -- handle API ---------------------------------------------------------------------------
 
