@@ -89,8 +89,7 @@ def answer_tags(
     if identity.key != key:
         raise CodecError("identity", "answer was recorded under another key")
     _outcome(envelope, "peer")  # the whole answer must be valid too
-    if rules is not None and rules.covers(identity.tags(), identity.key, envelope.created_at):
-        raise StaleValue(f"answer of {envelope.model} {envelope.version} was invalidated")
+    _check_rules(envelope, identity, rules)
     return identity.tags()
 
 
@@ -116,9 +115,16 @@ def decode_answer(
         raise
     if identity != expect:
         raise CodecError("identity", "answer was recorded for another key, tenant or version")
+    _check_rules(envelope, identity, rules)
+    return _outcome(envelope, tier)
+
+
+def _check_rules(
+    envelope: Envelope, identity: AnswerIdentity, rules: InvalidationRules | None
+) -> None:
+    """Raise `StaleValue` when an invalidation rule in `rules` covers this answer."""
     if rules is not None and rules.covers(identity.tags(), identity.key, envelope.created_at):
         raise StaleValue(f"answer of {envelope.model} {envelope.version} was invalidated")
-    return _outcome(envelope, tier)
 
 
 def _open(blob: bytes, secret: ClusterSecret) -> tuple[Envelope, AnswerIdentity]:
