@@ -57,8 +57,8 @@ _NO_EXTRA = canonical_bytes(None)
 class PrefixScope(NamedTuple):
     """The `extra` of a chain's first block: who may share its blocks.
 
-    A tuple, so `canonical_bytes` encodes it as `[tenant, model_id, model_version]`; named
-    fields, so invalidation predicates read well.
+    A tuple, so `canonical_bytes` encodes it as `[tenant, model_id, model_version,
+    generation]`; named fields, so invalidation predicates read well.
     """
 
     tenant: str
@@ -66,6 +66,9 @@ class PrefixScope(NamedTuple):
     model_id: str
     model_version: str
     """Version of the weights whose keys and values the blocks hold."""
+    generation: int = 0
+    """The publication of that version (`cluster.versions`): a label republished with other
+    weights is a new generation, so the old weights' blocks never match its prompts."""
 
 
 def blake2b_256(data: bytes) -> bytes:

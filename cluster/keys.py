@@ -145,6 +145,9 @@ class RequestIdentity:
     model_id: str
     model_version: str
     kind: str
+    model_generation: int = 0
+    """The publication of `model_version` whose weights answer (`cluster.versions`): a label
+    republished with other weights is a new generation, so its answers get other keys."""
 
 
 def result_key(
@@ -164,6 +167,7 @@ def result_key(
             identity.tenant,
             identity.model_id,
             identity.model_version,
+            identity.model_generation,
             identity.kind,
             request_input,
             params,

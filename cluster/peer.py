@@ -216,10 +216,11 @@ def _parse_credential(text: str) -> _Credential | None:
 class _ReplayGuard:
     """The nonces accepted within the window, so that none is accepted twice.
 
-    Bounded: when full, the oldest nonce is forgotten and the floor rises to its time; nothing at
-    or below the floor is accepted again, so a forgotten nonce cannot come back. Time here never
-    runs backwards (the latest `now_ms` seen counts), so a clock set back cannot revive a nonce
-    that was dropped as expired.
+    A nonce is forgotten when it leaves the window, or when the memory is full (the oldest);
+    either way the floor rises to its time, and nothing at or below the floor is accepted again,
+    so a forgotten nonce cannot come back, whatever the clock does later. The floor follows the
+    credentials' times, not this server's clock: a clock that jumps ahead and back refuses
+    calls only while it is wrong.
     """
 
     def __init__(self, capacity: int, window_s: float) -> None:
@@ -228,15 +229,15 @@ class _ReplayGuard:
         self._order: deque[tuple[int, bytes]] = deque()  # (unix ms, nonce), in the order accepted
         self._seen: set[bytes] = set()
         self._floor = -1
-        self._latest_ms = 0.0
 
     def admit(self, nonce: bytes, unix_ms: int, now_ms: float) -> bool:
         """Whether this is the first use of `nonce` (remembering it if so)."""
-        self._latest_ms = max(self._latest_ms, now_ms)
-        expired = self._latest_ms - self._window_ms
+        expired = now_ms - self._window_ms
         # Accepted in about time order: stop at the first one still in the window.
         while self._order and self._order[0][0] < expired:
-            self._seen.discard(self._order.popleft()[1])
+            forgotten, oldest = self._order.popleft()
+            self._seen.discard(oldest)
+            self._floor = max(self._floor, forgotten)
         if unix_ms < expired or unix_ms <= self._floor or nonce in self._seen:
             return False
         if len(self._order) >= self._capacity:

@@ -20,13 +20,19 @@ from pathlib import Path
 from typing import Final, Literal
 
 from cluster.secret import is_placeholder
-from serve_app.config import ADMIN_TOKEN_ENV, API_KEYS_ENV, AuthSettings, ConfigError
+from serve_app.config import (
+    ADMIN_TOKEN_ENV,
+    API_KEYS_ENV,
+    BEARER_TOKEN_CHARS,
+    AuthSettings,
+    ConfigError,
+)
 from serve_app.errors import Forbidden, InvalidRequest, Unauthorized
 
 DEFAULT_TENANT: Final = "default"
-TENANT_PATTERN: Final = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._\-]{0,127}$")
+TENANT_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}")
 _DIGEST_PREFIX: Final = "sha256:"
-_HEX_DIGEST: Final = re.compile(r"^[0-9a-f]{64}$")
+_HEX_DIGEST: Final = re.compile(r"[0-9a-f]{64}")
 AuthMode = Literal["api_keys", "single_tenant", "trusted_header"]
 
 
@@ -64,7 +70,7 @@ class TenantAuth:
         """The tenant of a request with these headers; raises `Unauthorized` (no valid key
         where keys are configured) or `InvalidRequest` (a trusted header that is no tenant)."""
         if self.trust_tenant_header and claimed:
-            if not TENANT_PATTERN.match(claimed):
+            if not TENANT_PATTERN.fullmatch(claimed):
                 raise InvalidRequest("is not a tenant name", param="tenant")
             return claimed
         if not self.keys:
@@ -101,15 +107,17 @@ def load_tenant_auth(
 
 def _add_key(keys: dict[bytes, str], entry: str, where: str) -> None:
     tenant, sep, key = entry.partition(":")
-    if not sep or not TENANT_PATTERN.match(tenant):
+    if not sep or not TENANT_PATTERN.fullmatch(tenant):
         raise ConfigError(f"{where}: expected `tenant:key` with a tenant name of [A-Za-z0-9._-]")
     if key.startswith(_DIGEST_PREFIX):
         hex_digest = key[len(_DIGEST_PREFIX) :].lower()
-        if not _HEX_DIGEST.match(hex_digest):
+        if not _HEX_DIGEST.fullmatch(hex_digest):
             raise ConfigError(f"{where}: a stored key is `sha256:` and 64 hex digits")
         digest = bytes.fromhex(hex_digest)
     elif len(key) < 16 or is_placeholder(key):
         raise ConfigError(f"{where}: an API key needs at least 16 characters, not a placeholder")
+    elif not BEARER_TOKEN_CHARS.fullmatch(key):
+        raise ConfigError(f"{where}: an API key must be printable ASCII without spaces")
     else:
         digest = _digest(key.encode())
     if keys.get(digest, tenant) != tenant:

@@ -9,6 +9,7 @@ carries its unit, default and meaning.
 from __future__ import annotations
 
 import os
+import re
 from typing import Literal
 
 from pydantic import (
@@ -29,6 +30,9 @@ ADMIN_TOKEN_ENV = "RAYCACHE_ADMIN_TOKEN"
 HMAC_SECRET_ENV = "RAYCACHE_HMAC_SECRET"
 API_KEYS_ENV = "RAYCACHE_API_KEYS"
 MAX_SEED = 2**63 - 1
+# What a bearer token may hold: HTTP clients send header values as ASCII (httpx refuses
+# anything else) and servers read them as Latin-1, so any other character could never match.
+BEARER_TOKEN_CHARS = re.compile(r"[!-~]+")
 """Largest weight seed: what torch.manual_seed and the checkpoint records hold (int64)."""
 
 
@@ -277,6 +281,8 @@ class AppArgs(StrictModel):
                 f"the admin token needs at least {MIN_SECRET_CHARS} characters and must not be "
                 "a placeholder (for example `openssl rand -hex 32`)"
             )
+        if token is not None and not BEARER_TOKEN_CHARS.fullmatch(token):
+            raise ValueError("the admin token must be printable ASCII without spaces")
         return token
 
     @field_validator("hmac_secret")

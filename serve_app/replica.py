@@ -85,16 +85,18 @@ def completion_key(
     namespace: str,
     secret: ClusterSecret,
     job: CompletionJob,
-    version: str,
+    weights: ModelVersion,
     tenant_salt: str | None = None,
 ) -> ResultKey:
-    """The result key of `job` answered at `version`: keyed with the cluster secret, and with
-    the tenant's salt (derived from the secret when not given) standing for the tenant."""
+    """The result key of `job` answered by `weights` (a version and its generation): keyed
+    with the cluster secret, and with the tenant's salt (derived from the secret when not
+    given) standing for the tenant."""
     identity = RequestIdentity(
         namespace=namespace,
         tenant=secret.tenant_salt(job.tenant) if tenant_salt is None else tenant_salt,
         model_id=job.model,
-        model_version=version,
+        model_version=weights.version,
+        model_generation=weights.generation,
         kind=COMPLETION_KIND,
     )
     return result_key(identity, list(job.prompt_tokens), cache_params(job.params), secret.keys)
@@ -231,18 +233,17 @@ class ModelReplica:
         return True
 
     async def _answer(self, serving: ServingModel, job: CompletionJob) -> CompletionOutcome:
-        model, version = serving.model, serving.version
         # Out of touch with the version actor, a newer version may exist: compute, trust no
         # cached answer, and store none.
         if not job.params.is_deterministic or not self._follower.in_contact():
-            return (await self._compute(model, job, version))[0]
-        key = self._key(job, version)
-        tags = EntryTags(model=job.model, version=version, tenant=job.tenant)
+            return (await self._compute(serving, job))[0]
+        key = self._key(job, serving.record)
+        tags = EntryTags(model=job.model, version=serving.version, tenant=job.tenant)
         outcome, tier = await self._tiered.get_or_compute(
             key,
-            self._placement(job, key, version),
+            self._placement(job, key, serving.version),
             tags,
-            lambda: self._compute(model, job, version),
+            lambda: self._compute(serving, job),
         )
         outcome = replace(outcome, cache_key=key)
         return outcome if tier is None else replace(outcome, cache_tier=tier, cached_tokens=0)
@@ -267,17 +268,17 @@ class ModelReplica:
             logger.info("user_config published %s: %s", model, outcome.as_json())
 
     async def _compute(
-        self, model: CausalLM, job: CompletionJob, version: str
+        self, serving: ServingModel, job: CompletionJob
     ) -> tuple[CompletionOutcome, bytes]:
         """Generate the answer (in a worker thread) and its cached form.
 
         When another replica owns the prompt, the blocks of its prefix that the owner holds are
         copied first, so that only the rest is prefilled here.
         """
-        chain = self._prefix_chain(job, version) if self._prefix is not None else None
+        chain = self._prefix_chain(job, serving.record) if self._prefix is not None else None
         if chain is not None:
-            await self._fetch_prefix(model, job, chain)
-        generation, cached_tokens = await asyncio.to_thread(self._generate, model, job, version)
+            await self._fetch_prefix(serving.model, job, chain)
+        generation, cached_tokens = await asyncio.to_thread(self._generate, serving, job)
         if chain is not None and self._redis is not None:
             self._share_prefix(chain, already_shared=cached_tokens)
         outcome = CompletionOutcome(
@@ -286,11 +287,14 @@ class ModelReplica:
             prompt_tokens=generation.prompt_tokens,
             completion_tokens=len(generation.tokens),
             cached_tokens=cached_tokens,
-            model_version=version,
+            model_version=serving.version,
             cache_tier=None,
         )
         identity = AnswerIdentity(
-            key=self._key(job, version), tenant=job.tenant, model=job.model, version=version
+            key=self._key(job, serving.record),
+            tenant=job.tenant,
+            model=job.model,
+            version=serving.version,
         )
         encoded = encode_answer(generation, identity, self._cluster_secret)
         return outcome, encoded
@@ -313,13 +317,13 @@ class ModelReplica:
         return Placement(redis_key=redis, owner_address=self._owner_address(job))
 
     def _prefix_chain(
-        self, job: CompletionJob, version: str
+        self, job: CompletionJob, weights: ModelVersion
     ) -> tuple[PrefixScope, list[BlockHash], torch.Size]:
-        """The scope, block hashes and block shape of `job`'s prompt."""
+        """The scope, block hashes and block shape of `job`'s prompt on `weights`."""
         assert self._prefix is not None
         spec = self._specs[job.model]
         size = self._prefix.block_size
-        scope = self._scope(job.tenant, job.model, version)
+        scope = self._scope(job.tenant, weights)
         hashes = prompt_block_hashes(job.prompt_tokens, size, scope, self._block_hash)
         shape = torch.Size((spec.n_layers, 2, spec.n_heads, size, spec.d_model // spec.n_heads))
         return scope, hashes, shape
@@ -436,15 +440,13 @@ class ModelReplica:
         )
         return {**counters, "cluster": cluster}
 
-    def _generate(
-        self, model: CausalLM, job: CompletionJob, version: str
-    ) -> tuple[Generation, int]:
+    def _generate(self, serving: ServingModel, job: CompletionJob) -> tuple[Generation, int]:
         """Generate in a worker thread; returns the generation and its prefix-cached tokens."""
         if self._prefix is None:
-            return generate(model, self._tokenizer, job.prompt_tokens, job.params), 0
-        scope = self._scope(job.tenant, job.model, version)
+            return generate(serving.model, self._tokenizer, job.prompt_tokens, job.params), 0
+        scope = self._scope(job.tenant, serving.record)
         return generate_with_prefix_cache(
-            model,
+            serving.model,
             self._tokenizer,
             job.prompt_tokens,
             job.params,
@@ -469,7 +471,7 @@ class ModelReplica:
         for pinned in self._args.prefix_cache.pinned:
             if pinned.model != model_id:
                 continue
-            scope = self._scope(pinned.tenant, pinned.model, serving.version)
+            scope = self._scope(pinned.tenant, serving.record)
             tokens = self._tokenizer.encode(prompt_text(pinned.text, self._args))
             cached = warm_up_prefix(
                 serving.model, tokens, cache, scope, pin=True, hash_fn=self._block_hash
@@ -589,12 +591,17 @@ class ModelReplica:
             salt = self._tenant_salts[tenant] = self._cluster_secret.tenant_salt(tenant)
         return salt
 
-    def _scope(self, tenant: str, model: str, version: str) -> PrefixScope:
-        return PrefixScope(tenant=self._tenant_salt(tenant), model_id=model, model_version=version)
+    def _scope(self, tenant: str, weights: ModelVersion) -> PrefixScope:
+        return PrefixScope(
+            tenant=self._tenant_salt(tenant),
+            model_id=weights.model,
+            model_version=weights.version,
+            generation=weights.generation,
+        )
 
-    def _key(self, job: CompletionJob, version: str) -> ResultKey:
+    def _key(self, job: CompletionJob, weights: ModelVersion) -> ResultKey:
         return completion_key(
-            self._args.namespace, self._cluster_secret, job, version, self._tenant_salt(job.tenant)
+            self._args.namespace, self._cluster_secret, job, weights, self._tenant_salt(job.tenant)
         )
 
 

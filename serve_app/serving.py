@@ -79,6 +79,9 @@ def allowed_checkpoint(path: str, checkpoint_dir: str | None) -> str:
             "publishing a checkpoint needs args.checkpoint_dir, the directory checkpoints "
             "may be loaded from"
         )
+    if "\0" in path:
+        # No file name holds one, and os.path refuses it with a ValueError.
+        raise CheckpointRefused("a checkpoint path cannot contain a NUL character")
     resolved = os.path.realpath(path)
     root = os.path.realpath(checkpoint_dir)
     if os.path.commonpath([resolved, root]) != root:

@@ -13,6 +13,7 @@ Encoding and decoding copy and sign MiBs: the `encode_*` and `decode_*` function
 safe in any thread. The async functions here encode in `run_off_loop`'s worker threads (a
 stack of the blocks, a copy, the MAC), and decode a run of blocks from the owner there too;
 chunks from Redis are decoded on the loop as each arrives (see `fetch_chunks_from_redis`).
+Fetched blocks are copied to the model's device and inserted into the cache in those threads.
 """
 
 from __future__ import annotations
@@ -113,7 +114,7 @@ async def fetch_prefix_from_owner(
         return 0
     blobs = await peer.get_blocks(owner_address, wanted, timeout_s)
 
-    def decode_run() -> list[torch.Tensor]:
+    def decode_and_insert() -> int:
         blocks: list[torch.Tensor] = []
         for block_hash, blob in zip(wanted, blobs, strict=True):
             if blob is None:
@@ -124,13 +125,12 @@ async def fetch_prefix_from_owner(
                 logger.warning("a peer sent an invalid prefix block: %s", exc)
                 break
             blocks.append(kv.to(device))
-        return blocks
+        if not blocks:
+            return 0
+        parent = hashes[start - 1] if start else None
+        return cache.insert(wanted[: len(blocks)], blocks, parent=parent, extra=scope)
 
-    blocks = await run_off_loop(decode_run)
-    if not blocks:
-        return 0
-    parent = hashes[start - 1] if start else None
-    return cache.insert(wanted[: len(blocks)], blocks, parent=parent, extra=scope)
+    return await run_off_loop(decode_and_insert)
 
 
 def chunk_ranges(blocks: int, chunk_blocks: int) -> list[tuple[int, int]]:
@@ -292,14 +292,20 @@ async def fetch_prefix_from_redis(
     chunks = await fetch_chunks_from_redis(
         redis, hashes, ranges, scope, namespace, block_shape, dtype, secret
     )
-    added = 0
-    for (s, e), kvs in zip(ranges, chunks, strict=False):
-        first = max(start, s)
-        parent = hashes[first - 1] if first else None
-        inserted = cache.insert(
-            hashes[first:e], [kv.to(device) for kv in kvs[first - s :]], parent=parent, extra=scope
-        )
-        added += inserted
-        if inserted < e - first:
-            break
-    return added
+    if not chunks:
+        return 0
+
+    def insert() -> int:
+        added = 0
+        for (s, e), kvs in zip(ranges, chunks, strict=False):
+            first = max(start, s)
+            parent = hashes[first - 1] if first else None
+            blocks = [kv.to(device) for kv in kvs[first - s :]]
+            inserted = cache.insert(hashes[first:e], blocks, parent=parent, extra=scope)
+            added += inserted
+            if inserted < e - first:
+                break
+        return added
+
+    # A copy to the model's device and into the cache's pool: MiBs, off the event loop.
+    return await run_off_loop(insert)

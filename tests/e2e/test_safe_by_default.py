@@ -19,11 +19,12 @@ import pytest
 import ray
 
 from cluster.codec import encode
-from cluster.directory_actor import directory_actor
+from cluster.directory_actor import ACTOR_NAMESPACE, directory_actor
 from cluster.proto import peer_pb2, peer_pb2_grpc
 from cluster.ray_secret import shared_secret
 from cluster.redis_store import redis_key
 from cluster.secret import ClusterSecret
+from cluster.versions import ModelVersion
 from serve_app.completions import CompletionJob, parse_completion_request
 from serve_app.models import ByteTokenizer
 from serve_app.replica import completion_key
@@ -50,8 +51,16 @@ def redis_key_of(running_app, tenant: str, body: dict[str, object]) -> str:
         prompt_tokens=tuple(ByteTokenizer().encode(request.prompt)),
         params=request.sampling_params(),
     )
-    key = completion_key(namespace, shared_secret(namespace, None), job, VERSION)
+    key = completion_key(namespace, shared_secret(namespace, None), job, serving_version(namespace))
     return redis_key(namespace, MODEL, VERSION, "r", key)
+
+
+def serving_version(namespace: str) -> ModelVersion:
+    """The record of `MODEL` the replicas serve: its generation enters the result keys."""
+    versions = ray.get_actor(f"versions-{namespace}", namespace=ACTOR_NAMESPACE)
+    current = ray.get(versions.current.remote())[MODEL]
+    assert current.version == VERSION
+    return current
 
 
 @pytest.mark.parametrize(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 import uuid
 
 import pytest
@@ -28,6 +29,18 @@ BLOCK, CHUNK = 4, 3
 SHAPE = torch.Size((2, 2, 1, BLOCK, 8))  # layers, K and V, heads, tokens, dims
 SCOPE = PrefixScope("tenant", "tiny-gpt", "1")
 SECRET = ClusterSecret(b"prefix chunk tests' cluster secret")
+
+
+class InsertThreads(PrefixCache):
+    """A prefix cache that records the threads blocks are inserted from."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.threads: set[str] = set()
+
+    def insert(self, *args, **kwargs) -> int:
+        self.threads.add(threading.current_thread().name)
+        return super().insert(*args, **kwargs)
 
 
 async def stored(url: str) -> tuple[RedisStore, str, list[BlockHash], list[torch.Tensor]]:
@@ -67,13 +80,15 @@ async def test_every_chunk_comes_back_as_the_blocks_that_were_stored(redis_serve
         assert all(torch.equal(a, b) for a, b in zip(fetched, blocks, strict=True))
         assert store.stats().fetches == 1
 
-        reader = PrefixCache(BLOCK, max_bytes=1 << 24)
+        reader = InsertThreads(BLOCK, max_bytes=1 << 24)
         added = await fetch_prefix_from_redis(
             store, reader, hashes, 10, SCOPE, namespace, CHUNK, SHAPE, torch.float32,
             torch.device("cpu"), SECRET,
         )  # fmt: skip
         assert added == 10 and reader.cached_run(hashes) == 10
         reader.check_integrity()
+        # Copying MiBs into the pool would hold every other request on the event loop.
+        assert threading.main_thread().name not in reader.threads
     finally:
         await store.close()
 

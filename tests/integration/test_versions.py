@@ -140,6 +140,48 @@ def test_under_load_every_answer_names_the_weights_that_produced_it(app):
     assert listing["data"][0]["version"] == "4"
 
 
+def test_a_label_republished_with_other_weights_never_answers_from_the_old_ones(app):
+    """A forced republish keeps the label, so only the generation tells the weights apart:
+    requests in flight during the switch must not leave old answers for the new weights."""
+    name, handle = app
+    results: list[tuple[float, str, str]] = []
+    stop = threading.Event()
+
+    def client(worker: int) -> None:
+        for index in range(worker, 10_000):
+            if stop.is_set():
+                return
+            prompt = PROMPTS[index % len(PROMPTS)]
+            sent = time.monotonic()
+            response = handle.complete.remote(body(prompt)).result(timeout_s=60)
+            results.append((sent, prompt, response["choices"][0]["text"]))
+
+    threads = [threading.Thread(target=client, args=(worker,)) for worker in range(3)]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1.5)
+        outcome = handle.publish_version.remote(
+            MODEL, {"version": "1", "seed": 7, "force": True}
+        ).result(timeout_s=120)
+        returned_at = time.monotonic()
+        assert sorted(outcome["acknowledged"]) == members(name), outcome
+        time.sleep(2.0)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(timeout=120)
+
+    after = [(prompt, text) for sent, prompt, text in results if sent > returned_at]
+    assert after, "no request was sent after the republish"
+    for prompt, text in after:
+        assert text == expected_text(7, prompt), prompt
+    # And nothing stored by the old weights is found later, on any tier.
+    for prompt in PROMPTS:
+        response = handle.complete.remote(body(prompt)).result(timeout_s=60)
+        assert response["choices"][0]["text"] == expected_text(7, prompt), prompt
+
+
 def test_the_version_actor_comes_back_with_the_current_versions_from_redis(app, redis_server):
     name, handle = app
     handle.publish_version.remote(MODEL, {"version": "2", "seed": 2}).result(timeout_s=120)

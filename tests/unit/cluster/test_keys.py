@@ -67,6 +67,13 @@ def test_every_identity_field_changes_the_key():
     assert result_key(IDENTITY, [1, 2, 3], {"max_tokens": 4}, secret=b"s") != base
 
 
+def test_a_label_republished_as_a_new_generation_gets_new_keys():
+    """A forced republish of a label loads other weights: their answers must not meet the old."""
+    base = result_key(IDENTITY, [1, 2, 3], {"max_tokens": 4})
+    republished = RequestIdentity(**{**IDENTITY.__dict__, "model_generation": 2})
+    assert result_key(republished, [1, 2, 3], {"max_tokens": 4}) != base
+
+
 def test_key_is_the_same_in_another_process():
     """Keys travel between replicas, so they must not depend on per-process hash seeds."""
     code = (

@@ -72,7 +72,7 @@ def test_expired_nonces_are_dropped_so_memory_stays_for_new_ones() -> None:
     guard = _ReplayGuard(capacity=2, window_s=1)
     assert guard.admit(b"a", unix_ms=0, now_ms=0)
     assert guard.admit(b"b", unix_ms=10, now_ms=10)
-    # Both are out of the window now: dropped, without raising the floor.
+    # Both are out of the window now: dropped, the floor only as high as their times.
     assert guard.admit(b"c", unix_ms=5_000, now_ms=5_000)
     assert guard.admit(b"d", unix_ms=4_500, now_ms=5_000)
 
@@ -82,3 +82,15 @@ def test_a_clock_set_back_does_not_revive_an_expired_nonce() -> None:
     assert guard.admit(b"a", unix_ms=0, now_ms=0)
     assert guard.admit(b"b", unix_ms=5_000, now_ms=5_000)  # "a" is dropped as expired
     assert not guard.admit(b"a", unix_ms=0, now_ms=500)  # the clock went back to 0.5 s
+
+
+def test_a_clock_that_jumped_ahead_and_back_refuses_nothing_once_it_is_right() -> None:
+    guard = _ReplayGuard(capacity=10, window_s=1)
+    assert guard.admit(b"a", unix_ms=0, now_ms=0)
+    hour_ms = 3_600_000
+    assert guard.admit(b"b", unix_ms=hour_ms, now_ms=hour_ms)  # a caller as wrong as this clock
+    # The clock is right again: callers with right clocks are admitted at once...
+    assert guard.admit(b"c", unix_ms=600, now_ms=600)
+    # ...and nothing seen before comes back.
+    assert not guard.admit(b"a", unix_ms=0, now_ms=600)
+    assert not guard.admit(b"b", unix_ms=hour_ms, now_ms=hour_ms)

@@ -16,7 +16,12 @@ def test_a_checkpoint_must_lie_in_the_checkpoint_dir(tmp_path):
     outside.write_bytes(b"weights")
     root = str(inside.parent)
     assert parse_version_update({"version": "2", "checkpoint": str(inside)}, root).checkpoint
-    for path in (str(outside), f"{root}/../elsewhere.safetensors", "/etc/passwd"):
+    for path in (
+        str(outside),
+        f"{root}/../elsewhere.safetensors",
+        "/etc/passwd",
+        f"{root}/v2.safetensors\0.txt",  # os.path raises ValueError on a NUL
+    ):
         with pytest.raises(InvalidRequest) as raised:
             parse_version_update({"version": "2", "checkpoint": path}, root)
         assert raised.value.param == "checkpoint"

@@ -60,8 +60,9 @@ def test_a_claimed_tenant_counts_only_behind_a_trusted_gateway(tmp_path):
     assert trusted.mode == "trusted_header"
     assert trusted.tenant_of(None, claimed="bob") == "bob"
     assert trusted.tenant_of(None) == DEFAULT_TENANT
-    with pytest.raises(InvalidRequest):
-        trusted.tenant_of(None, claimed="no such/tenant")
+    for claimed in ("no such/tenant", "bob\n"):
+        with pytest.raises(InvalidRequest):
+            trusted.tenant_of(None, claimed=claimed)
 
 
 def test_without_keys_the_cluster_is_single_tenant():
@@ -79,6 +80,10 @@ def test_without_keys_the_cluster_is_single_tenant():
         ("bad tenant:long-enough-key-123\n", "tenant"),
         ("alice:sha256:xyz\n", "64 hex"),
         (f"alice:{ALICE_KEY}\nbob:{ALICE_KEY}\n", "another tenant"),
+        # No client could send it: headers travel as ASCII and are read as Latin-1.
+        ("alice:cl\u00e9-0123456789abcdef\n", "printable ASCII"),
+        ("alice:two words 0123456789abcdef\n", "printable ASCII"),
+        ("alice\n:long-enough-key-123\n", "line 1"),
     ],
 )
 def test_a_bad_key_file_fails_at_start_up_without_quoting_keys(tmp_path, text, problem):

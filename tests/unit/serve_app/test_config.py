@@ -136,7 +136,10 @@ def test_a_configured_secret_derives_distinct_keys_and_tenant_salts():
     assert parse_args({}).configured_secret() is None
 
 
-@pytest.mark.parametrize("token", ["short", "replace-me-with-openssl-rand-hex-32"])
+@pytest.mark.parametrize(
+    "token",
+    ["short", "replace-me-with-openssl-rand-hex-32", "t\u00f6ken-0123456789abcdef", "a b" * 10],
+)
 def test_a_short_or_placeholder_admin_token_is_refused(token):
     with pytest.raises(ConfigError, match="admin_token") as raised:
         parse_args({"admin_token": token})
