@@ -1,7 +1,7 @@
-"""Peer fetch over gRPC (`cluster.peer`) beside the same bytes over a plain asyncio TCP socket.
+"""Peer fetch (`cluster.peer`) beside the same bytes over a plain asyncio TCP socket.
 
     python -m benchmarks.peer_fetch [--rounds 7] [--small-calls 100] [--block-calls 8]
-                                    [--chunk-kib 1024] [--json benchmarks/results/peer_fetch.json]
+                                    [--json benchmarks/results/peer_fetch.json]
 
 One server process holds an in-memory backend: 64 small results (1 KiB each) and the blocks of a
 2,048-token prefix (128 blocks x 64 KiB = 8 MiB). It serves them twice, side by side: through a
@@ -9,15 +9,15 @@ One server process holds an in-memory backend: 64 small results (1 KiB each) and
 count and length-prefixed keys in, length-prefixed values out; one connection, kept open). The
 client process measures, interleaved round by round on the same data:
 
-- `small_results`: one batched get of the 64 results; latency per call (median and p99 of all
-  calls, ms).
-- `prefix_blocks`: the 128 blocks in one call (a gRPC stream of pieces, reassembled);
-  throughput in MB/s (10^6 bytes) of the median round.
+- `small_results`: one batched get of the 64 results over the peer service's gRPC; latency per
+  call (median and p99 of all calls, ms).
+- `prefix_blocks`: the 128 blocks in one exchange over the peer service's block stream
+  (`cluster.peer_blocks`); throughput in MB/s (10^6 bytes) of the median round.
 
-Both sides run in separate processes, as two replicas would, on loopback. The gRPC calls are
+Both sides run in separate processes, as two replicas would, on loopback. The peer calls are
 authenticated as in production (a per-call credential from a cluster secret generated for the
 run); the raw baseline is not, so the ratios include what authentication costs. Prints a table
-and the gRPC/raw ratios, and writes them to `--json`. The numbers are of this machine only
+and the peer/raw ratios, and writes them to `--json`. The numbers are of this machine only
 (compare ratios, not absolute values); on a shared 2-core machine the two processes compete for
 cores.
 """
@@ -41,7 +41,7 @@ from typing import Any
 
 import grpc
 
-from cluster.peer import PeerClient, PeerLimits, PeerServer
+from cluster.peer import PeerClient, PeerServer
 from cluster.secret import ClusterSecret
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -139,14 +139,14 @@ class RawClient:
 # --- Server process ------------------------------------------------------------------------------
 
 
-def _server_process(conn: Connection, chunk_bytes: int, auth_key: bytes) -> None:
-    asyncio.run(_serve(conn, chunk_bytes, auth_key))
+def _server_process(conn: Connection, auth_key: bytes) -> None:
+    asyncio.run(_serve(conn, auth_key))
 
 
-async def _serve(conn: Connection, chunk_bytes: int, auth_key: bytes) -> None:
+async def _serve(conn: Connection, auth_key: bytes) -> None:
     results, blocks = _data()
     backend = MemoryBackend(results, blocks)
-    peer = PeerServer(backend, auth_key, PeerLimits(chunk_bytes=chunk_bytes))
+    peer = PeerServer(backend, auth_key)
     address = await peer.start("127.0.0.1", 0)
     raw_store = {key.encode(): value for key, value in results.items()} | blocks
 
@@ -155,7 +155,7 @@ async def _serve(conn: Connection, chunk_bytes: int, auth_key: bytes) -> None:
 
     raw = await asyncio.start_server(handle, "127.0.0.1", 0)
     raw_port = raw.sockets[0].getsockname()[1]
-    conn.send((address, raw_port))
+    conn.send((address, peer.blocks_address, raw_port))
     await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until told to stop
     raw.close()
     await peer.stop(0)
@@ -171,28 +171,28 @@ async def _time(call: Callable[[], Awaitable[object]]) -> float:
 
 
 async def _measure(
-    options: argparse.Namespace, address: str, raw_port: int, auth_key: bytes
+    options: argparse.Namespace, address: str, blocks_address: str, raw_port: int, auth_key: bytes
 ) -> dict[str, Any]:
     results, blocks = _data()
     small_keys = list(results)
     block_hashes = list(blocks)
     total_block_bytes = sum(len(block) for block in blocks.values())
-    client = PeerClient(auth_key, PeerLimits(chunk_bytes=options.chunk_kib * 1024))
+    client = PeerClient(auth_key)
     raw = RawClient(*await asyncio.open_connection("127.0.0.1", raw_port))
 
     # Same answers both ways (and warm channels, caches and allocators).
     assert await client.get_results(address, small_keys, 5.0) == list(results.values())
-    assert await client.get_blocks(address, block_hashes, 10.0) == list(blocks.values())
+    assert await client.get_blocks(blocks_address, block_hashes, 10.0) == list(blocks.values())
     assert await raw.get([key.encode() for key in small_keys]) == list(results.values())
     assert await raw.get(block_hashes) == list(blocks.values())
 
     methods: dict[str, dict[str, Callable[[], Awaitable[object]]]] = {
         "small_results": {
-            "grpc": lambda: client.get_results(address, small_keys, 1.0),
+            "peer": lambda: client.get_results(address, small_keys, 1.0),
             "raw_tcp": lambda: raw.get([key.encode() for key in small_keys]),
         },
         "prefix_blocks": {
-            "grpc": lambda: client.get_blocks(address, block_hashes, 10.0),
+            "peer": lambda: client.get_blocks(blocks_address, block_hashes, 10.0),
             "raw_tcp": lambda: raw.get(block_hashes),
         },
     }
@@ -208,7 +208,7 @@ async def _measure(
     stats = client.stats()
     await client.close()
     if stats.misses or stats.errors or stats.timeouts:
-        raise RuntimeError(f"the gRPC client missed during the benchmark: {stats}")
+        raise RuntimeError(f"the peer client missed during the benchmark: {stats}")
 
     small = {
         name: {
@@ -234,15 +234,16 @@ async def _measure(
             "keys": SMALL_COUNT,
             "value_bytes": SMALL_BYTES,
             **small,
-            "latency_ratio_grpc_to_raw": small["grpc"]["median_ms"] / small["raw_tcp"]["median_ms"],
+            "transport": "grpc",
+            "latency_ratio_peer_to_raw": small["peer"]["median_ms"] / small["raw_tcp"]["median_ms"],
         },
         "prefix_blocks": {
             "blocks": BLOCK_COUNT,
             "block_bytes": BLOCK_BYTES,
             "total_bytes": total_block_bytes,
-            "chunk_bytes": options.chunk_kib * 1024,
+            "transport": "block stream",
             **prefix,
-            "throughput_ratio_grpc_to_raw": prefix["grpc"]["MBps"] / prefix["raw_tcp"]["MBps"],
+            "throughput_ratio_peer_to_raw": prefix["peer"]["MBps"] / prefix["raw_tcp"]["MBps"],
         },
     }
 
@@ -257,7 +258,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--small-calls", type=int, default=100, help="calls per round")
     parser.add_argument("--block-calls", type=int, default=8, help="calls per round")
-    parser.add_argument("--chunk-kib", type=int, default=1024, help="gRPC piece size")
     parser.add_argument(
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "peer_fetch.json"
     )
@@ -267,15 +267,13 @@ def main() -> None:
     auth_key = ClusterSecret.generate().peer
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    server = context.Process(
-        target=_server_process, args=(child, options.chunk_kib * 1024, auth_key)
-    )
+    server = context.Process(target=_server_process, args=(child, auth_key))
     server.start()
     try:
         if not parent.poll(60):
             raise RuntimeError("the server process did not start")
-        address, raw_port = parent.recv()
-        results = asyncio.run(_measure(options, address, raw_port, auth_key))
+        address, blocks_address, raw_port = parent.recv()
+        results = asyncio.run(_measure(options, address, blocks_address, raw_port, auth_key))
         parent.send("stop")
         server.join(10)
     finally:
@@ -296,18 +294,18 @@ def main() -> None:
     }
     options.json.write_text(json.dumps(report, indent=2) + "\n")
     small, prefix = results["small_results"], results["prefix_blocks"]
-    print(f"{'workload':34} {'grpc':>12} {'raw tcp':>12} {'grpc/raw':>9}")
+    print(f"{'workload':40} {'peer':>12} {'raw tcp':>12} {'peer/raw':>9}")
     print(
-        f"{'64 results x 1 KiB, median ms':34} {small['grpc']['median_ms']:12.3f}"
-        f" {small['raw_tcp']['median_ms']:12.3f} {small['latency_ratio_grpc_to_raw']:9.2f}"
+        f"{'64 results x 1 KiB (gRPC), median ms':40} {small['peer']['median_ms']:12.3f}"
+        f" {small['raw_tcp']['median_ms']:12.3f} {small['latency_ratio_peer_to_raw']:9.2f}"
     )
     print(
-        f"{'64 results x 1 KiB, p99 ms':34} {small['grpc']['p99_ms']:12.3f}"
+        f"{'64 results x 1 KiB (gRPC), p99 ms':40} {small['peer']['p99_ms']:12.3f}"
         f" {small['raw_tcp']['p99_ms']:12.3f}"
     )
     print(
-        f"{'128 blocks x 64 KiB (8 MiB), MB/s':34} {prefix['grpc']['MBps']:12.0f}"
-        f" {prefix['raw_tcp']['MBps']:12.0f} {prefix['throughput_ratio_grpc_to_raw']:9.2f}"
+        f"{'128 blocks x 64 KiB (stream), MB/s':40} {prefix['peer']['MBps']:12.0f}"
+        f" {prefix['raw_tcp']['MBps']:12.0f} {prefix['throughput_ratio_peer_to_raw']:9.2f}"
     )
     print(f"-> {options.json}")
 

@@ -32,7 +32,10 @@ class Member:
     replica_id: ReplicaId
     node_id: str
     peer_address: str = ""
+    """Where its `PeerServer` serves results (gRPC)."""
     weight: float = 1.0
+    blocks_address: str = ""
+    """Where its `PeerServer` serves prefix blocks (the block stream)."""
 
 
 @dataclass(frozen=True)

@@ -1,40 +1,28 @@
 """The replica-to-replica fetch service: a grpc.aio server over a replica's caches, and its client.
 
 Every replica runs a `PeerServer` over its local caches (a `PeerBackend`) and registers the
-address it returns with the directory; other replicas fetch from, and store results to, the owner
-of a key through one shared `PeerClient`. Values are codec envelopes (`cluster.codec`): opaque
-bytes here, decoded as untrusted by whoever asked for them.
+addresses it returns with the directory; other replicas fetch from, and store results to, the
+owner of a key through one shared `PeerClient`. Values are codec envelopes (`cluster.codec`):
+opaque bytes here, decoded as untrusted by whoever asked for them.
 
-Authentication: every call carries a one-time credential in its metadata, made from the peer key
-of the cluster secret (`ClusterSecret.peer`), which every replica holds:
+Two transports, one server and one client: results (small, latency-bound) and stores go over
+gRPC (`address`); prefix blocks (MiBs) over a plain TCP stream (`blocks_address`,
+`cluster.peer_blocks`), where they are not copied through protobuf and HTTP/2 frames.
 
-    x-raycache-peer-auth: <unix ms>.<nonce, 32 hex>.<mac, 64 hex>
-    mac = BLAKE2b-256(key = peer key; method path, server address, unix ms, nonce)
+Authentication (`cluster.peer_auth`): every call carries a one-time credential made from the
+peer key of the cluster secret, in the metadata key `x-raycache-peer-auth` over gRPC. The check
+runs in a server interceptor, which sees the method and the metadata before grpc reads the
+request: a refused call fails with UNAUTHENTICATED without a byte of its request being read or
+parsed, and is counted in `PeerServer.rejected_calls` (with the block stream's refusals). What
+the credential does not give: it authenticates the call, not the bytes of its request, and the
+channel is not encrypted. Someone who can read the traffic sees the values (signed envelopes,
+not encrypted); someone who can also rewrite it could change a request in flight. Neither can
+make calls of their own, and a value they alter fails its signature (`cluster.codec`).
 
-The server accepts a call only when the MAC is right (compared in constant time), the time is
-within `AUTH_WINDOW_S` of its own clock, and the nonce is new. It remembers the nonces it
-accepted for as long as their time stays in the window, at most `PeerLimits.replay_memory` of
-them; when that memory is full it forgets the oldest and from then on refuses any credential
-that is not newer than the one it forgot, so a replay is refused either way. The server address
-(as advertised) is in the MAC, so a credential seen going to one replica is no good at another.
-The check runs in a server interceptor, which sees the method and the metadata before grpc reads
-the request: a refused call fails with UNAUTHENTICATED without a byte of its request being read
-or parsed, and is counted in `PeerServer.rejected_calls`. What the credential does not give: it
-authenticates the call, not the bytes of its request, and the channel is not encrypted. Someone
-who can read the traffic sees the values (signed envelopes, not encrypted); someone who can also
-rewrite it could change a request in flight. Neither can make calls of their own, and a value
-they alter fails its signature (`cluster.codec`).
-
-Limits: requests over `PeerLimits` (too many keys, a key too long, a key repeated) are refused
+Limits (`PeerLimits`): requests with too many keys, a key too long or a key repeated are refused
 with INVALID_ARGUMENT before the backend is asked for anything; a message over
 `max_message_bytes` is refused by grpc (RESOURCE_EXHAUSTED). Once authenticated, a call's handler
-ends within `PeerLimits.server_deadline_s` (DEADLINE_EXCEEDED), however slow the backend or the
-reader of a stream.
-
-Blocks stream: a batch of prefix blocks is cut into `BlockPiece`s (see `proto/peer.proto`) packed
-into messages of at most `PeerLimits.chunk_bytes` of data, so values of many MiB travel in
-pieces and small ones share a message; the reader reassembles them, and any piece sequence that
-does not add up exactly is a miss of that item.
+ends within `PeerLimits.server_deadline_s` (DEADLINE_EXCEEDED), however slow the backend.
 
 A dead, slow or misbehaving peer is a miss, not an error: the client never raises for what a
 peer does. Every call has an explicit deadline; a failed call returns all misses (or `False`)
@@ -46,19 +34,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
-import hmac
 import logging
 import secrets
 import time
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Final, NoReturn, Protocol, TypeVar
 
 import grpc
 import grpc.aio
 
+from cluster.peer_auth import (
+    AUTH_WINDOW_S,
+    NONCE_BYTES,
+    CallAuthenticator,
+    check_auth_key,
+    peer_credential,
+)
+from cluster.peer_blocks import BlockStreamClient, BlockStreamServer, join_host_port
+from cluster.peer_limits import DEFAULT_LIMITS, PeerLimits
 from cluster.proto import peer_pb2, peer_pb2_grpc
 
 __all__ = [
@@ -78,62 +72,12 @@ _log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 _A = TypeVar("_A")
 
-MiB: Final = 1024 * 1024
 _ENTRY_OVERHEAD: Final = 16  # an Entry's tags and length prefixes, bounded
-_PIECE_OVERHEAD: Final = 48  # a BlockPiece's tags, varints and length prefixes, bounded
 _WILDCARD_HOSTS: Final = frozenset({"", "0.0.0.0", "::", "[::]"})
 _MIN_PING_INTERVAL_MS: Final = 10_000  # the server's floor for its clients' keepalive pings
 
 AUTH_METADATA_KEY: Final = "x-raycache-peer-auth"
 """The metadata key of a call's credential."""
-AUTH_WINDOW_S: Final = 30.0
-"""How far a credential's time may be from the server's clock, either way."""
-_NONCE_BYTES: Final = 16
-_MAC_BYTES: Final = 32
-_MAC_PERSON: Final = b"raycache peer v1"  # BLAKE2b personalisation: this use of the key only
-_MIN_KEY_BYTES: Final = 16
-_MAX_KEY_BYTES: Final = 64  # BLAKE2b's longest key
-_MAX_TIME_DIGITS: Final = 15  # unix ms until the year 33658; bounds int() of a hostile string
-
-
-@dataclass(frozen=True)
-class PeerLimits:
-    """Bounds that the server and the client enforce; both sides default to the same values."""
-
-    max_message_bytes: int = 8 * MiB
-    """One gRPC message, sent or received (HTTP/2 frames of a stream are split below this)."""
-    chunk_bytes: int = 1 * MiB
-    """Value bytes per streamed message of blocks."""
-    max_keys: int = 256
-    """Keys or hashes in one request; more is INVALID_ARGUMENT."""
-    max_key_bytes: int = 1024
-    """Length of one key (UTF-8) or hash; longer is INVALID_ARGUMENT."""
-    max_value_bytes: int = 64 * MiB
-    """One result or block; a larger one is not sent (a miss) and not accepted."""
-    max_batch_bytes: int = 256 * MiB
-    """All values of one streamed batch: what a reader buffers before it hands the batch on."""
-    max_concurrent_rpcs: int = 256
-    """Server: calls in progress at once; beyond, RESOURCE_EXHAUSTED."""
-    max_concurrent_streams: int = 128
-    """Server: HTTP/2 streams of one client connection at once; beyond, they queue."""
-    replay_memory: int = 1 << 16
-    """Server: nonces of accepted credentials remembered (about 200 bytes each)."""
-    server_deadline_s: float = 5.0
-    """Server: the longest any call may take there, whatever the client's deadline."""
-
-    def __post_init__(self) -> None:
-        for name, value in vars(self).items():
-            kinds = (int, float) if name == "server_deadline_s" else (int,)
-            if not isinstance(value, kinds) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"PeerLimits.{name} must be a positive number, got {value!r}")
-        if 2 * self.chunk_bytes > self.max_message_bytes:
-            raise ValueError(
-                f"PeerLimits.chunk_bytes ({self.chunk_bytes}) must be at most half of "
-                f"max_message_bytes ({self.max_message_bytes}), leaving room for framing"
-            )
-
-
-DEFAULT_LIMITS: Final = PeerLimits()
 
 
 class PeerBackend(Protocol):
@@ -165,92 +109,6 @@ def method_path(name: str) -> str:
     return f"/{service.full_name}/{service.methods_by_name[name].name}"
 
 
-def _check_key(key: bytes) -> bytes:
-    if not isinstance(key, bytes) or not _MIN_KEY_BYTES <= len(key) <= _MAX_KEY_BYTES:
-        raise ValueError(
-            f"the peer auth key must be {_MIN_KEY_BYTES} to {_MAX_KEY_BYTES} bytes "
-            "(ClusterSecret.peer)"
-        )
-    return key
-
-
-def _mac(key: bytes, method: str, address: str, unix_ms: int, nonce: bytes) -> bytes:
-    message = f"{method}\n{address}\n{unix_ms}\n{nonce.hex()}".encode()
-    return hashlib.blake2b(message, key=key, digest_size=_MAC_BYTES, person=_MAC_PERSON).digest()
-
-
-def peer_credential(key: bytes, method: str, address: str, now_s: float, nonce: bytes) -> str:
-    """The credential of one call of `method` (a path) to the server advertised as `address`.
-
-    `now_s` is the caller's unix time; `nonce` is 16 random bytes, never used twice.
-    """
-    unix_ms = int(now_s * 1000)
-    mac = _mac(key, method, address, unix_ms, nonce)
-    return f"{unix_ms}.{nonce.hex()}.{mac.hex()}"
-
-
-@dataclass(frozen=True)
-class _Credential:
-    unix_ms: int
-    nonce: bytes
-    mac: bytes
-
-
-def _parse_credential(text: str) -> _Credential | None:
-    """The parts of a credential, or None when it is not one."""
-    parts = text.split(".")
-    if len(parts) != 3:
-        return None
-    unix_ms, nonce, mac = parts
-    if not (unix_ms.isascii() and unix_ms.isdigit() and len(unix_ms) <= _MAX_TIME_DIGITS):
-        return None
-    try:
-        credential = _Credential(int(unix_ms), bytes.fromhex(nonce), bytes.fromhex(mac))
-    except ValueError:
-        return None
-    if len(credential.nonce) != _NONCE_BYTES or len(credential.mac) != _MAC_BYTES:
-        return None
-    return credential
-
-
-class _ReplayGuard:
-    """The nonces accepted within the window, so that none is accepted twice.
-
-    A nonce is forgotten when it leaves the window, or when the memory is full (the oldest);
-    either way the floor rises to its time, and nothing at or below the floor is accepted again,
-    so a forgotten nonce cannot come back, whatever the clock does later. The floor follows the
-    credentials' times, not this server's clock: a clock that jumps ahead and back refuses
-    calls only while it is wrong.
-    """
-
-    def __init__(self, capacity: int, window_s: float) -> None:
-        self._capacity = capacity
-        self._window_ms = window_s * 1000
-        self._order: deque[tuple[int, bytes]] = deque()  # (unix ms, nonce), in the order accepted
-        self._seen: set[bytes] = set()
-        self._floor = -1
-
-    def admit(self, nonce: bytes, unix_ms: int, now_ms: float) -> bool:
-        """Whether this is the first use of `nonce` (remembering it if so)."""
-        expired = now_ms - self._window_ms
-        # Accepted in about time order: stop at the first one still in the window.
-        while self._order and self._order[0][0] < expired:
-            forgotten, oldest = self._order.popleft()
-            self._seen.discard(oldest)
-            self._floor = max(self._floor, forgotten)
-        if unix_ms < expired or unix_ms <= self._floor or nonce in self._seen:
-            return False
-        if len(self._order) >= self._capacity:
-            forgotten, oldest = self._order.popleft()
-            self._seen.discard(oldest)
-            self._floor = max(self._floor, forgotten)
-            if unix_ms <= self._floor:
-                return False
-        self._order.append((unix_ms, nonce))
-        self._seen.add(nonce)
-        return True
-
-
 async def _refuse(request_iterator: object, context: grpc.aio.ServicerContext) -> NoReturn:
     await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "peer call not authenticated")
 
@@ -262,164 +120,22 @@ _REFUSE: Final = grpc.stream_unary_rpc_method_handler(_refuse)
 class _Authenticator(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     """Lets through only calls with a valid, fresh, unused credential for this server."""
 
-    def __init__(
-        self, key: bytes, address: Callable[[], str | None], memory: int, clock: Callable[[], float]
-    ) -> None:
-        self._key = key
+    def __init__(self, check: CallAuthenticator, address: Callable[[], str | None]) -> None:
+        self._check = check
         self._address = address
-        self._clock = clock
-        self._guard = _ReplayGuard(memory, AUTH_WINDOW_S)
-        self.rejected = 0
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        reason = self._refusal(details)
-        if reason is None:
-            return await continuation(details)
-        self.rejected += 1
-        # At the 1st, 2nd, 4th, 8th ... refusal: an attack shows in the log without flooding it.
-        level = logging.WARNING if self.rejected & (self.rejected - 1) == 0 else logging.DEBUG
-        _log.log(
-            level, "peer call %.100r refused (%s); %d so far", details.method, reason, self.rejected
-        )
-        return _REFUSE
-
-    def _refusal(self, details: grpc.HandlerCallDetails) -> str | None:
-        """Why the call is refused; None when it is authenticated."""
-        values = [v for k, v in details.invocation_metadata or () if k == AUTH_METADATA_KEY]
-        if len(values) != 1 or not isinstance(values[0], str):
-            return "no credential" if not values else "a malformed credential"
-        credential = _parse_credential(values[0])
-        if credential is None:
-            return "a malformed credential"
-        now_ms = self._clock() * 1000
-        if abs(credential.unix_ms - now_ms) > AUTH_WINDOW_S * 1000:
-            return "a credential outside the time window"
-        address = self._address()
         method = details.method
         if isinstance(method, bytes):
             method = method.decode("utf-8", "replace")
-        if address is None or not isinstance(method, str):
-            return "the server is not serving"
-        expected = _mac(self._key, method, address, credential.unix_ms, credential.nonce)
-        if not hmac.compare_digest(expected, credential.mac):
-            return "a wrong MAC"
-        if not self._guard.admit(credential.nonce, credential.unix_ms, now_ms):
-            return "a credential used before"
-        return None
-
-
-# --- Block pieces: cutting values up and putting them back together ---------------------------
-
-
-def _pack_pieces(
-    values: Sequence[bytes | None], chunk_bytes: int
-) -> Iterator[list[peer_pb2.BlockPiece]]:
-    """The pieces of `values`, grouped per message with at most `chunk_bytes` in each."""
-    batch: list[peer_pb2.BlockPiece] = []
-    size = 0
-    for index, value in enumerate(values):
-        total = len(value) if value is not None else 0
-        offset = 0
-        while True:
-            if size >= chunk_bytes:
-                yield batch
-                batch, size = [], 0
-            if value is None:
-                batch.append(peer_pb2.BlockPiece(index=index))
-                size += _PIECE_OVERHEAD
-                break
-            end = min(total, offset + chunk_bytes - size)
-            # value[0:len] is value itself: a small block is not copied here.
-            data = value[offset:end]
-            batch.append(
-                peer_pb2.BlockPiece(
-                    index=index, found=True, total_size=total, offset=offset, data=data
-                )
-            )
-            size += len(data) + _PIECE_OVERHEAD
-            offset = end
-            if offset >= total:
-                break
-    if batch:
-        yield batch
-
-
-class _Assembler:
-    """Rebuilds the values of a batch of `count` items from their pieces, in any message split.
-
-    A well-formed item is one piece with found = false (a miss) or contiguous pieces from offset
-    0 that repeat one total_size and add up to it exactly. Anything else (an index out of range
-    or seen twice, interleaved items, a gap or overlap, more bytes than declared, a declared
-    size over the limits) makes that item a miss and sets `malformed`. Memory stays below
-    `max_batch_bytes`: declared sizes are charged before any byte of them is kept.
-    """
-
-    def __init__(self, count: int, max_value_bytes: int, max_batch_bytes: int) -> None:
-        self.values: list[bytes | None] = [None] * count
-        self.malformed = False
-        self.bytes_received = 0
-        self._seen = [False] * count
-        self._max_value_bytes = max_value_bytes
-        self._batch_left = max_batch_bytes
-        self._current = -1  # the item being assembled, if any
-        self._parts: list[bytes] = []
-        self._received = 0
-        self._total = 0
-
-    def add(self, piece: peer_pb2.BlockPiece) -> None:
-        index = piece.index
-        data = piece.data  # each read of a bytes field copies it: read it once
-        if index == self._current:
-            if not piece.found or piece.total_size != self._total or piece.offset != self._received:
-                self._abandon()
-                return
-        else:
-            if self._current >= 0:
-                self._abandon()
-            if index >= len(self.values) or self._seen[index]:
-                self._reject(index)
-                return
-            self._seen[index] = True
-            if not piece.found:
-                if piece.total_size or piece.offset or data:
-                    self.malformed = True
-                return
-            total = piece.total_size
-            if piece.offset != 0 or total > self._max_value_bytes or total > self._batch_left:
-                self.malformed = True
-                return
-            self._batch_left -= total
-            self._current, self._parts, self._received, self._total = index, [], 0, total
-        self._received += len(data)
-        self.bytes_received += len(data)
-        if self._received > self._total:
-            self._abandon()
-            return
-        self._parts.append(data)
-        if self._received == self._total:
-            self.values[index] = self._parts[0] if len(self._parts) == 1 else b"".join(self._parts)
-            self._current, self._parts = -1, []
-
-    def finish(self) -> list[bytes | None]:
-        """The values; None for every item that did not arrive complete and consistent."""
-        if self._current >= 0:
-            self._abandon()
-        if not all(self._seen):
-            self.malformed = True
-        return self.values
-
-    def _abandon(self) -> None:
-        self.malformed = True
-        self._current, self._parts = -1, []
-
-    def _reject(self, index: int) -> None:
-        self.malformed = True
-        if index < len(self.values):
-            self.values[index] = None
+        credentials = [v for k, v in details.invocation_metadata or () if k == AUTH_METADATA_KEY]
+        if self._check.refusal(str(method), self._address(), credentials) is None:
+            return await continuation(details)
+        return _REFUSE
 
 
 # --- Server ------------------------------------------------------------------------------------
@@ -443,27 +159,34 @@ class PeerServer:
     ) -> None:
         self._backend = backend
         self._limits = limits
-        self._authenticator = _Authenticator(
-            _check_key(auth_key), lambda: self._address, limits.replay_memory, clock
-        )
+        self._check = CallAuthenticator(auth_key, limits.replay_memory, clock)
+        self._authenticator = _Authenticator(self._check, lambda: self._address)
+        self._blocks = BlockStreamServer(backend.get_blocks, self._check, limits)
         self._server: Any = None
         self._address: str | None = None
         self._started = False
 
     @property
     def address(self) -> str | None:
-        """`host:port` that peers should dial, once started; None before and after."""
+        """`host:port` that peers should dial for results, once started; None before and after."""
         return self._address
 
     @property
+    def blocks_address(self) -> str | None:
+        """`host:port` that peers should dial for prefix blocks (`PeerClient.get_blocks`), once
+        started; None before and after."""
+        return self._blocks.address
+
+    @property
     def rejected_calls(self) -> int:
-        """Calls refused as unauthenticated since the server was made."""
-        return self._authenticator.rejected
+        """Calls refused as unauthenticated since the server was made, on either transport."""
+        return self._check.rejected
 
     async def start(
         self, host: str = "0.0.0.0", port: int = 0, advertise_host: str | None = None
     ) -> str:
-        """Listen on `host:port` (0: a free port) and return the address to advertise.
+        """Listen on `host:port` (0: a free port) and return the address to advertise; the
+        block stream listens on a free port of the advertised host (see `blocks_address`).
 
         Bind to the node's own address where possible; a wildcard `host` listens on every
         interface. The advertised host is `advertise_host` (the node's IP, as the caller knows
@@ -498,30 +221,38 @@ class PeerServer:
             _Servicer(self._backend, limits), server
         )
         try:
-            bound = server.add_insecure_port(_join_host_port(host, port))
+            bound = server.add_insecure_port(join_host_port(host, port))
         except RuntimeError as exc:
-            raise OSError(f"cannot listen on {_join_host_port(host, port)}: {exc}") from exc
+            raise OSError(f"cannot listen on {join_host_port(host, port)}: {exc}") from exc
         if not bound:
-            raise OSError(f"cannot listen on {_join_host_port(host, port)}")
-        self._address = _join_host_port(advertise_host, bound)
-        await server.start()
+            raise OSError(f"cannot listen on {join_host_port(host, port)}")
+        self._address = join_host_port(advertise_host, bound)
+        try:
+            blocks_address = await self._blocks.start(advertise_host)
+            await server.start()
+        except BaseException:
+            self._address = None
+            await self._blocks.stop()
+            await server.stop(0)
+            raise
         self._started = True
         self._server = server
-        _log.info("peer server listening on %s:%d, advertised as %s", host, bound, self._address)
+        _log.info(
+            "peer server listening on %s:%d, advertised as %s (blocks at %s)",
+            host,
+            bound,
+            self._address,
+            blocks_address,
+        )
         return self._address
 
     async def stop(self, grace_s: float = 1.0) -> None:
         """Stop accepting calls, let those in progress finish for `grace_s`, then cancel them."""
+        self._address = None
+        await self._blocks.stop()
         if self._server is not None:
             await self._server.stop(grace_s)
             self._server = None
-        self._address = None
-
-
-def _join_host_port(host: str, port: int) -> str:
-    if ":" in host and not host.startswith("["):
-        host = f"[{host}]"
-    return f"{host}:{port}"
 
 
 class _Servicer(peer_pb2_grpc.PeerServicer):
@@ -559,25 +290,6 @@ class _Servicer(peer_pb2_grpc.PeerServicer):
                 entries.append(peer_pb2.Entry(found=True, value=value))
                 budget -= size
         return peer_pb2.GetResultsResponse(entries=entries)
-
-    async def GetBlocks(
-        self, request: peer_pb2.GetBlocksRequest, context: grpc.aio.ServicerContext
-    ) -> None:
-        # Written with context.write, not yielded: the deadline then covers every write, so a
-        # reader that stops reading cannot hold the call open.
-        async with self._deadline(context):
-            await self._check_keys(context, request.hashes)
-            hashes = list(request.hashes)
-            if not hashes:
-                return
-            values = await self._backend_call(
-                context, "get_blocks", self._backend.get_blocks, hashes
-            )
-            await self._check_values(context, "get_blocks", values, len(hashes))
-            limit = self._limits.max_value_bytes
-            sendable = [value if value is None or len(value) <= limit else None for value in values]
-            for pieces in _pack_pieces(sendable, self._limits.chunk_bytes):
-                await context.write(peer_pb2.BlockPieces(pieces=pieces))
 
     async def PutResults(
         self, request: peer_pb2.PutResultsRequest, context: grpc.aio.ServicerContext
@@ -715,7 +427,7 @@ class PeerClient:
     ) -> None:
         if keepalive_s < _MIN_PING_INTERVAL_MS / 1000:
             raise ValueError(f"keepalive_s must be at least 10 (seconds), got {keepalive_s!r}")
-        self._auth_key = _check_key(auth_key)
+        self._auth_key = check_auth_key(auth_key)
         self._limits = limits
         self._timer = timer
         self._clock = clock
@@ -734,6 +446,7 @@ class PeerClient:
             ("grpc.max_reconnect_backoff_ms", 2_000),
         ]
         self._channels: dict[str, tuple[Any, Any]] = {}
+        self._blocks = BlockStreamClient(auth_key, limits, clock=clock, nonce=nonce)
         self._requests = 0
         self._hits = 0
         self._misses = 0
@@ -768,35 +481,24 @@ class PeerClient:
     async def get_blocks(
         self, address: str, hashes: Sequence[bytes], timeout_s: float = 0.5
     ) -> list[bytes | None]:
-        """The block of each hash at the peer, in order; None for a miss.
-
-        The blocks arrive streamed in pieces and are reassembled here; a failed call (even one
-        that failed after some blocks arrived) returns all misses.
-        """
+        """The block of each hash at the peer whose `PeerServer.blocks_address` is `address`,
+        in order; None for a miss. A failed call (even one that failed after some blocks
+        arrived) returns all misses."""
         if not hashes:
             return []
         asked = _distinct(hashes)
-        limits = self._limits
-        assembler = _Assembler(len(asked), limits.max_value_bytes, limits.max_batch_bytes)
-
-        async def receive(stub: Any) -> _Assembler:
-            async for message in stub.GetBlocks(
-                peer_pb2.GetBlocksRequest(hashes=asked),
-                timeout=timeout_s,
-                metadata=self._credential(address, "GetBlocks"),
-            ):
-                for piece in message.pieces:
-                    assembler.add(piece)
-            return assembler
-
-        values: list[bytes | None] = [None] * len(asked)
-        if await self._run(address, receive) is not None:
-            values = assembler.finish()
-            if assembler.malformed:
-                _log.debug("peer %s streamed malformed blocks", address)
-                self._errors += 1
-        self._bytes_received += assembler.bytes_received
-        return self._count_items(_spread(hashes, asked, values))
+        self._requests += 1
+        started = self._timer()
+        try:
+            exchange = await self._blocks.get_blocks(address, asked, timeout_s)
+        finally:
+            self._latency_s += self._timer() - started
+        if exchange.failure == "timeout":
+            self._timeouts += 1
+        elif exchange.failure is not None:
+            self._errors += 1
+        self._bytes_received += exchange.bytes_received
+        return self._count_items(_spread(hashes, asked, exchange.values))
 
     async def put_results(
         self, address: str, items: Sequence[tuple[str, bytes]], timeout_s: float = 1.0
@@ -831,16 +533,19 @@ class PeerClient:
         )
 
     async def forget(self, address: str) -> None:
-        """Close the channel to `address` (a peer that left); a later call dials again."""
+        """Close the channel or the block connections to `address` (a peer that left); a later
+        call dials again."""
         entry = self._channels.pop(address, None)
         if entry is not None:
             await entry[0].close()
+        await self._blocks.forget(address)
 
     async def close(self) -> None:
         """Close every channel; calls in progress fail (as misses)."""
         channels, self._channels = list(self._channels.values()), {}
         for channel, _stub in channels:
             await channel.close()
+        await self._blocks.close()
 
     async def _call(self, address: str, method: str, request: Any, timeout_s: float) -> Any:
         """A unary call; its response, or None when it failed."""
@@ -886,7 +591,7 @@ class PeerClient:
     def _credential(self, address: str, method: str) -> tuple[tuple[str, str], ...]:
         """The metadata of one call of `method` (a name) to `address`."""
         credential = peer_credential(
-            self._auth_key, _METHOD_PATHS[method], address, self._clock(), self._nonce(_NONCE_BYTES)
+            self._auth_key, _METHOD_PATHS[method], address, self._clock(), self._nonce(NONCE_BYTES)
         )
         return ((AUTH_METADATA_KEY, credential),)
 

@@ -170,7 +170,12 @@ class ModelReplica:
         )
         self._membership = Membership(
             namespace=self._args.namespace,
-            member=Member(self._replica_id, node_id=_node_id(), peer_address=peer_address),
+            member=Member(
+                self._replica_id,
+                node_id=_node_id(),
+                peer_address=peer_address,
+                blocks_address=self._peer_server.blocks_address or "",
+            ),
             stats=self.stats,
             interval_s=self._args.stats_interval_s,
         )
@@ -299,22 +304,23 @@ class ModelReplica:
         encoded = encode_answer(generation, identity, self._cluster_secret)
         return outcome, encoded
 
-    def _owner_address(self, job: CompletionJob) -> str | None:
-        """Peer address of the replica owning `job`'s prompt, when that is another replica."""
+    def _owner(self, job: CompletionJob) -> Member | None:
+        """The replica owning `job`'s prompt, when that is another replica."""
         snapshot = self._membership.snapshot
         if self._peer_client is None or snapshot is None or not job.routing_key:
             return None
         owner = snapshot.member(self._membership.ring().owner(job.routing_key) or "")
         if owner is None or owner.replica_id == self._replica_id:
             return None
-        return owner.peer_address or None
+        return owner
 
     def _placement(self, job: CompletionJob, key: ResultKey, version: str) -> Placement:
         """Where `key` lives beyond this replica: its owner on the ring, and its Redis key."""
         redis = None
         if self._redis is not None:
             redis = redis_key(self._args.namespace, job.model, version, "r", key)
-        return Placement(redis_key=redis, owner_address=self._owner_address(job))
+        owner = self._owner(job)
+        return Placement(redis_key=redis, owner_address=owner.peer_address if owner else None)
 
     def _prefix_chain(
         self, job: CompletionJob, weights: ModelVersion
@@ -338,15 +344,15 @@ class ModelReplica:
         assert self._prefix is not None
         scope, hashes, shape = chain
         usable = (len(job.prompt_tokens) - 1) // self._prefix.block_size
-        owner_address = self._owner_address(job)
-        if owner_address is not None and self._peer_client is not None:
+        owner = self._owner(job)
+        if owner is not None and owner.blocks_address and self._peer_client is not None:
             self._fetched_blocks += await fetch_prefix_from_owner(
                 self._prefix,
                 hashes,
                 usable=usable,
                 scope=scope,
                 peer=self._peer_client,
-                owner_address=owner_address,
+                owner_address=owner.blocks_address,
                 block_shape=shape,
                 dtype=torch.float32,
                 device=model.device,

@@ -1,5 +1,6 @@
-"""Prefix blocks shared between replicas: from the owner peer (block by block, streamed in one
-call) and through Redis (in aligned chunks of many blocks, one pipelined round trip).
+"""Prefix blocks shared between replicas: from the owner peer (its block stream, one exchange
+for the run of blocks) and through Redis (in aligned chunks of many blocks, one pipelined round
+trip).
 
 A block travels as a codec envelope of kind `kv-block` holding one tensor (the block's keys and
 values, shaped as the prefix cache stores them) and the block's hash in its metadata; a chunk as
@@ -102,7 +103,8 @@ async def fetch_prefix_from_owner(
     timeout_s: float,
     secret: ClusterSecret,
 ) -> int:
-    """Copy into `cache` the owner's blocks that continue the locally cached run of `hashes`.
+    """Copy into `cache` the owner's blocks that continue the locally cached run of `hashes`;
+    `owner_address` is the owner's `PeerServer.blocks_address`.
 
     Only the first `usable` hashes are considered (at least one prompt token must be
     prefilled). The blocks are inserted with `scope` as their chain's extra, and decoded in a

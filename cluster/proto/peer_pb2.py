@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\x10raycache.peer.v1\"!\n\x11GetResultsRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"%\n\x05\x45ntry\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\">\n\x12GetResultsResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.raycache.peer.v1.Entry\"\"\n\x10GetBlocksRequest\x12\x0e\n\x06hashes\x18\x01 \x03(\x0c\"\\\n\nBlockPiece\x12\r\n\x05index\x18\x01 \x01(\r\x12\r\n\x05\x66ound\x18\x02 \x01(\x08\x12\x12\n\ntotal_size\x18\x03 \x01(\x04\x12\x0e\n\x06offset\x18\x04 \x01(\x04\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\";\n\x0b\x42lockPieces\x12,\n\x06pieces\x18\x01 \x03(\x0b\x32\x1c.raycache.peer.v1.BlockPiece\"(\n\nResultItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"@\n\x11PutResultsRequest\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.raycache.peer.v1.ResultItem\"\x18\n\x06PutAck\x12\x0e\n\x06stored\x18\x01 \x01(\r\"\r\n\x0bPingRequest\"\x0e\n\x0cPingResponse2\xc5\x02\n\x04Peer\x12W\n\nGetResults\x12#.raycache.peer.v1.GetResultsRequest\x1a$.raycache.peer.v1.GetResultsResponse\x12P\n\tGetBlocks\x12\".raycache.peer.v1.GetBlocksRequest\x1a\x1d.raycache.peer.v1.BlockPieces0\x01\x12K\n\nPutResults\x12#.raycache.peer.v1.PutResultsRequest\x1a\x18.raycache.peer.v1.PutAck\x12\x45\n\x04Ping\x12\x1d.raycache.peer.v1.PingRequest\x1a\x1e.raycache.peer.v1.PingResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\npeer.proto\x12\x10raycache.peer.v1\"!\n\x11GetResultsRequest\x12\x0c\n\x04keys\x18\x01 \x03(\t\"%\n\x05\x45ntry\x12\r\n\x05\x66ound\x18\x01 \x01(\x08\x12\r\n\x05value\x18\x02 \x01(\x0c\">\n\x12GetResultsResponse\x12(\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x17.raycache.peer.v1.Entry\"(\n\nResultItem\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c\"@\n\x11PutResultsRequest\x12+\n\x05items\x18\x01 \x03(\x0b\x32\x1c.raycache.peer.v1.ResultItem\"\x18\n\x06PutAck\x12\x0e\n\x06stored\x18\x01 \x01(\r\"\r\n\x0bPingRequest\"\x0e\n\x0cPingResponse2\xf3\x01\n\x04Peer\x12W\n\nGetResults\x12#.raycache.peer.v1.GetResultsRequest\x1a$.raycache.peer.v1.GetResultsResponse\x12K\n\nPutResults\x12#.raycache.peer.v1.PutResultsRequest\x1a\x18.raycache.peer.v1.PutAck\x12\x45\n\x04Ping\x12\x1d.raycache.peer.v1.PingRequest\x1a\x1e.raycache.peer.v1.PingResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,22 +37,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ENTRY']._serialized_end=104
   _globals['_GETRESULTSRESPONSE']._serialized_start=106
   _globals['_GETRESULTSRESPONSE']._serialized_end=168
-  _globals['_GETBLOCKSREQUEST']._serialized_start=170
-  _globals['_GETBLOCKSREQUEST']._serialized_end=204
-  _globals['_BLOCKPIECE']._serialized_start=206
-  _globals['_BLOCKPIECE']._serialized_end=298
-  _globals['_BLOCKPIECES']._serialized_start=300
-  _globals['_BLOCKPIECES']._serialized_end=359
-  _globals['_RESULTITEM']._serialized_start=361
-  _globals['_RESULTITEM']._serialized_end=401
-  _globals['_PUTRESULTSREQUEST']._serialized_start=403
-  _globals['_PUTRESULTSREQUEST']._serialized_end=467
-  _globals['_PUTACK']._serialized_start=469
-  _globals['_PUTACK']._serialized_end=493
-  _globals['_PINGREQUEST']._serialized_start=495
-  _globals['_PINGREQUEST']._serialized_end=508
-  _globals['_PINGRESPONSE']._serialized_start=510
-  _globals['_PINGRESPONSE']._serialized_end=524
-  _globals['_PEER']._serialized_start=527
-  _globals['_PEER']._serialized_end=852
+  _globals['_RESULTITEM']._serialized_start=170
+  _globals['_RESULTITEM']._serialized_end=210
+  _globals['_PUTRESULTSREQUEST']._serialized_start=212
+  _globals['_PUTRESULTSREQUEST']._serialized_end=276
+  _globals['_PUTACK']._serialized_start=278
+  _globals['_PUTACK']._serialized_end=302
+  _globals['_PINGREQUEST']._serialized_start=304
+  _globals['_PINGREQUEST']._serialized_end=317
+  _globals['_PINGRESPONSE']._serialized_start=319
+  _globals['_PINGRESPONSE']._serialized_end=333
+  _globals['_PEER']._serialized_start=336
+  _globals['_PEER']._serialized_end=579
 # @@protoc_insertion_point(module_scope)

@@ -26,32 +26,6 @@ class GetResultsResponse(_message.Message):
     entries: _containers.RepeatedCompositeFieldContainer[Entry]
     def __init__(self, entries: _Optional[_Iterable[_Union[Entry, _Mapping]]] = ...) -> None: ...
 
-class GetBlocksRequest(_message.Message):
-    __slots__ = ("hashes",)
-    HASHES_FIELD_NUMBER: _ClassVar[int]
-    hashes: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, hashes: _Optional[_Iterable[bytes]] = ...) -> None: ...
-
-class BlockPiece(_message.Message):
-    __slots__ = ("index", "found", "total_size", "offset", "data")
-    INDEX_FIELD_NUMBER: _ClassVar[int]
-    FOUND_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_SIZE_FIELD_NUMBER: _ClassVar[int]
-    OFFSET_FIELD_NUMBER: _ClassVar[int]
-    DATA_FIELD_NUMBER: _ClassVar[int]
-    index: int
-    found: bool
-    total_size: int
-    offset: int
-    data: bytes
-    def __init__(self, index: _Optional[int] = ..., found: _Optional[bool] = ..., total_size: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ...) -> None: ...
-
-class BlockPieces(_message.Message):
-    __slots__ = ("pieces",)
-    PIECES_FIELD_NUMBER: _ClassVar[int]
-    pieces: _containers.RepeatedCompositeFieldContainer[BlockPiece]
-    def __init__(self, pieces: _Optional[_Iterable[_Union[BlockPiece, _Mapping]]] = ...) -> None: ...
-
 class ResultItem(_message.Message):
     __slots__ = ("key", "value")
     KEY_FIELD_NUMBER: _ClassVar[int]

@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class PeerStub:
-    """What one replica serves to the others: its cached results and prefix blocks.
+    """What one replica serves to the others: its cached results.
     """
 
     def __init__(self, channel):
@@ -39,11 +39,6 @@ class PeerStub:
                 '/raycache.peer.v1.Peer/GetResults',
                 request_serializer=peer__pb2.GetResultsRequest.SerializeToString,
                 response_deserializer=peer__pb2.GetResultsResponse.FromString,
-                _registered_method=True)
-        self.GetBlocks = channel.unary_stream(
-                '/raycache.peer.v1.Peer/GetBlocks',
-                request_serializer=peer__pb2.GetBlocksRequest.SerializeToString,
-                response_deserializer=peer__pb2.BlockPieces.FromString,
                 _registered_method=True)
         self.PutResults = channel.unary_unary(
                 '/raycache.peer.v1.Peer/PutResults',
@@ -58,18 +53,11 @@ class PeerStub:
 
 
 class PeerServicer:
-    """What one replica serves to the others: its cached results and prefix blocks.
+    """What one replica serves to the others: its cached results.
     """
 
     def GetResults(self, request, context):
         """Cached results by key; one entry per key, in request order.
-        """
-        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
-        context.set_details('Method not implemented!')
-        raise NotImplementedError('Method not implemented!')
-
-    def GetBlocks(self, request, context):
-        """Prefix blocks by hash, streamed as pieces (see BlockPiece).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -96,11 +84,6 @@ def add_PeerServicer_to_server(servicer, server):
                     request_deserializer=peer__pb2.GetResultsRequest.FromString,
                     response_serializer=peer__pb2.GetResultsResponse.SerializeToString,
             ),
-            'GetBlocks': grpc.unary_stream_rpc_method_handler(
-                    servicer.GetBlocks,
-                    request_deserializer=peer__pb2.GetBlocksRequest.FromString,
-                    response_serializer=peer__pb2.BlockPieces.SerializeToString,
-            ),
             'PutResults': grpc.unary_unary_rpc_method_handler(
                     servicer.PutResults,
                     request_deserializer=peer__pb2.PutResultsRequest.FromString,
@@ -120,7 +103,7 @@ def add_PeerServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class Peer:
-    """What one replica serves to the others: its cached results and prefix blocks.
+    """What one replica serves to the others: its cached results.
     """
 
     @staticmethod
@@ -140,33 +123,6 @@ class Peer:
             '/raycache.peer.v1.Peer/GetResults',
             peer__pb2.GetResultsRequest.SerializeToString,
             peer__pb2.GetResultsResponse.FromString,
-            options,
-            channel_credentials,
-            insecure,
-            call_credentials,
-            compression,
-            wait_for_ready,
-            timeout,
-            metadata,
-            _registered_method=True)
-
-    @staticmethod
-    def GetBlocks(request,
-            target,
-            options=(),
-            channel_credentials=None,
-            call_credentials=None,
-            insecure=False,
-            compression=None,
-            wait_for_ready=None,
-            timeout=None,
-            metadata=None):
-        return grpc.experimental.unary_stream(
-            request,
-            target,
-            '/raycache.peer.v1.Peer/GetBlocks',
-            peer__pb2.GetBlocksRequest.SerializeToString,
-            peer__pb2.BlockPieces.FromString,
             options,
             channel_credentials,
             insecure,

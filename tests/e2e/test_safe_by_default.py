@@ -10,6 +10,8 @@ an answer will be looked up under (which an attacker cannot).
 from __future__ import annotations
 
 import asyncio
+import secrets
+import socket
 import time
 from collections.abc import Callable
 
@@ -20,6 +22,7 @@ import ray
 
 from cluster.codec import encode
 from cluster.directory_actor import ACTOR_NAMESPACE, directory_actor
+from cluster.peer_blocks import Status, encode_request
 from cluster.proto import peer_pb2, peer_pb2_grpc
 from cluster.ray_secret import shared_secret
 from cluster.redis_store import redis_key
@@ -216,7 +219,6 @@ def unauthenticated_calls(stub: peer_pb2_grpc.PeerStub) -> list[Callable[[], obj
     forged = peer_pb2.PutResultsRequest(items=[peer_pb2.ResultItem(key="0" * 32, value=b"x")])
     return [
         lambda: stub.GetResults(peer_pb2.GetResultsRequest(keys=["0" * 32]), timeout=10),
-        lambda: list(stub.GetBlocks(peer_pb2.GetBlocksRequest(hashes=[b"\0" * 32]), timeout=10)),
         lambda: stub.PutResults(forged, timeout=10),
         lambda: stub.Ping(peer_pb2.PingRequest(), timeout=10),
     ]
@@ -231,3 +233,16 @@ def test_the_running_replicas_peer_ports_refuse_a_caller_without_the_secret(runn
                 with pytest.raises(grpc.RpcError) as refused:
                     call()
                 assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        # The block stream: a well-formed request, its credential made without the secret.
+        request = encode_request(
+            ClusterSecret.generate().peer,
+            member.blocks_address,
+            [b"\0" * 32],
+            time.time(),
+            secrets.token_bytes(16),
+        )
+        host, port = member.blocks_address.rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=10) as connection:
+            connection.sendall(request)
+            answer = b"".join(iter(lambda: connection.recv(65536), b""))
+        assert answer[0] == Status.UNAUTHENTICATED

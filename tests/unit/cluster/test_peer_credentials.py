@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.peer import _parse_credential, _ReplayGuard, method_path, peer_credential
+from cluster.peer import method_path
+from cluster.peer_auth import ReplayGuard, parse_credential, peer_credential
 
 KEY = bytes(range(32))
 NONCE = bytes(16)
@@ -14,7 +15,7 @@ def test_a_credential_parses_back_to_its_parts() -> None:
     text = peer_credential(KEY, method_path("Ping"), "10.0.0.1:5000", 1_700_000_000.123, NONCE)
     unix_ms, nonce, mac = text.split(".")
     assert unix_ms == "1700000000123" and nonce == NONCE.hex() and len(mac) == 64
-    parsed = _parse_credential(text)
+    parsed = parse_credential(text)
     assert parsed is not None
     assert (parsed.unix_ms, parsed.nonce, parsed.mac.hex()) == (1_700_000_000_123, NONCE, mac)
 
@@ -47,18 +48,18 @@ def test_the_mac_depends_on_every_part() -> None:
     ],
 )
 def test_malformed_credentials_do_not_parse(text: str) -> None:
-    assert _parse_credential(text) is None
+    assert parse_credential(text) is None
 
 
 def test_a_nonce_is_admitted_once_within_the_window() -> None:
-    guard = _ReplayGuard(capacity=100, window_s=30)
+    guard = ReplayGuard(capacity=100, window_s=30)
     assert guard.admit(b"a", unix_ms=1_000, now_ms=1_000)
     assert not guard.admit(b"a", unix_ms=1_000, now_ms=2_000)
     assert guard.admit(b"b", unix_ms=1_500, now_ms=2_000)
 
 
 def test_a_full_memory_forgets_the_oldest_and_refuses_anything_as_old() -> None:
-    guard = _ReplayGuard(capacity=3, window_s=30)
+    guard = ReplayGuard(capacity=3, window_s=30)
     for i, nonce in enumerate((b"a", b"b", b"c")):
         assert guard.admit(nonce, unix_ms=1_000 + i, now_ms=1_010)
     assert guard.admit(b"d", unix_ms=1_005, now_ms=1_010)  # forgets "a" (1_000)
@@ -69,7 +70,7 @@ def test_a_full_memory_forgets_the_oldest_and_refuses_anything_as_old() -> None:
 
 
 def test_expired_nonces_are_dropped_so_memory_stays_for_new_ones() -> None:
-    guard = _ReplayGuard(capacity=2, window_s=1)
+    guard = ReplayGuard(capacity=2, window_s=1)
     assert guard.admit(b"a", unix_ms=0, now_ms=0)
     assert guard.admit(b"b", unix_ms=10, now_ms=10)
     # Both are out of the window now: dropped, the floor only as high as their times.
@@ -78,14 +79,14 @@ def test_expired_nonces_are_dropped_so_memory_stays_for_new_ones() -> None:
 
 
 def test_a_clock_set_back_does_not_revive_an_expired_nonce() -> None:
-    guard = _ReplayGuard(capacity=10, window_s=1)
+    guard = ReplayGuard(capacity=10, window_s=1)
     assert guard.admit(b"a", unix_ms=0, now_ms=0)
     assert guard.admit(b"b", unix_ms=5_000, now_ms=5_000)  # "a" is dropped as expired
     assert not guard.admit(b"a", unix_ms=0, now_ms=500)  # the clock went back to 0.5 s
 
 
 def test_a_clock_that_jumped_ahead_and_back_refuses_nothing_once_it_is_right() -> None:
-    guard = _ReplayGuard(capacity=10, window_s=1)
+    guard = ReplayGuard(capacity=10, window_s=1)
     assert guard.admit(b"a", unix_ms=0, now_ms=0)
     hour_ms = 3_600_000
     assert guard.admit(b"b", unix_ms=hour_ms, now_ms=hour_ms)  # a caller as wrong as this clock

@@ -40,7 +40,6 @@ def test_the_loaded_descriptor_is_the_protos(tmp_path: Path) -> None:
     assert loaded.package == "raycache.peer.v1"
     assert [m.name for m in loaded.service[0].method] == [
         "GetResults",
-        "GetBlocks",
         "PutResults",
         "Ping",
     ]
