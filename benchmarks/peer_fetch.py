@@ -3,16 +3,21 @@
     python -m benchmarks.peer_fetch [--rounds 7] [--small-calls 100] [--block-calls 8]
                                     [--json benchmarks/results/peer_fetch.json]
 
-One server process holds an in-memory backend: 64 small results (1 KiB each) and the blocks of a
-2,048-token prefix (128 blocks x 64 KiB = 8 MiB). It serves them twice, side by side: through a
+One server process holds 64 small results (1 KiB each) and the prefix blocks of a 2,048-token
+prompt (128 blocks of a small model's keys and values, 64 KiB each, 8 MiB in all) in chunk
+envelopes of 16 blocks, signed as replicas sign them. It serves them side by side: through a
 `PeerServer`, and through a raw TCP server speaking the least framing that can carry a batch (a
 count and length-prefixed keys in, length-prefixed values out; one connection, kept open). The
 client process measures, interleaved round by round on the same data:
 
 - `small_results`: one batched get of the 64 results over the peer service's gRPC; latency per
   call (median and p99 of all calls, ms).
-- `prefix_blocks`: the 128 blocks in one exchange over the peer service's block stream
-  (`cluster.peer_blocks`); throughput in MB/s (10^6 bytes) of the median round.
+- `prefix_blocks`: the 8 MiB prefix in one exchange over the peer service's block stream
+  (`cluster.peer_blocks`), throughput in MB/s (10^6 bytes) of the median round, three ways:
+  `peer` (the bytes only), `peer_verified` (each chunk's signature checked and its blocks
+  decoded as it arrives, as a replica does: `decode_leading_chunk`), and `replica_backend`
+  (that, from a server whose backend is the replica's own, `ResultPeerBackend`, which encodes
+  and signs the chunks from its prefix cache on every request).
 
 Both sides run in separate processes, as two replicas would, on loopback. The peer calls are
 authenticated as in production (a per-call credential from a cluster secret generated for the
@@ -40,44 +45,54 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import torch
 
+from cluster.block_hashes import BlockHash, PrefixScope, prompt_block_hashes
 from cluster.peer import PeerClient, PeerServer
+from cluster.prefix_cache import PrefixCache
+from cluster.result_cache import ResultCache
 from cluster.secret import ClusterSecret
+from serve_app.peer_backend import ResultPeerBackend
+from serve_app.shared_blocks import decode_leading_chunk, encode_chunk
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_COUNT = 64
 SMALL_BYTES = 1024
 BLOCK_COUNT = 128  # 2,048 tokens in blocks of 16
-BLOCK_BYTES = 64 * 1024
+BLOCK_TOKENS = 16
+BLOCK_SHAPE = torch.Size((4, 2, 4, BLOCK_TOKENS, 32))  # layers, K and V, heads, tokens, dims
+CHUNK_BLOCKS = 16  # the replica's default chunk of 1 MiB (prefix_cache.peer_chunk_bytes)
+SCOPE = PrefixScope("bench-tenant", "tiny-gpt", "1")
 _U32 = struct.Struct("<I")
 _MISS = 0xFFFFFFFF
 _COALESCE_BELOW = 16 * 1024
 
 
-def _data() -> tuple[dict[str, bytes], dict[bytes, bytes]]:
-    """Deterministic contents, rebuilt identically in both processes."""
-    results = {
-        f"result-{i:02d}": random.Random(i).randbytes(SMALL_BYTES) for i in range(SMALL_COUNT)
-    }
-    blocks = {
-        b"block-%03d" % i: random.Random(1000 + i).randbytes(BLOCK_BYTES)
-        for i in range(BLOCK_COUNT)
-    }
-    return results, blocks
+def _results() -> dict[str, bytes]:
+    """Deterministic results, rebuilt identically in both processes."""
+    return {f"result-{i:02d}": random.Random(i).randbytes(SMALL_BYTES) for i in range(SMALL_COUNT)}
+
+
+def _prefix() -> tuple[list[BlockHash], list[torch.Tensor]]:
+    """The prompt's block hashes and blocks, rebuilt identically in both processes."""
+    tokens = [random.Random(7).randrange(256) for _ in range(BLOCK_COUNT * BLOCK_TOKENS)]
+    hashes = prompt_block_hashes(tokens, BLOCK_TOKENS, SCOPE)
+    generator = torch.Generator().manual_seed(11)
+    return hashes, [torch.randn(BLOCK_SHAPE, generator=generator) for _ in hashes]
 
 
 class MemoryBackend:
-    """A PeerBackend over two dicts."""
+    """A PeerBackend over results and the chunks of one prefix, signed once."""
 
-    def __init__(self, results: dict[str, bytes], blocks: dict[bytes, bytes]) -> None:
+    def __init__(self, results: dict[str, bytes], chunks: list[bytes]) -> None:
         self.results = results
-        self.blocks = blocks
+        self.chunks = chunks
 
     async def get_results(self, keys: Sequence[str]) -> list[bytes | None]:
         return [self.results.get(key) for key in keys]
 
-    async def get_blocks(self, hashes: Sequence[bytes]) -> list[bytes | None]:
-        return [self.blocks.get(h) for h in hashes]
+    async def get_prefix(self, hashes: Sequence[bytes]) -> list[bytes]:
+        return self.chunks  # the benchmark asks for the whole prefix only
 
     async def put_results(self, items: Sequence[tuple[str, bytes]]) -> None:
         self.results.update(items)
@@ -139,26 +154,42 @@ class RawClient:
 # --- Server process ------------------------------------------------------------------------------
 
 
-def _server_process(conn: Connection, auth_key: bytes) -> None:
-    asyncio.run(_serve(conn, auth_key))
+def _server_process(conn: Connection, secret_material: bytes) -> None:
+    asyncio.run(_serve(conn, ClusterSecret(secret_material)))
 
 
-async def _serve(conn: Connection, auth_key: bytes) -> None:
-    results, blocks = _data()
-    backend = MemoryBackend(results, blocks)
-    peer = PeerServer(backend, auth_key)
+async def _serve(conn: Connection, secret: ClusterSecret) -> None:
+    results = _results()
+    hashes, blocks = _prefix()
+    chunks = [
+        encode_chunk(blocks[i : i + CHUNK_BLOCKS], hashes[i : i + CHUNK_BLOCKS], SCOPE, secret)
+        for i in range(0, BLOCK_COUNT, CHUNK_BLOCKS)
+    ]
+    peer = PeerServer(MemoryBackend(results, chunks), secret.peer)
     address = await peer.start("127.0.0.1", 0)
-    raw_store = {key.encode(): value for key, value in results.items()} | blocks
+    prefix_cache = PrefixCache(BLOCK_TOKENS, max_bytes=1 << 30)
+    assert prefix_cache.insert(hashes, blocks, parent=None, extra=SCOPE) == BLOCK_COUNT
+    replica_backend = ResultPeerBackend(
+        ResultCache(max_bytes=1 << 20, max_entries=16),
+        prefix_cache,
+        secret,
+        chunk_bytes=CHUNK_BLOCKS * BLOCK_SHAPE.numel() * 4,
+    )
+    replica = PeerServer(replica_backend, secret.peer)
+    await replica.start("127.0.0.1", 0)
+    raw_store = {key.encode(): value for key, value in results.items()}
+    raw_store |= {b"chunk-%d" % i: chunk for i, chunk in enumerate(chunks)}
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await _raw_serve(raw_store, reader, writer)
 
     raw = await asyncio.start_server(handle, "127.0.0.1", 0)
     raw_port = raw.sockets[0].getsockname()[1]
-    conn.send((address, peer.blocks_address, raw_port))
+    conn.send((address, peer.blocks_address, replica.blocks_address, raw_port))
     await asyncio.get_running_loop().run_in_executor(None, conn.recv)  # until told to stop
     raw.close()
     await peer.stop(0)
+    await replica.stop(0)
 
 
 # --- Measurement ---------------------------------------------------------------------------------
@@ -170,21 +201,51 @@ async def _time(call: Callable[[], Awaitable[object]]) -> float:
     return time.perf_counter() - started
 
 
-async def _measure(
-    options: argparse.Namespace, address: str, blocks_address: str, raw_port: int, auth_key: bytes
-) -> dict[str, Any]:
-    results, blocks = _data()
-    small_keys = list(results)
-    block_hashes = list(blocks)
-    total_block_bytes = sum(len(block) for block in blocks.values())
-    client = PeerClient(auth_key)
-    raw = RawClient(*await asyncio.open_connection("127.0.0.1", raw_port))
+def _verifier(hashes: list[BlockHash], secret: ClusterSecret) -> Callable[[bytes], Any]:
+    """A decoder of one exchange's chunks, as a replica checks them (`fetch_prefix_from_owner`)."""
+    taken = 0
 
-    # Same answers both ways (and warm channels, caches and allocators).
+    def decode(blob: bytes) -> list[torch.Tensor]:
+        nonlocal taken
+        chunk = decode_leading_chunk(
+            blob, hashes[taken:], SCOPE, BLOCK_SHAPE, torch.float32, secret
+        )
+        taken += len(chunk)
+        return chunk
+
+    return decode
+
+
+def _keep(value: bytes) -> bytes:
+    return value
+
+
+async def _measure(
+    options: argparse.Namespace,
+    addresses: tuple[str, str, str, int],
+    secret: ClusterSecret,
+) -> dict[str, Any]:
+    address, blocks_address, replica_address, raw_port = addresses
+    results = _results()
+    hashes, blocks = _prefix()
+    small_keys = list(results)
+    chunk_keys = [b"chunk-%d" % i for i in range(BLOCK_COUNT // CHUNK_BLOCKS)]
+    client = PeerClient(secret.peer)
+    # The reader's buffer as large as the block stream client's (`cluster.peer_blocks`).
+    raw = RawClient(*await asyncio.open_connection("127.0.0.1", raw_port, limit=4 * 1024 * 1024))
+
+    async def verified(at: str) -> list[torch.Tensor]:
+        chunks = await client.get_prefix(at, hashes, _verifier(hashes, secret), 10.0)
+        return [block for chunk in chunks for block in chunk]
+
+    # Same answers every way (and warm channels, caches and allocators).
     assert await client.get_results(address, small_keys, 5.0) == list(results.values())
-    assert await client.get_blocks(blocks_address, block_hashes, 10.0) == list(blocks.values())
     assert await raw.get([key.encode() for key in small_keys]) == list(results.values())
-    assert await raw.get(block_hashes) == list(blocks.values())
+    raw_chunks = await raw.get(chunk_keys)
+    assert await client.get_prefix(blocks_address, hashes, _keep, 10.0) == raw_chunks
+    for at in (blocks_address, replica_address):
+        assert all(map(torch.equal, await verified(at), blocks))
+    total_block_bytes = sum(len(chunk or b"") for chunk in raw_chunks)
 
     methods: dict[str, dict[str, Callable[[], Awaitable[object]]]] = {
         "small_results": {
@@ -192,8 +253,10 @@ async def _measure(
             "raw_tcp": lambda: raw.get([key.encode() for key in small_keys]),
         },
         "prefix_blocks": {
-            "peer": lambda: client.get_blocks(blocks_address, block_hashes, 10.0),
-            "raw_tcp": lambda: raw.get(block_hashes),
+            "peer": lambda: client.get_prefix(blocks_address, hashes, _keep, 10.0),
+            "peer_verified": lambda: verified(blocks_address),
+            "replica_backend": lambda: verified(replica_address),
+            "raw_tcp": lambda: raw.get(chunk_keys),
         },
     }
     calls = {"small_results": options.small_calls, "prefix_blocks": options.block_calls}
@@ -239,11 +302,15 @@ async def _measure(
         },
         "prefix_blocks": {
             "blocks": BLOCK_COUNT,
-            "block_bytes": BLOCK_BYTES,
+            "block_bytes": BLOCK_SHAPE.numel() * 4,
+            "chunk_blocks": CHUNK_BLOCKS,
             "total_bytes": total_block_bytes,
             "transport": "block stream",
             **prefix,
-            "throughput_ratio_peer_to_raw": prefix["peer"]["MBps"] / prefix["raw_tcp"]["MBps"],
+            "throughput_ratio_to_raw": {
+                name: prefix[name]["MBps"] / prefix["raw_tcp"]["MBps"]
+                for name in ("peer", "peer_verified", "replica_backend")
+            },
         },
     }
 
@@ -264,16 +331,15 @@ def main() -> None:
     options = parser.parse_args()
     options.json.parent.mkdir(parents=True, exist_ok=True)
 
-    auth_key = ClusterSecret.generate().peer
+    secret = ClusterSecret.generate()
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    server = context.Process(target=_server_process, args=(child, auth_key))
+    server = context.Process(target=_server_process, args=(child, secret.material))
     server.start()
     try:
         if not parent.poll(60):
             raise RuntimeError("the server process did not start")
-        address, blocks_address, raw_port = parent.recv()
-        results = asyncio.run(_measure(options, address, blocks_address, raw_port, auth_key))
+        results = asyncio.run(_measure(options, parent.recv(), secret))
         parent.send("stop")
         server.join(10)
     finally:
@@ -303,10 +369,16 @@ def main() -> None:
         f"{'64 results x 1 KiB (gRPC), p99 ms':40} {small['peer']['p99_ms']:12.3f}"
         f" {small['raw_tcp']['p99_ms']:12.3f}"
     )
-    print(
-        f"{'128 blocks x 64 KiB (stream), MB/s':40} {prefix['peer']['MBps']:12.0f}"
-        f" {prefix['raw_tcp']['MBps']:12.0f} {prefix['throughput_ratio_peer_to_raw']:9.2f}"
-    )
+    ratios = prefix["throughput_ratio_to_raw"]
+    for name, label in (
+        ("peer", "8 MiB prefix (stream), MB/s"),
+        ("peer_verified", "  + verified and decoded, MB/s"),
+        ("replica_backend", "  + signed per request, MB/s"),
+    ):
+        print(
+            f"{label:40} {prefix[name]['MBps']:12.0f}"
+            f" {prefix['raw_tcp']['MBps']:12.0f} {ratios[name]:9.2f}"
+        )
     print(f"-> {options.json}")
 
 

@@ -91,8 +91,10 @@ class PeerBackend(Protocol):
         """The cached value of each key, in order; None where there is none."""
         ...
 
-    async def get_blocks(self, hashes: Sequence[bytes]) -> Sequence[bytes | None]:
-        """The cached block of each hash, in order; None where there is none."""
+    async def get_prefix(self, hashes: Sequence[bytes]) -> Sequence[bytes]:
+        """Values holding the cached blocks of the longest leading run of `hashes` (a chain's
+        block hashes), in order, each for one or more consecutive blocks; empty when the first
+        is not cached. At most one value per hash."""
         ...
 
     async def put_results(self, items: Sequence[tuple[str, bytes]]) -> None:
@@ -161,7 +163,7 @@ class PeerServer:
         self._limits = limits
         self._check = CallAuthenticator(auth_key, limits.replay_memory, clock)
         self._authenticator = _Authenticator(self._check, lambda: self._address)
-        self._blocks = BlockStreamServer(backend.get_blocks, self._check, limits)
+        self._blocks = BlockStreamServer(backend.get_prefix, self._check, limits)
         self._server: Any = None
         self._address: str | None = None
         self._started = False
@@ -173,7 +175,7 @@ class PeerServer:
 
     @property
     def blocks_address(self) -> str | None:
-        """`host:port` that peers should dial for prefix blocks (`PeerClient.get_blocks`), once
+        """`host:port` that peers should dial for prefix blocks (`PeerClient.get_prefix`), once
         started; None before and after."""
         return self._blocks.address
 
@@ -385,9 +387,10 @@ class PeerClientStats:
     requests: int
     """Calls attempted: gets, puts and pings."""
     hits: int
-    """Items that gets returned."""
+    """Items that gets returned: results, and values of prefix blocks."""
     misses: int
-    """Items that gets did not return: absent at the peer, malformed, or lost with their call."""
+    """Results that gets did not return (absent at the peer, malformed, or lost with their
+    call), and prefix gets that returned nothing."""
     errors: int
     """Calls that failed other than by their deadline, or came back malformed in part."""
     timeouts: int
@@ -455,6 +458,11 @@ class PeerClient:
         self._bytes_received = 0
         self._latency_s = 0.0
 
+    @property
+    def limits(self) -> PeerLimits:
+        """The bounds this client keeps to, and expects its peers to keep to."""
+        return self._limits
+
     async def get_results(
         self, address: str, keys: Sequence[str], timeout_s: float = 0.2
     ) -> list[bytes | None]:
@@ -478,19 +486,23 @@ class PeerClient:
                 self._errors += 1
         return self._count_items(_spread(keys, asked, values))
 
-    async def get_blocks(
-        self, address: str, hashes: Sequence[bytes], timeout_s: float = 0.5
-    ) -> list[bytes | None]:
-        """The block of each hash at the peer whose `PeerServer.blocks_address` is `address`,
-        in order; None for a miss. A failed call (even one that failed after some blocks
-        arrived) returns all misses."""
+    async def get_prefix(
+        self,
+        address: str,
+        hashes: Sequence[bytes],
+        decode: Callable[[bytes], _T | None],
+        timeout_s: float = 0.5,
+    ) -> list[_T]:
+        """What the peer whose `PeerServer.blocks_address` is `address` holds of the chain
+        `hashes` (distinct, in chain order): each value it sends, as `decode` makes it (on the
+        event loop, as it arrives; None refuses the value and ends the call). What was decoded
+        before a failure is returned."""
         if not hashes:
             return []
-        asked = _distinct(hashes)
         self._requests += 1
         started = self._timer()
         try:
-            exchange = await self._blocks.get_blocks(address, asked, timeout_s)
+            exchange = await self._blocks.get_prefix(address, hashes, timeout_s, decode)
         finally:
             self._latency_s += self._timer() - started
         if exchange.failure == "timeout":
@@ -498,7 +510,9 @@ class PeerClient:
         elif exchange.failure is not None:
             self._errors += 1
         self._bytes_received += exchange.bytes_received
-        return self._count_items(_spread(hashes, asked, exchange.values))
+        self._hits += len(exchange.values)
+        self._misses += not exchange.values
+        return exchange.values
 
     async def put_results(
         self, address: str, items: Sequence[tuple[str, bytes]], timeout_s: float = 1.0

@@ -2,31 +2,37 @@
 
 A prompt's blocks are MiBs at once. Through gRPC each block was copied several times on either
 side (protobuf fields, HTTP/2 frames, reassembly of pieces) and arrived at 0.43-0.58 of the rate
-the same bytes reach over a plain loopback socket (`benchmarks.peer_fetch`); here a block goes to
-the socket as it is and is read back with one copy. Results, small and latency-bound, stay on
+the same bytes reach over a plain loopback socket (`benchmarks.peer_fetch`); here they go to the
+socket as they are and are read back with one copy. Results, small and latency-bound, stay on
 the gRPC service (`cluster.peer`), which owns this server and client.
 
-One request per exchange, on a connection the client keeps open for its next one:
+One request per exchange, on a connection the client keeps open for its next one. The client
+names the chain of block hashes it wants; the server answers with the longest leading run of
+them that it holds, as values of its own making (`PeerBackend.get_prefix`: signed chunks of
+consecutive blocks, so that the reader verifies one envelope per chunk, not per block, and
+decodes each chunk while the next is arriving):
 
     request  = b"RCPB" | u8 version (1) | u16 count | u32 body bytes | u8 credential length
                | credential (ASCII) | body: `count` times (u16 length, hash)
-    response = u8 status, then for status OK: `count` times (u32 length, value), a length of
-               0xFFFFFFFF for a miss; for any other status: u16 length, reason (UTF-8), after
-               which the server closes the connection.
+    response = u8 status, then for status OK: (u32 length, value) at most `count` times, ended
+               by a length of 0xFFFFFFFF; for any other status: u16 length, reason (UTF-8),
+               after which the server closes the connection.
 
 The credential (`cluster.peer_auth`, shared with the gRPC service, so a nonce counts once across
 both) names the method `blocks.get/<count>/<body bytes>`: it authenticates the caller and the
 size of its request before a byte of the body is read, and the body is bounded by the limits
-before it is. Like a gRPC call's credential it does not cover the hashes asked for; a block is
-bound to its hash by its signed envelope, checked by the receiver (`serve_app.shared_blocks`).
+before it is. Like a gRPC call's credential it does not cover the hashes asked for; a chunk is
+bound to its hashes by its signed envelope, checked by the receiver (`serve_app.shared_blocks`).
 
-Limits (`PeerLimits`): at most `max_keys` hashes of at most `max_key_bytes`, distinct; a value
-over `max_value_bytes`, or past `max_batch_bytes` for the whole answer, is sent as a miss (and a
-reader refuses one announced over them before reading it); each exchange ends within
-`server_deadline_s` on the server, however slow the backend or the reader; an idle connection
-is closed after `IDLE_TIMEOUT_S`; at most `max_concurrent_rpcs` connections are served at once.
-The client never raises for what a peer does: a failed exchange is all misses, and its
-connection is closed rather than reused.
+Limits (`PeerLimits`): at most `max_keys` hashes of at most `max_key_bytes`, distinct; no value
+over `max_value_bytes`, nor more than `max_batch_bytes` in one answer (the server sends what
+fits; a reader refuses a value announced over them before reading it); each exchange ends within
+`server_deadline_s` on the server, however slow the backend or the reader; a connection is
+closed when it sends no first request within that deadline, or no next one within
+`IDLE_TIMEOUT_S`; at most `max_concurrent_rpcs` connections are served at once, a newcomer
+taking the place of the one that waited longest. The client never raises for what a peer does:
+a failed exchange keeps what was verified before it failed, and its connection is closed rather
+than reused.
 """
 
 from __future__ import annotations
@@ -38,9 +44,9 @@ import secrets
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from cluster.peer_auth import (
     NONCE_BYTES,
@@ -52,15 +58,16 @@ from cluster.peer_limits import PeerLimits
 
 __all__ = [
     "IDLE_TIMEOUT_S",
-    "BlockExchange",
     "BlockStreamClient",
     "BlockStreamServer",
+    "PrefixExchange",
     "Status",
     "encode_request",
     "join_host_port",
 ]
 
 _log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 MAGIC: Final = b"RCPB"
 VERSION: Final = 1
@@ -68,9 +75,16 @@ _HEADER: Final = struct.Struct(">4sBHIB")  # magic, version, count, body bytes, 
 _HASH_LENGTH: Final = struct.Struct(">H")
 _VALUE_LENGTH: Final = struct.Struct(">I")
 _REASON_LENGTH: Final = struct.Struct(">H")
-MISS: Final = 0xFFFFFFFF
+END: Final = 0xFFFFFFFF
 _COALESCE_BELOW: Final = 16 * 1024  # smaller values share one write; larger go out uncopied
 _MAX_IDLE_CONNECTIONS: Final = 4  # per peer, kept open by a client
+# A reader's buffer bound: asyncio stops reading at twice it and starts again once a read drains
+# it, so a value much larger than the bound arrives in many pauses (the default, 64 KiB, halves
+# the rate of 1 MiB values).
+_READ_BUFFER_BYTES: Final = 4 * 1024 * 1024
+# How much a server's answer may hold in its buffers before it waits for the reader: enough to
+# keep the socket busy, little enough that a slow reader costs little memory.
+_WRITE_BUFFER_BYTES: Final = 4 * 1024 * 1024
 IDLE_TIMEOUT_S: Final = 60.0
 """How long a server keeps a connection that sends no request."""
 
@@ -109,16 +123,16 @@ class _Refused(Exception):
         self.reason = reason
 
 
-GetBlocks = Callable[[Sequence[bytes]], Awaitable[Sequence[bytes | None]]]
+GetPrefix = Callable[[Sequence[bytes]], Awaitable[Sequence[bytes]]]
 
 
 class BlockStreamServer:
-    """Serves `get_blocks` (a `PeerBackend`'s) to peers whose calls `authenticator` admits."""
+    """Serves `get_prefix` (a `PeerBackend`'s) to peers whose calls `authenticator` admits."""
 
     def __init__(
-        self, get_blocks: GetBlocks, authenticator: CallAuthenticator, limits: PeerLimits
+        self, get_prefix: GetPrefix, authenticator: CallAuthenticator, limits: PeerLimits
     ) -> None:
-        self._get_blocks = get_blocks
+        self._get_prefix = get_prefix
         self._authenticator = authenticator
         self._limits = limits
         self._server: asyncio.Server | None = None
@@ -159,6 +173,7 @@ class BlockStreamServer:
             writer.transport.abort()
             return
         self._handlers.add(handler)
+        writer.transport.set_write_buffer_limits(high=_WRITE_BUFFER_BYTES)
         served = False
         try:
             while True:
@@ -224,22 +239,22 @@ class BlockStreamServer:
         ):
             raise _Refused(Status.UNAUTHENTICATED, "peer call not authenticated")
         hashes = await self._read_hashes(reader, count, body_bytes)
-        if not hashes:
-            writer.write(bytes([Status.OK]))
-            await writer.drain()
-            return
-        try:
-            values = await self._get_blocks(hashes)
-        except Exception:
-            _log.warning("peer backend get_blocks failed", exc_info=True)
-            raise _Refused(Status.INTERNAL, "backend get_blocks failed") from None
-        if (
-            not isinstance(values, Sequence)
-            or len(values) != count
-            or not all(value is None or isinstance(value, bytes) for value in values)
-        ):
-            _log.warning("peer backend get_blocks answered %d hashes with %.200r", count, values)
-            raise _Refused(Status.INTERNAL, "backend get_blocks answered badly")
+        values: Sequence[bytes] = []
+        if hashes:
+            try:
+                values = await self._get_prefix(hashes)
+            except Exception:
+                _log.warning("peer backend get_prefix failed", exc_info=True)
+                raise _Refused(Status.INTERNAL, "backend get_prefix failed") from None
+            if (
+                not isinstance(values, Sequence)
+                or len(values) > count
+                or not all(isinstance(value, bytes) for value in values)
+            ):
+                _log.warning(
+                    "peer backend get_prefix answered %d hashes with %.200r", count, values
+                )
+                raise _Refused(Status.INTERNAL, "backend get_prefix answered badly")
         await self._write_values(writer, values)
 
     async def _read_hashes(
@@ -273,18 +288,17 @@ class BlockStreamServer:
             raise _Refused(Status.INVALID_ARGUMENT, "a hash repeated")
         return hashes
 
-    async def _write_values(
-        self, writer: asyncio.StreamWriter, values: Sequence[bytes | None]
-    ) -> None:
-        """Send the answer; waits for the reader after each large value, so a slow reader
-        holds at most about one value in this server's buffers (until the deadline)."""
+    async def _write_values(self, writer: asyncio.StreamWriter, values: Sequence[bytes]) -> None:
+        """Send the answer: the values that fit the limits, in order (stopping at the first
+        that does not), then the end. Waits for the reader after each large value, so a slow
+        reader holds at most about one value and the write buffer in this server's memory
+        (until the deadline)."""
         limits = self._limits
         budget = limits.max_batch_bytes
         pending = bytearray([Status.OK])
         for value in values:
-            if value is None or len(value) > limits.max_value_bytes or len(value) > budget:
-                pending += _VALUE_LENGTH.pack(MISS)
-                continue
+            if len(value) > limits.max_value_bytes or len(value) > budget:
+                break
             budget -= len(value)
             pending += _VALUE_LENGTH.pack(len(value))
             if len(value) < _COALESCE_BELOW:
@@ -294,22 +308,26 @@ class BlockStreamServer:
                 writer.write(value)
                 pending = bytearray()
                 await writer.drain()
+        pending += _VALUE_LENGTH.pack(END)
         writer.write(pending)
         await writer.drain()
 
 
-@dataclass(frozen=True)
-class BlockExchange:
-    """How one client exchange went: the values (all misses when it failed) and why it failed."""
+@dataclass
+class PrefixExchange(Generic[_T]):
+    """How one client exchange went: what the decoder made of the values that arrived, in
+    order, and why the exchange ended early, if it did."""
 
-    values: list[bytes | None]
+    values: list[_T] = field(default_factory=list)
     failure: str | None = None
-    """None; "timeout" when the deadline passed; "error" for anything else a peer did."""
+    """None; "timeout" when the deadline passed; "error" for anything else a peer did (a value
+    the decoder refused included)."""
     bytes_received: int = 0
 
 
 class BlockStreamClient:
-    """Fetches blocks from peers' `BlockStreamServer`s; keeps a few connections per peer open.
+    """Fetches prefix blocks from peers' `BlockStreamServer`s; keeps a few connections per peer
+    open.
 
     `auth_key` is the cluster secret's peer key; every request carries a fresh credential for the
     address dialled, which must be the one the server advertised. Use it from one event loop.
@@ -331,40 +349,53 @@ class BlockStreamClient:
         self._idle: dict[str, list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]]] = {}
         self._closed = False
 
-    async def get_blocks(
-        self, address: str, hashes: Sequence[bytes], timeout_s: float
-    ) -> BlockExchange:
-        """The block of each of `hashes` (distinct) at the peer `address`, within `timeout_s`."""
-        misses: list[bytes | None] = [None] * len(hashes)
+    async def get_prefix(
+        self,
+        address: str,
+        hashes: Sequence[bytes],
+        timeout_s: float,
+        decode: Callable[[bytes], _T | None],
+    ) -> PrefixExchange[_T]:
+        """What the peer `address` holds of the chain `hashes` (distinct), within `timeout_s`.
+
+        `decode` is called on each value as it arrives (on the event loop, while the next one
+        is arriving); the first value it refuses (None) ends the exchange, and nothing after it
+        is read. What it made of the values before a failure is kept.
+        """
+        exchange: PrefixExchange[_T] = PrefixExchange()
         limits = self._limits
         if len(hashes) > limits.max_keys or any(len(h) > limits.max_key_bytes for h in hashes):
-            return BlockExchange(misses, "error")  # the server would refuse it
+            exchange.failure = "error"  # the server would refuse it
+            return exchange
         try:
             async with asyncio.timeout(timeout_s):
                 for reused in self._idle_connections(address):
-                    exchanged = await self._exchange(address, hashes, reused)
-                    if exchanged is not None:
-                        return exchanged
-                exchanged = await self._exchange(address, hashes, None)
-                assert exchanged is not None
-                return exchanged
+                    if await self._exchange(address, hashes, decode, exchange, reused):
+                        return exchange
+                await self._exchange(address, hashes, decode, exchange, None)
         except TimeoutError:
-            return BlockExchange(misses, "timeout")
-        except Exception as exc:  # whatever a peer (or its address) does is a miss
+            exchange.failure = "timeout"
+        except Exception as exc:  # whatever a peer (or its address) does ends the exchange
             _log.debug("peer %s: block request failed: %s", address, exc)
-            return BlockExchange(misses, "error")
+            exchange.failure = "error"
+        return exchange
 
     async def _exchange(
         self,
         address: str,
         hashes: Sequence[bytes],
+        decode: Callable[[bytes], _T | None],
+        exchange: PrefixExchange[_T],
         reused: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None,
-    ) -> BlockExchange | None:
-        """One request on `reused` (or a new connection); None when a reused connection turned
-        out closed before any answer (the server had dropped it), so a new one should try."""
+    ) -> bool:
+        """One request on `reused` (or a new connection), its values decoded into `exchange`;
+        False when a reused connection turned out closed before any answer (the server had
+        dropped it), so that a new one should try."""
         if reused is None:
             host, _, port = address.rpartition(":")
-            reader, writer = await asyncio.open_connection(host.strip("[]"), int(port))
+            reader, writer = await asyncio.open_connection(
+                host.strip("[]"), int(port), limit=_READ_BUFFER_BYTES
+            )
         else:
             reader, writer = reused
         try:
@@ -375,16 +406,20 @@ class BlockStreamClient:
             status = await reader.read(1)
             if not status and reused is not None:
                 writer.close()
-                return None
+                return False
             if status != bytes([Status.OK]):
                 raise ConnectionError(f"refused with status {status!r}")
-            values, received = await self._read_values(reader, len(hashes))
+            complete = await self._read_values(reader, len(hashes), decode, exchange)
         except BaseException:
             # Cancelled, timed out or failed mid-exchange: the stream is out of step.
             writer.close()
             raise
-        self._keep(address, reader, writer)
-        return BlockExchange(values, None, received)
+        if complete:
+            self._keep(address, reader, writer)
+        else:
+            exchange.failure = "error"
+            writer.close()  # the rest of the answer is unread
+        return True
 
     async def forget(self, address: str) -> None:
         """Close the idle connections to `address` (a peer that left)."""
@@ -398,21 +433,32 @@ class BlockStreamClient:
             await self.forget(address)
 
     async def _read_values(
-        self, reader: asyncio.StreamReader, count: int
-    ) -> tuple[list[bytes | None], int]:
+        self,
+        reader: asyncio.StreamReader,
+        count: int,
+        decode: Callable[[bytes], _T | None],
+        exchange: PrefixExchange[_T],
+    ) -> bool:
+        """Read and decode values up to the end (True), or up to one `decode` refused (False);
+        raises for an answer that breaks the format or the limits."""
         limits = self._limits
         budget = limits.max_batch_bytes
-        values: list[bytes | None] = []
-        for _ in range(count):
+        for _ in range(count + 1):
             (size,) = _VALUE_LENGTH.unpack(await reader.readexactly(_VALUE_LENGTH.size))
-            if size == MISS:
-                values.append(None)
-                continue
+            if size == END:
+                return True
+            if len(exchange.values) == count:
+                raise ValueError(f"more values than the {count} hashes asked for")
             if size > limits.max_value_bytes or size > budget:
-                raise ValueError(f"a block of {size} bytes announced, over the limits")
+                raise ValueError(f"a value of {size} bytes announced, over the limits")
             budget -= size
-            values.append(await reader.readexactly(size))
-        return values, limits.max_batch_bytes - budget
+            value = await reader.readexactly(size)
+            exchange.bytes_received += size
+            decoded = decode(value)
+            if decoded is None:
+                return False
+            exchange.values.append(decoded)
+        raise AssertionError("unreachable: the loop returns or raises")  # pragma: no cover
 
     def _idle_connections(
         self, address: str

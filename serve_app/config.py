@@ -142,6 +142,14 @@ class PrefixCacheSettings(StrictModel):
         le=1024,
         description="Blocks per Redis value when prefixes are shared through Redis (blocks).",
     )
+    peer_chunk_bytes: int = Field(
+        default=1024 * 1024,
+        ge=1,
+        le=32 * 1024 * 1024,
+        description="Size of a value an owner replica sends a peer that fetches a prefix "
+        "(bytes): as many blocks as fit, at least one. Fewer, larger values mean fewer "
+        "signatures to check; smaller ones reach the reader sooner.",
+    )
     pinned: tuple[PinnedPrompt, ...] = Field(
         default=(), description="Prefixes computed at start-up and never evicted."
     )

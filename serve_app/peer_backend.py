@@ -1,4 +1,5 @@
-"""What a replica serves to its peers: its result cache and its prefix blocks, as envelopes.
+"""What a replica serves to its peers: its result cache and its prefix blocks, as envelopes
+(a chunk of consecutive blocks per envelope).
 
 Reads do not count as this replica's hits or misses (they are the asking replica's). Writes
 come from another process, so each value is verified (MAC, well-formed answer, recorded under
@@ -22,7 +23,7 @@ from cluster.result_cache import ResultCache
 from cluster.secret import ClusterSecret
 from cluster.tiered import StaleValue
 from serve_app.answers import answer_tags
-from serve_app.shared_blocks import encode_block, run_off_loop
+from serve_app.shared_blocks import encode_chunk, run_off_loop
 
 logger = logging.getLogger(__name__)
 
@@ -36,11 +37,13 @@ class ResultPeerBackend:
         prefix: PrefixCache | None,
         secret: ClusterSecret,
         rules: InvalidationRules | None = None,
+        chunk_bytes: int = 1024 * 1024,
     ) -> None:
         self._cache = cache
         self._prefix = prefix
         self._secret = secret
         self._rules = rules
+        self._chunk_bytes = chunk_bytes
         self.rejected = 0
         """Answers refused: invalid, recorded under another key, or invalidated."""
 
@@ -57,19 +60,34 @@ class ResultPeerBackend:
                 continue
             self._cache.put(ResultKey(key), value, tags)
 
-    async def get_blocks(self, hashes: Sequence[bytes]) -> list[bytes | None]:
-        """The envelope of each cached block asked for (None where absent), encoded in a
-        worker thread: a run of blocks is MiBs to copy and sign."""
-        found: list[tuple[torch.Tensor, BlockHash, PrefixScope] | None] = []
+    async def get_prefix(self, hashes: Sequence[bytes]) -> list[bytes]:
+        """The cached run of `hashes` from the first, as chunk envelopes of as many blocks as
+        fit in `chunk_bytes` (at least one each), encoded in a worker thread: a run of blocks
+        is MiBs to copy and sign. The run ends at the first block not cached here, or of
+        another scope than the first."""
+        pieces: list[list[tuple[torch.Tensor, BlockHash]]] = []
+        piece_bytes = 0
+        scope: PrefixScope | None = None
         for block_hash in hashes:
             entry = self._prefix.block_kv(BlockHash(block_hash)) if self._prefix else None
             if entry is None or not isinstance(entry[1], PrefixScope):
-                found.append(None)
-            else:
-                found.append((entry[0], BlockHash(block_hash), entry[1]))
-        if not any(found):
-            return [None] * len(found)
-        secret = self._secret
+                break
+            if scope is not None and entry[1] != scope:
+                break
+            scope = entry[1]
+            kv = entry[0]
+            size = kv.numel() * kv.element_size()
+            if not pieces or piece_bytes + size > self._chunk_bytes:
+                pieces.append([])
+                piece_bytes = 0
+            pieces[-1].append((kv, BlockHash(block_hash)))
+            piece_bytes += size
+        if scope is None:
+            return []
+        secret, chunk_scope = self._secret, scope
         return await run_off_loop(
-            lambda: [None if f is None else encode_block(*f, secret) for f in found]
+            lambda: [
+                encode_chunk([kv for kv, _ in piece], [h for _, h in piece], chunk_scope, secret)
+                for piece in pieces
+            ]
         )

@@ -146,7 +146,11 @@ class ModelReplica:
         peer_key = self._cluster_secret.peer
         self._peer_client = PeerClient(peer_key) if self._args.peer.enabled else None
         self._peer_backend = ResultPeerBackend(
-            self._cache, self._prefix, self._cluster_secret, self._rules
+            self._cache,
+            self._prefix,
+            self._cluster_secret,
+            self._rules,
+            chunk_bytes=self._args.prefix_cache.peer_chunk_bytes,
         )
         self._peer_server = PeerServer(self._peer_backend, peer_key)
         # The node's own address, not 0.0.0.0: peers reach it, other networks of the host do not.

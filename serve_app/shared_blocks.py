@@ -2,19 +2,19 @@
 for the run of blocks) and through Redis (in aligned chunks of many blocks, one pipelined round
 trip).
 
-A block travels as a codec envelope of kind `kv-block` holding one tensor (the block's keys and
-values, shaped as the prefix cache stores them) and the block's hash in its metadata; a chunk as
-one of kind `kv-chunk` holding the blocks stacked and their hashes. The receiver checks the
-envelope (MAC under the cluster secret), that the hashes are the ones it asked for, that the
-model and version are its scope's, and that the tensor has exactly the shape and dtype its own
-model produces, before inserting it: a block that fails any check ends the fetched run, and the
-rest of the prompt is prefilled locally. The chained block hash binds the tenant as well.
+Blocks travel in chunks: a codec envelope of kind `kv-chunk` holding consecutive blocks stacked
+(keys and values, shaped as the prefix cache stores them) and their hashes in its metadata, one
+signature to check for many blocks. The receiver checks the envelope (MAC under the cluster
+secret), that the hashes are the ones it asked for next, that the model and version are its
+scope's, and that the tensor has exactly the shape and dtype its own model produces, before
+inserting it: a chunk that fails any check ends the fetched run, and the rest of the prompt is
+prefilled locally. The chained block hash binds the tenant and the weights' generation as well.
 
-Encoding and decoding copy and sign MiBs: the `encode_*` and `decode_*` functions are pure and
-safe in any thread. The async functions here encode in `run_off_loop`'s worker threads (a
-stack of the blocks, a copy, the MAC), and decode a run of blocks from the owner there too;
-chunks from Redis are decoded on the loop as each arrives (see `fetch_chunks_from_redis`).
-Fetched blocks are copied to the model's device and inserted into the cache in those threads.
+Encoding copies and signs MiBs: `encode_chunk` and the decoders are pure and safe in any thread.
+The async functions here encode in `run_off_loop`'s worker threads (a stack of the blocks, a
+copy, the MAC); chunks are decoded on the loop as each arrives, from Redis or from the owner,
+while the next is on its way (see `fetch_chunks_from_redis`). Fetched blocks are copied to the
+model's device and inserted into the cache in those threads.
 """
 
 from __future__ import annotations
@@ -39,7 +39,6 @@ logger = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 
-BLOCK_KIND = "kv-block"
 CHUNK_KIND = "kv-chunk"
 # Our own threads, not the loop's default executor: generation runs there, and sharing a prefix
 # must not wait behind it (nor fill it). Two: torch's copies release the GIL.
@@ -49,40 +48,6 @@ _WORKERS: Final = ThreadPoolExecutor(max_workers=2, thread_name_prefix="raycache
 async def run_off_loop(work: Callable[[], _T]) -> _T:
     """The result of `work()` run in this module's worker threads (encoding, decoding)."""
     return await asyncio.get_running_loop().run_in_executor(_WORKERS, work)
-
-
-def encode_block(
-    kv: torch.Tensor, block_hash: BlockHash, scope: PrefixScope, secret: ClusterSecret
-) -> bytes:
-    """The envelope of one block of `scope`'s chain, signed under `secret`."""
-    return encode(
-        BLOCK_KIND,
-        scope.model_id,
-        scope.model_version,
-        created_at=time.time(),
-        tensors={"kv": kv},
-        meta={"hash": block_hash.hex()},
-        secret=secret,
-    )
-
-
-def decode_block(
-    blob: bytes,
-    block_hash: BlockHash,
-    scope: PrefixScope,
-    shape: torch.Size,
-    dtype: torch.dtype,
-    secret: ClusterSecret,
-) -> torch.Tensor:
-    """The tensor of a block envelope, checked against what was asked; raises CodecError."""
-    envelope = decode(blob, secret=secret, max_bytes=64 * 1024 * 1024, expect_kind=BLOCK_KIND)
-    _check_scope(envelope, scope)
-    if envelope.meta.get("hash") != block_hash.hex():
-        raise CodecError("identity", "block hash differs from the one requested")
-    kv = envelope.tensors.get("kv")
-    if kv is None or kv.shape != shape or kv.dtype != dtype:
-        raise CodecError("layout", "block tensor has an unexpected shape or dtype")
-    return kv
 
 
 def _check_scope(envelope: Envelope, scope: PrefixScope) -> None:
@@ -107,32 +72,40 @@ async def fetch_prefix_from_owner(
     `owner_address` is the owner's `PeerServer.blocks_address`.
 
     Only the first `usable` hashes are considered (at least one prompt token must be
-    prefilled). The blocks are inserted with `scope` as their chain's extra, and decoded in a
-    worker thread. Returns how many blocks were added; every failure just adds fewer.
+    prefilled), and of those at most the peer limits' `max_keys`. The owner sends chunks of
+    consecutive blocks; each is checked as it arrives (signature, the hashes it must hold next,
+    scope, layout), and the first that fails ends the run. The blocks are inserted with `scope`
+    as their chain's extra, in a worker thread. Returns how many blocks were added; every
+    failure just adds fewer.
     """
     start = cache.cached_run(hashes[:usable])
-    wanted = list(hashes[start:usable])
+    wanted = list(hashes[start:usable])[: peer.limits.max_keys]
     if not wanted:
         return 0
-    blobs = await peer.get_blocks(owner_address, wanted, timeout_s)
+    taken = 0  # blocks of `wanted` decoded so far
 
-    def decode_and_insert() -> int:
-        blocks: list[torch.Tensor] = []
-        for block_hash, blob in zip(wanted, blobs, strict=True):
-            if blob is None:
-                break
-            try:
-                kv = decode_block(blob, block_hash, scope, block_shape, dtype, secret)
-            except CodecError as exc:
-                logger.warning("a peer sent an invalid prefix block: %s", exc)
-                break
-            blocks.append(kv.to(device))
-        if not blocks:
-            return 0
+    def decode(blob: bytes) -> list[torch.Tensor] | None:
+        nonlocal taken
+        try:
+            blocks = decode_leading_chunk(blob, wanted[taken:], scope, block_shape, dtype, secret)
+        except CodecError as exc:
+            logger.warning("a peer sent an invalid prefix chunk: %s", exc)
+            return None
+        taken += len(blocks)
+        return blocks
+
+    chunks = await peer.get_prefix(owner_address, wanted, decode, timeout_s)
+    blocks = [block for chunk in chunks for block in chunk]
+    if not blocks:
+        return 0
+
+    def insert() -> int:
         parent = hashes[start - 1] if start else None
-        return cache.insert(wanted[: len(blocks)], blocks, parent=parent, extra=scope)
+        on_device = [kv.to(device) for kv in blocks]
+        return cache.insert(wanted[: len(blocks)], on_device, parent=parent, extra=scope)
 
-    return await run_off_loop(decode_and_insert)
+    # A copy to the model's device and into the cache's pool: MiBs, off the event loop.
+    return await run_off_loop(insert)
 
 
 def chunk_ranges(blocks: int, chunk_blocks: int) -> list[tuple[int, int]]:
@@ -173,12 +146,33 @@ def decode_chunk(
 ) -> list[torch.Tensor]:
     """The blocks of a chunk envelope, checked against the hashes and scope asked for; raises
     CodecError. Copies and hashes every byte: large chunks belong off the event loop."""
+    blocks = decode_leading_chunk(blob, hashes, scope, block_shape, dtype, secret)
+    if len(blocks) != len(hashes):
+        raise CodecError("identity", "chunk holds other blocks than the ones requested")
+    return blocks
+
+
+def decode_leading_chunk(
+    blob: bytes,
+    hashes: Sequence[BlockHash],
+    scope: PrefixScope,
+    block_shape: torch.Size,
+    dtype: torch.dtype,
+    secret: ClusterSecret,
+) -> list[torch.Tensor]:
+    """The blocks of a chunk envelope that holds the first one or more of `hashes`, checked
+    against them and `scope`; raises CodecError."""
     envelope = decode(blob, secret=secret, max_bytes=256 * 1024 * 1024, expect_kind=CHUNK_KIND)
     _check_scope(envelope, scope)
-    if envelope.meta.get("hashes") != [h.hex() for h in hashes]:
+    held = envelope.meta.get("hashes")
+    if (
+        not isinstance(held, list)
+        or not 1 <= len(held) <= len(hashes)
+        or held != [h.hex() for h in hashes[: len(held)]]
+    ):
         raise CodecError("identity", "chunk holds other blocks than the ones requested")
     kv = envelope.tensors.get("kv")
-    if kv is None or kv.shape != (len(hashes), *block_shape) or kv.dtype != dtype:
+    if kv is None or kv.shape != (len(held), *block_shape) or kv.dtype != dtype:
         raise CodecError("layout", "chunk tensor has an unexpected shape or dtype")
     return list(kv.unbind(0))
 

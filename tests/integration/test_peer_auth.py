@@ -30,6 +30,7 @@ from cluster.peer import (
 )
 from cluster.proto import peer_pb2, peer_pb2_grpc
 from cluster.secret import ClusterSecret
+from tests.support.prefix_runs import leading_run
 
 pytestmark = pytest.mark.integration
 
@@ -53,10 +54,10 @@ class CountingBackend:
         await asyncio.sleep(self.delay_s)
         return [self.results.get(key) for key in keys]
 
-    async def get_blocks(self, hashes: Sequence[bytes]) -> list[bytes | None]:
+    async def get_prefix(self, hashes: Sequence[bytes]) -> list[bytes]:
         self.calls += 1
         await asyncio.sleep(self.delay_s)
-        return [self.blocks.get(h) for h in hashes]
+        return leading_run(self.blocks, hashes)
 
     async def put_results(self, items: Sequence[tuple[str, bytes]]) -> None:
         self.calls += 1
@@ -216,13 +217,15 @@ async def test_a_peer_with_the_key_is_served_and_one_without_gets_misses(served:
     try:
         address = served.address
         assert await right.get_results(address, ["secret-key"], 2.0) == [b"secret answer"]
-        assert await right.get_blocks(blocks_address, [b"secret-hash"], 2.0) == [b"secret block"]
+        assert await right.get_prefix(blocks_address, [b"secret-hash"], bytes, 2.0) == [
+            b"secret block"
+        ]
         assert await right.put_results(address, [("k", b"v")], 2.0)
         assert await right.ping(address, 2.0)
         assert right.stats().errors == 0 and served.server.rejected_calls == 0
 
         assert await wrong.get_results(address, ["secret-key"], 2.0) == [None]
-        assert await wrong.get_blocks(blocks_address, [b"secret-hash"], 2.0) == [None]
+        assert await wrong.get_prefix(blocks_address, [b"secret-hash"], bytes, 2.0) == []
         assert not await wrong.put_results(address, [("planted", b"x")], 2.0)
         assert not await wrong.ping(address, 2.0)
         assert wrong.stats().errors == 4 and served.server.rejected_calls == 4

@@ -3,8 +3,8 @@
 An attacker who can reach the block port but lacks the peer key gets a refusal and a closed
 connection, no block, and the backend is never asked; requests over the limits are refused
 before their body is read; the server's deadline holds whatever the backend or the reader does.
-A server that answers anything but a well-formed answer is all misses for the client, within
-its deadline, never an exception.
+A server that answers anything but a well-formed answer costs the client what came after the
+fault, within its deadline, never an exception.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import pytest_asyncio
 from cluster.peer import AUTH_WINDOW_S, PeerClient, PeerLimits, PeerServer
 from cluster.peer_blocks import Status, encode_request
 from cluster.secret import ClusterSecret
+from tests.support.prefix_runs import leading_run
 
 pytestmark = pytest.mark.integration
 
@@ -41,10 +42,10 @@ class CountingBackend:
     async def get_results(self, keys: Sequence[str]) -> list[bytes | None]:
         return [None] * len(keys)
 
-    async def get_blocks(self, hashes: Sequence[bytes]) -> list[bytes | None]:
+    async def get_prefix(self, hashes: Sequence[bytes]) -> list[bytes]:
         self.calls += 1
         await asyncio.sleep(self.delay_s)
-        return [self.blocks.get(h) for h in hashes]
+        return leading_run(self.blocks, hashes)
 
     async def put_results(self, items: Sequence[tuple[str, bytes]]) -> None:
         return None
@@ -215,15 +216,17 @@ async def test_a_client_with_the_key_reuses_its_connection(served: Served) -> No
     client = PeerClient(KEY)
     try:
         for _ in range(3):
-            assert await client.get_blocks(served.address, [b"secret-hash"], 2.0) == [
+            assert await client.get_prefix(served.address, [b"secret-hash"], bytes, 2.0) == [
                 b"secret block"
             ]
         assert (served.backend.calls, served.server.rejected_calls) == (3, 0)
         # Over the server's own limit of keys: refused there, a miss here.
         nine = [b"h%d" % i for i in range(9)]
-        assert await client.get_blocks(served.address, nine, 2.0) == [None] * 9
+        assert await client.get_prefix(served.address, nine, bytes, 2.0) == []
         assert client.stats().errors == 1
-        assert await client.get_blocks(served.address, [b"secret-hash"], 2.0) == [b"secret block"]
+        assert await client.get_prefix(served.address, [b"secret-hash"], bytes, 2.0) == [
+            b"secret block"
+        ]
     finally:
         await client.close()
 
@@ -239,7 +242,7 @@ async def test_silent_connections_cannot_lock_a_peer_out() -> None:
     client = PeerClient(KEY)
     try:
         # The server is full of connections that never sent a request: it drops the oldest.
-        assert await client.get_blocks(server.blocks_address, [b"secret-hash"], 2.0) == [
+        assert await client.get_prefix(server.blocks_address, [b"secret-hash"], bytes, 2.0) == [
             b"secret block"
         ]
         closed = [await asyncio.wait_for(reader.read(), 2.0) for reader, _ in silent[:2]]
@@ -261,11 +264,11 @@ async def test_a_connection_the_server_dropped_is_replaced_without_a_miss() -> N
     host, port = address.rsplit(":", 1)
     client = PeerClient(KEY)
     try:
-        assert await client.get_blocks(address, [b"secret-hash"], 2.0) == [b"secret block"]
+        assert await client.get_prefix(address, [b"secret-hash"], bytes, 2.0) == [b"secret block"]
         # A newcomer takes the only place: the server drops the connection the client keeps.
         reader, writer = await asyncio.open_connection(host, int(port))
         await asyncio.sleep(0.1)
-        assert await client.get_blocks(address, [b"secret-hash"], 2.0) == [b"secret block"]
+        assert await client.get_prefix(address, [b"secret-hash"], bytes, 2.0) == [b"secret block"]
         assert client.stats().errors == 0
         assert await asyncio.wait_for(reader.read(), 2.0) == b""  # and the newcomer went
         writer.close()
@@ -287,11 +290,11 @@ def test_limits_the_wire_cannot_carry_are_refused() -> None:
 Answer = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
 
 
-def _values(*values: bytes | None) -> bytes:
-    return b"".join(
-        struct.pack(">I", 0xFFFFFFFF) if v is None else struct.pack(">I", len(v)) + v
-        for v in values
-    )
+def _values(*values: bytes) -> bytes:
+    return b"".join(struct.pack(">I", len(v)) + v for v in values)
+
+
+END = struct.pack(">I", 0xFFFFFFFF)
 
 
 async def _then_close(writer: asyncio.StreamWriter, data: bytes) -> None:
@@ -300,37 +303,65 @@ async def _then_close(writer: asyncio.StreamWriter, data: bytes) -> None:
     writer.close()
 
 
-HOSTILE: dict[str, Callable[[asyncio.StreamWriter], Awaitable[None]]] = {
-    "a block announced over the reader's limits": lambda w: _then_close(
-        w, b"\x00" + struct.pack(">I", 1 << 31) + b"x"
+# What each answer sends for a request of two hashes, and what of it the client keeps.
+HOSTILE: dict[str, tuple[bytes, list[bytes]]] = {
+    "a value announced over the reader's limits": (b"\x00" + struct.pack(">I", 1 << 31), []),
+    "no end, then a close": (b"\x00" + _values(b"good"), [b"good"]),
+    "a value cut short": (b"\x00" + _values(b"good") + struct.pack(">I", 9) + b"ab", [b"good"]),
+    "more values than hashes": (
+        b"\x00" + _values(b"good", b"more", b"extra") + END,
+        [b"good", b"more"],
     ),
-    "fewer blocks than asked, then a close": lambda w: _then_close(w, b"\x00" + _values(b"good")),
-    "a block cut short": lambda w: _then_close(
-        w, b"\x00" + _values(b"good") + b"\x00\x00\x00\x09ab"
-    ),
-    "a refusal": lambda w: _then_close(w, b"\x02\x00\x04nope"),
-    "an unknown status": lambda w: _then_close(w, b"\x7f" + _values(b"good", b"more")),
-    "nothing, then a close": lambda w: _then_close(w, b""),
+    "a refusal": (b"\x02\x00\x04nope", []),
+    "an unknown status": (b"\x7f" + _values(b"good") + END, []),
+    "nothing, then a close": (b"", []),
 }
 
 
 @pytest.mark.parametrize("case", sorted(HOSTILE))
 @pytest.mark.asyncio
-async def test_a_malformed_answer_is_all_misses(case: str) -> None:
+async def test_a_malformed_answer_keeps_only_what_came_before_the_fault(case: str) -> None:
+    sent, kept = HOSTILE[case]
+
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(1)
-        await HOSTILE[case](writer)
+        await _then_close(writer, sent)
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     address = f"127.0.0.1:{server.sockets[0].getsockname()[1]}"
     client = PeerClient(KEY, PeerLimits(max_value_bytes=1 << 20))
     try:
-        assert await client.get_blocks(address, [b"h0", b"h1"], 2.0) == [None, None]
+        assert await client.get_prefix(address, [b"h0", b"h1"], bytes, 2.0) == kept
         stats = client.stats()
-        assert (stats.requests, stats.errors, stats.timeouts, stats.hits) == (1, 1, 0, 0)
+        assert (stats.requests, stats.errors, stats.timeouts) == (1, 1, 0)
     finally:
         await client.close()
         server.close()
+
+
+@pytest.mark.asyncio
+async def test_a_value_the_decoder_refuses_ends_the_exchange() -> None:
+    backend = CountingBackend()
+    backend.blocks.update({b"h0": b"good", b"h1": b"forged", b"h2": b"good"})
+    server = PeerServer(backend, KEY)
+    await server.start("127.0.0.1", 0)
+    assert server.blocks_address is not None
+    client = PeerClient(KEY)
+    decoded: list[bytes] = []
+
+    def decode(value: bytes) -> bytes | None:
+        decoded.append(value)
+        return value if value == b"good" else None
+
+    try:
+        assert await client.get_prefix(server.blocks_address, [b"h0", b"h1", b"h2"], decode) == [
+            b"good"
+        ]
+        assert decoded == [b"good", b"forged"]  # nothing after the refused one is decoded
+        assert client.stats().errors == 1
+    finally:
+        await client.close()
+        await server.stop(0)
 
 
 @pytest.mark.asyncio
@@ -343,7 +374,7 @@ async def test_a_server_that_never_answers_is_a_miss_within_the_deadline() -> No
     client = PeerClient(KEY)
     try:
         started = time.monotonic()
-        assert await client.get_blocks(address, [b"h"], 0.2) == [None]
+        assert await client.get_prefix(address, [b"h"], bytes, 0.2) == []
         assert time.monotonic() - started < 0.2 + SLACK_S
         assert client.stats().timeouts == 1
     finally:

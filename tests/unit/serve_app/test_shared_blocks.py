@@ -1,5 +1,5 @@
-"""Prefix blocks and chunks as envelopes: bit-exact round trips, and a valid value refused
-when it is not the one asked for (other hashes, model, version or secret)."""
+"""Prefix chunks as envelopes: bit-exact round trips, and a valid value refused when it is not
+the one asked for (other hashes, model, version or secret)."""
 
 import asyncio
 import threading
@@ -11,7 +11,7 @@ from cluster.block_hashes import PrefixScope, prompt_block_hashes
 from cluster.codec import CodecError
 from cluster.secret import ClusterSecret
 from serve_app import shared_blocks
-from serve_app.shared_blocks import decode_block, decode_chunk, encode_block, encode_chunk
+from serve_app.shared_blocks import decode_chunk, decode_leading_chunk, encode_chunk
 
 SECRET = ClusterSecret(b"shared block tests' cluster secret")
 SCOPE = PrefixScope("tenant-salt", "tiny-gpt", "1")
@@ -22,9 +22,9 @@ BLOCKS = [torch.randn(SHAPE, generator=torch.Generator().manual_seed(i)) for i i
 BLOCKS[0].view(-1)[:2] = torch.tensor([float("nan"), -0.0])
 
 
-def block_reason(blob: bytes, block_hash=HASHES[0], scope=SCOPE) -> str:
+def leading_reason(blob: bytes, hashes=HASHES, scope=SCOPE) -> str:
     with pytest.raises(CodecError) as info:
-        decode_block(blob, block_hash, scope, SHAPE, torch.float32, SECRET)
+        decode_leading_chunk(blob, hashes, scope, SHAPE, torch.float32, SECRET)
     return info.value.reason
 
 
@@ -40,9 +40,10 @@ def same_bits(left: torch.Tensor, right: torch.Tensor) -> bool:
     return torch.equal(left.view(torch.int32), right.view(torch.int32))
 
 
-def test_a_block_round_trips_bit_exact():
-    blob = encode_block(BLOCKS[0], HASHES[0], SCOPE, SECRET)
-    assert same_bits(decode_block(blob, HASHES[0], SCOPE, SHAPE, torch.float32, SECRET), BLOCKS[0])
+def test_a_chunk_of_the_first_blocks_asked_for_round_trips_bit_exact():
+    blob = encode_chunk(BLOCKS[:2], HASHES[:2], SCOPE, SECRET)
+    decoded = decode_leading_chunk(blob, HASHES, SCOPE, SHAPE, torch.float32, SECRET)
+    assert len(decoded) == 2 and all(map(same_bits, decoded, BLOCKS[:2]))
 
 
 def test_a_chunk_round_trips_bit_exact():
@@ -52,17 +53,19 @@ def test_a_chunk_round_trips_bit_exact():
 
 
 @pytest.mark.parametrize(
-    ("block_hash", "scope"),
+    ("hashes", "scope"),
     [
-        (HASHES[1], SCOPE),
-        (HASHES[0], SCOPE._replace(model_id="other")),
-        (HASHES[0], SCOPE._replace(model_version="2")),
+        (HASHES[1:], SCOPE),  # the chunk's blocks, but not the ones asked for first
+        (HASHES[:1], SCOPE),  # more blocks than were asked for
+        ([HASHES[1], HASHES[0], *HASHES[2:]], SCOPE),
+        (HASHES, SCOPE._replace(model_id="other")),
+        (HASHES, SCOPE._replace(model_version="2")),
     ],
-    ids=["hash", "model", "version"],
+    ids=["later", "more", "swapped", "model", "version"],
 )
-def test_a_block_is_refused_for_another_hash_model_or_version(block_hash, scope):
-    blob = encode_block(BLOCKS[0], HASHES[0], SCOPE, SECRET)
-    assert block_reason(blob, block_hash, scope) == "identity"
+def test_a_leading_chunk_is_refused_unless_it_holds_the_first_blocks_asked_for(hashes, scope):
+    blob = encode_chunk(BLOCKS[:2], HASHES[:2], SCOPE, SECRET)
+    assert leading_reason(blob, hashes, scope) == "identity"
 
 
 def test_a_chunk_with_swapped_hashes_is_refused():
