@@ -387,7 +387,7 @@ class PeerClientStats:
     requests: int
     """Calls attempted: gets, puts and pings."""
     hits: int
-    """Items that gets returned: results, and values of prefix blocks."""
+    """Items that gets returned: results, and chunks of prefix blocks (not blocks)."""
     misses: int
     """Results that gets did not return (absent at the peer, malformed, or lost with their
     call), and prefix gets that returned nothing."""
@@ -547,8 +547,8 @@ class PeerClient:
         )
 
     async def forget(self, address: str) -> None:
-        """Close the channel or the block connections to `address` (a peer that left); a later
-        call dials again."""
+        """Close the channel to `address`, or the block connections to it when it is a
+        `blocks_address` (a peer that left); a later call dials again."""
         entry = self._channels.pop(address, None)
         if entry is not None:
             await entry[0].close()

@@ -177,22 +177,25 @@ class BlockStreamServer:
         served = False
         try:
             while True:
-                # Until a request was served, a connection gets no longer than an exchange:
-                # silent ones cannot hold the server's connections for long.
+                # Until a request was served, a connection gets no longer than an exchange, and
+                # until its credential is in, it may be closed for a newcomer: connections that
+                # say nothing, or not who they are, cannot hold the server's places for long.
                 wait_s = IDLE_TIMEOUT_S if served else self._limits.server_deadline_s
                 self._waiting[handler] = (served, time.monotonic())
                 try:
                     async with asyncio.timeout(wait_s):
                         header = await reader.readexactly(_HEADER.size)
+                        # At most 255 bytes (a u8 says how many): the check refuses what it is not.
+                        credential = await reader.readexactly(header[-1])
                 except (asyncio.IncompleteReadError, TimeoutError):
                     return  # the client hung up, or sent nothing in time
                 finally:
                     self._waiting.pop(handler, None)
                 try:
                     async with asyncio.timeout(self._limits.server_deadline_s):
-                        await self._exchange(header, reader, writer)
+                        await self._exchange(header, credential, reader, writer)
                 except _Refused as refused:
-                    reason = refused.reason.encode()[:1024]
+                    reason = refused.reason.encode()[:1024].decode(errors="ignore").encode()
                     writer.write(
                         bytes([refused.status]) + _REASON_LENGTH.pack(len(reason)) + reason
                     )
@@ -227,15 +230,18 @@ class BlockStreamServer:
         handler.cancel()
 
     async def _exchange(
-        self, header: bytes, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        header: bytes,
+        credential: bytes,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
     ) -> None:
-        magic, version, count, body_bytes, credential_length = _HEADER.unpack(header)
+        magic, version, count, body_bytes, _ = _HEADER.unpack(header)
         if magic != MAGIC or version != VERSION:
             raise _Refused(Status.INVALID_ARGUMENT, "not a block request of version 1")
-        # At most 255 bytes (a u8 says how many): read whatever it is, and let the check refuse it.
-        credential = (await reader.readexactly(credential_length)).decode("ascii", "replace")
+        text = credential.decode("ascii", "replace")
         if self._authenticator.refusal(
-            method_name(count, body_bytes), self._address, [credential] if credential else []
+            method_name(count, body_bytes), self._address, [text] if text else []
         ):
             raise _Refused(Status.UNAUTHENTICATED, "peer call not authenticated")
         hashes = await self._read_hashes(reader, count, body_bytes)

@@ -25,9 +25,9 @@ class PeerLimits:
     max_key_bytes: int = 1024
     """Length of one key (UTF-8) or hash; longer is refused (INVALID_ARGUMENT)."""
     max_value_bytes: int = 64 * MiB
-    """One result or block; a larger one is not sent (a miss) and not accepted."""
+    """One result or chunk of prefix blocks; a larger one is not sent and not accepted."""
     max_batch_bytes: int = 256 * MiB
-    """All blocks of one answer: what a reader buffers before it hands the batch on."""
+    """All values of one block-stream answer, together."""
     max_concurrent_rpcs: int = 256
     """Server: gRPC calls in progress at once (beyond, RESOURCE_EXHAUSTED), and block-stream
     connections open at once (beyond, closed at once)."""

@@ -30,10 +30,10 @@ ADMIN_TOKEN_ENV = "RAYCACHE_ADMIN_TOKEN"
 HMAC_SECRET_ENV = "RAYCACHE_HMAC_SECRET"
 API_KEYS_ENV = "RAYCACHE_API_KEYS"
 MAX_SEED = 2**63 - 1
+"""Largest weight seed: what torch.manual_seed and the checkpoint records hold (int64)."""
 # What a bearer token may hold: HTTP clients send header values as ASCII (httpx refuses
 # anything else) and servers read them as Latin-1, so any other character could never match.
 BEARER_TOKEN_CHARS = re.compile(r"[!-~]+")
-"""Largest weight seed: what torch.manual_seed and the checkpoint records hold (int64)."""
 
 
 class StrictModel(BaseModel):

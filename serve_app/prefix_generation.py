@@ -1,7 +1,7 @@
 """Generation that reuses the cached keys and values of a prompt's prefix.
 
     cache = PrefixCache(block_size=16, max_bytes=...)            # one per replica
-    scope = PrefixScope(tenant, model_id, model_version)         # the chain's `extra`
+    scope = PrefixScope(tenant, model_id, model_version, generation)  # the chain's `extra`
     generation, cached_tokens = generate_with_prefix_cache(
         model, tokenizer, prompt_tokens, params, cache, scope)
 
@@ -60,7 +60,7 @@ def generate_with_prefix_cache(
 ) -> tuple[Generation, int]:
     """`generate(model, tokenizer, prompt_tokens, params)`, reusing and filling `cache`.
 
-    `extra` is the chain's scope, normally `PrefixScope(tenant, model_id, model_version)`:
+    `extra` is the chain's scope, normally a `PrefixScope` (tenant, model, version, generation):
     prompts share blocks only under equal `extra`. Returns the generation (the same as without
     a cache) and how many prompt tokens came from the cache. Raises what `generate` raises; the
     lookup's references are released in every case.

@@ -50,6 +50,13 @@ async def run_off_loop(work: Callable[[], _T]) -> _T:
     return await asyncio.get_running_loop().run_in_executor(_WORKERS, work)
 
 
+def _own_copy(kv: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """`kv` on `device` in storage of its own: a block decoded from a chunk is a view of the
+    whole chunk, which would stay alive (uncounted by the cache's byte budget) while any one of
+    its blocks is cached."""
+    return kv.to(device=device, copy=True)
+
+
 def _check_scope(envelope: Envelope, scope: PrefixScope) -> None:
     if (envelope.model, envelope.version) != (scope.model_id, scope.model_version):
         raise CodecError("identity", "blocks of another model or version than requested")
@@ -101,7 +108,7 @@ async def fetch_prefix_from_owner(
 
     def insert() -> int:
         parent = hashes[start - 1] if start else None
-        on_device = [kv.to(device) for kv in blocks]
+        on_device = [_own_copy(kv, device) for kv in blocks]
         return cache.insert(wanted[: len(blocks)], on_device, parent=parent, extra=scope)
 
     # A copy to the model's device and into the cache's pool: MiBs, off the event loop.
@@ -296,7 +303,7 @@ async def fetch_prefix_from_redis(
         for (s, e), kvs in zip(ranges, chunks, strict=False):
             first = max(start, s)
             parent = hashes[first - 1] if first else None
-            blocks = [kv.to(device) for kv in kvs[first - s :]]
+            blocks = [_own_copy(kv, device) for kv in kvs[first - s :]]
             inserted = cache.insert(hashes[first:e], blocks, parent=parent, extra=scope)
             added += inserted
             if inserted < e - first:

@@ -239,9 +239,12 @@ async def test_silent_connections_cannot_lock_a_peer_out() -> None:
     assert server.blocks_address is not None
     host, port = server.blocks_address.rsplit(":", 1)
     silent = [await asyncio.open_connection(host, int(port)) for _ in range(4)]
+    for _, writer in silent[2:]:  # these announce a credential that never comes
+        writer.write(HEADER.pack(b"RCPB", 1, 1, 34, 120))
+    await asyncio.sleep(0.1)
     client = PeerClient(KEY)
     try:
-        # The server is full of connections that never sent a request: it drops the oldest.
+        # The server is full of connections that never said who they are: it drops the oldest.
         assert await client.get_prefix(server.blocks_address, [b"secret-hash"], bytes, 2.0) == [
             b"secret block"
         ]
