@@ -80,9 +80,11 @@ def parse_version_update(body: Any, checkpoint_dir: str | None = None) -> Versio
             path = allowed_checkpoint(update.checkpoint, checkpoint_dir)
         except CheckpointRefused as exc:
             raise InvalidRequest(str(exc), param="checkpoint") from None
-        if not os.path.isfile(path):
+        if not os.path.exists(path):
             # Checked here so that a typo fails the request instead of every replica's reload.
-            raise InvalidRequest("no such file on the ingress node", param="checkpoint")
+            raise InvalidRequest(
+                "no such file or directory on the ingress node", param="checkpoint"
+            )
     return update
 
 

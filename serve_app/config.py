@@ -58,8 +58,19 @@ class ModelSpec(StrictModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$",
         description="Version of the weights; answers are cached under it.",
     )
-    kind: Literal["tiny-gpt"] = Field(
-        default="tiny-gpt", description="Model family; `tiny-gpt` is the built-in byte-level GPT."
+    kind: Literal["tiny-gpt", "hf"] = Field(
+        default="tiny-gpt",
+        description="Model family: `tiny-gpt`, the built-in byte-level GPT; `hf`, a Hugging Face "
+        "causal LM in a local directory (`path`).",
+    )
+    path: str | None = Field(
+        default=None,
+        description="For `kind: hf`: the checkpoint directory (`config.json`, safetensors "
+        "weights, `tokenizer.json`, as `save_pretrained` writes them).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="For `kind: hf`: the dtype the weights are loaded in, and of cached blocks.",
     )
     seed: int = Field(
         default=0,
@@ -79,12 +90,34 @@ class ModelSpec(StrictModel):
     )
 
     @model_validator(mode="after")
-    def _heads_divide_width(self) -> ModelSpec:
+    def _fields_of_the_kind(self) -> ModelSpec:
+        if self.kind == "hf":
+            if self.path is None:
+                raise ValueError("a model of kind `hf` needs `path`, its checkpoint directory")
+            # Compared with the defaults, not with the fields given: a spec dumped and parsed
+            # again (as the environment overrides do) names every field.
+            fields = type(self).model_fields
+            shaped = {
+                name for name in _TINY_GPT_FIELDS if getattr(self, name) != fields[name].default
+            }
+            if shaped:
+                raise ValueError(
+                    f"{sorted(shaped)} describe a tiny-gpt; an `hf` model takes its shape "
+                    "from its config.json"
+                )
+            return self
+        if self.path is not None or self.dtype != "float32":
+            raise ValueError("`path` and `dtype` are for models of kind `hf`")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
             )
         return self
+
+
+_TINY_GPT_FIELDS = frozenset(
+    {"seed", "checkpoint", "n_layers", "d_model", "n_heads", "max_context"}
+)
 
 
 class ResultCacheSettings(StrictModel):

@@ -49,7 +49,7 @@ from serve_app.errors import (
     RaycacheError,
     VersionConflict,
 )
-from serve_app.models import ByteTokenizer
+from serve_app.models.loading import load_tokenizer, model_context
 from serve_app.request_body import read_json_body
 from serve_app.stats import cluster_stats
 
@@ -89,7 +89,9 @@ class Ingress:
     def __init__(self, replicas: DeploymentHandle, args: dict[str, Any]) -> None:
         self._args: AppArgs = parse_args(args).with_environment()
         self._replicas = replicas
-        self._tokenizer = ByteTokenizer()
+        # Read from each model's files: the ingress tokenizes, the replicas load the weights.
+        self._tokenizers = {spec.id: load_tokenizer(spec) for spec in self._args.models}
+        self._contexts = {spec.id: model_context(spec) for spec in self._args.models}
         self._redis = RedisProbe(self._args.redis_url)
         # Before the first request is served: blocking here holds up no request.
         secret = shared_secret(self._args.namespace, self._args.configured_secret())
@@ -147,9 +149,15 @@ class Ingress:
     async def publish_version(self, model: str, body: dict[str, Any]) -> dict[str, Any]:
         """Roll out a new version of `model` (body: `version`, optional `seed` or `checkpoint`,
         `force`, `timeout_s`); returns who acknowledged. Raises `RaycacheError`."""
-        if self._args.model(model) is None:
+        spec = self._args.model(model)
+        if spec is None:
             raise ModelNotFound(f"model {model!r} does not exist", param="model")
         update = parse_version_update(body, self._args.checkpoint_dir)
+        if spec.kind == "hf" and update.seed is not None:
+            raise InvalidRequest(
+                "a Hugging Face model's versions are checkpoint directories, not seeds",
+                param="seed",
+            )
         try:
             outcome = await publish_update(
                 self._versions, model, update, source="admin", timeout_s=update.timeout_s
@@ -244,14 +252,15 @@ class Ingress:
             raise InvalidRequest(
                 f"must be between 1 and {limit}, got {request.max_tokens}", param="max_tokens"
             )
+        tokenizer = self._tokenizers[spec.id]
         if isinstance(request.prompt, str):
-            tokens = self._tokenizer.encode(prompt_text(request.prompt, self._args))
+            tokens = tokenizer.encode(prompt_text(request.prompt, self._args))
         else:
             tokens = list(request.prompt)
         if not tokens:
             raise InvalidRequest("must not be empty", param="prompt")
         # At least one position must remain for the first generated token.
-        longest = spec.max_context - 1
+        longest = self._contexts[spec.id] - 1
         if self._args.limits.max_prompt_tokens is not None:
             longest = min(longest, self._args.limits.max_prompt_tokens)
         if len(tokens) > longest:
@@ -260,10 +269,10 @@ class Ingress:
                 param="prompt",
             )
         if not isinstance(request.prompt, str):
-            bad = next((t for t in tokens if not 0 <= t < self._tokenizer.vocab_size), None)
+            bad = next((t for t in tokens if not 0 <= t < tokenizer.vocab_size), None)
             if bad is not None:
                 raise InvalidRequest(
-                    f"token id {bad} is outside the vocabulary [0, {self._tokenizer.vocab_size})",
+                    f"token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})",
                     param="prompt",
                 )
         return CompletionJob(

@@ -25,7 +25,7 @@ import torch
 
 from cluster.block_hashes import BlockHash, HashFn, blake2b_256, prompt_block_hashes
 from cluster.prefix_cache import PrefixCache, PrefixMatch, kv_blocks
-from serve_app.models import ByteTokenizer, CausalLM, Generation, KVCache, SamplingParams, generate
+from serve_app.models import CausalLM, Generation, KVCache, SamplingParams, Tokenizer, generate
 
 __all__ = ["generate_with_prefix_cache", "lookup_prompt_prefix", "warm_up_prefix"]
 
@@ -51,7 +51,7 @@ def lookup_prompt_prefix(
 
 def generate_with_prefix_cache(
     model: CausalLM,
-    tokenizer: ByteTokenizer,
+    tokenizer: Tokenizer,
     prompt_tokens: Sequence[int],
     params: SamplingParams,
     cache: PrefixCache,
@@ -151,6 +151,13 @@ class _OnPromptPrefill:
     @property
     def device(self) -> torch.device:
         return self._model.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._model.dtype
+
+    def kv_block_shape(self, block_size: int) -> torch.Size:
+        return self._model.kv_block_shape(block_size)
 
     def prefill(
         self, tokens: Sequence[int] | torch.Tensor, past: KVCache | None = None

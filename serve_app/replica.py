@@ -45,8 +45,8 @@ from serve_app.answers import AnswerIdentity, decode_answer, encode_answer
 from serve_app.completions import CompletionJob, CompletionOutcome
 from serve_app.config import AppArgs, parse_args, parse_user_config, prompt_text
 from serve_app.errors import ModelNotFound, ModelUpdating
-from serve_app.models import ByteTokenizer, CausalLM, Generation, SamplingParams, generate
-from serve_app.models.loading import load_model
+from serve_app.models import CausalLM, Generation, SamplingParams, generate
+from serve_app.models.loading import load_model, load_tokenizer
 from serve_app.peer_backend import ResultPeerBackend
 from serve_app.prefix_generation import generate_with_prefix_cache, warm_up_prefix
 from serve_app.serving import ServingModel, config_version, weights_spec
@@ -111,7 +111,7 @@ class ModelReplica:
     async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]
         self._args: AppArgs = parse_args(args).with_environment()
         torch.set_num_threads(self._args.torch_threads)
-        self._tokenizer = ByteTokenizer()
+        self._tokenizers = {spec.id: load_tokenizer(spec) for spec in self._args.models}
         self._cluster_secret = await asyncio.to_thread(
             shared_secret, self._args.namespace, self._args.configured_secret()
         )
@@ -284,7 +284,7 @@ class ModelReplica:
         When another replica owns the prompt, the blocks of its prefix that the owner holds are
         copied first, so that only the rest is prefilled here.
         """
-        chain = self._prefix_chain(job, serving.record) if self._prefix is not None else None
+        chain = self._prefix_chain(job, serving) if self._prefix is not None else None
         if chain is not None:
             await self._fetch_prefix(serving.model, job, chain)
         generation, cached_tokens = await asyncio.to_thread(self._generate, serving, job)
@@ -327,16 +327,15 @@ class ModelReplica:
         return Placement(redis_key=redis, owner_address=owner.peer_address if owner else None)
 
     def _prefix_chain(
-        self, job: CompletionJob, weights: ModelVersion
+        self, job: CompletionJob, serving: ServingModel
     ) -> tuple[PrefixScope, list[BlockHash], torch.Size]:
-        """The scope, block hashes and block shape of `job`'s prompt on `weights`."""
+        """The scope, block hashes and block shape (the model's own layout) of `job`'s prompt
+        on `serving`'s weights."""
         assert self._prefix is not None
-        spec = self._specs[job.model]
         size = self._prefix.block_size
-        scope = self._scope(job.tenant, weights)
+        scope = self._scope(job.tenant, serving.record)
         hashes = prompt_block_hashes(job.prompt_tokens, size, scope, self._block_hash)
-        shape = torch.Size((spec.n_layers, 2, spec.n_heads, size, spec.d_model // spec.n_heads))
-        return scope, hashes, shape
+        return scope, hashes, serving.model.kv_block_shape(size)
 
     async def _fetch_prefix(
         self,
@@ -358,7 +357,7 @@ class ModelReplica:
                 peer=self._peer_client,
                 owner_address=owner.blocks_address,
                 block_shape=shape,
-                dtype=torch.float32,
+                dtype=model.dtype,
                 device=model.device,
                 timeout_s=self._args.peer.timeout_s,
                 secret=self._cluster_secret,
@@ -373,7 +372,7 @@ class ModelReplica:
                 namespace=self._args.namespace,
                 chunk_blocks=self._args.prefix_cache.redis_chunk_blocks,
                 block_shape=shape,
-                dtype=torch.float32,
+                dtype=model.dtype,
                 device=model.device,
                 secret=self._cluster_secret,
             )
@@ -453,11 +452,12 @@ class ModelReplica:
     def _generate(self, serving: ServingModel, job: CompletionJob) -> tuple[Generation, int]:
         """Generate in a worker thread; returns the generation and its prefix-cached tokens."""
         if self._prefix is None:
-            return generate(serving.model, self._tokenizer, job.prompt_tokens, job.params), 0
+            tokenizer = self._tokenizers[job.model]
+            return generate(serving.model, tokenizer, job.prompt_tokens, job.params), 0
         scope = self._scope(job.tenant, serving.record)
         return generate_with_prefix_cache(
             serving.model,
-            self._tokenizer,
+            self._tokenizers[job.model],
             job.prompt_tokens,
             job.params,
             self._prefix,
@@ -482,7 +482,7 @@ class ModelReplica:
             if pinned.model != model_id:
                 continue
             scope = self._scope(pinned.tenant, serving.record)
-            tokens = self._tokenizer.encode(prompt_text(pinned.text, self._args))
+            tokens = self._tokenizers[model_id].encode(prompt_text(pinned.text, self._args))
             cached = warm_up_prefix(
                 serving.model, tokens, cache, scope, pin=True, hash_fn=self._block_hash
             )

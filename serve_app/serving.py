@@ -99,6 +99,11 @@ def weights_spec(
     version record, wherever it came from, cannot make a replica read any other file.
     """
     if record.seed is not None:
+        if spec.kind == "hf":
+            raise CheckpointRefused(
+                f"model {spec.id!r} is a Hugging Face checkpoint: its versions are checkpoint "
+                "directories, not seeds"
+            )
         return spec.model_copy(
             update={"version": record.version, "seed": record.seed, "checkpoint": None}
         )
@@ -117,6 +122,7 @@ def config_version(spec: ModelSpec) -> ModelVersion:
         version=spec.version,
         generation=0,
         source="config",
-        seed=spec.seed if spec.checkpoint is None else None,
+        # A Hugging Face model is its configured directory: neither seed nor checkpoint.
+        seed=spec.seed if spec.kind == "tiny-gpt" and spec.checkpoint is None else None,
         checkpoint=spec.checkpoint,
     )

@@ -1,6 +1,8 @@
 """The models a raycache replica serves, and generation over them.
 
-- `tokenizer`: `ByteTokenizer`, UTF-8 bytes as tokens.
+- `tokenizer`: the `Tokenizer` interface, and `ByteTokenizer`, UTF-8 bytes as tokens.
+- `hf`: `HFCausalLM` and `HFTokenizer`, a Hugging Face checkpoint directory.
+- `loading`: the model and tokenizer a `ModelSpec` names.
 - `base`: the `CausalLM` interface and its `KVCache`, which the prefix cache stores.
 - `tiny_gpt`: `TinyGPT`, a small deterministic GPT implementing `CausalLM`.
 - `generation`: `generate` with `SamplingParams`, returning a `Generation`.
@@ -15,7 +17,7 @@ from serve_app.models.generation import (
     pick_token,
 )
 from serve_app.models.tiny_gpt import CHECKPOINT_FORMAT, TinyGPT, TinyGPTConfig
-from serve_app.models.tokenizer import EOS_TOKEN_ID, ByteTokenizer
+from serve_app.models.tokenizer import EOS_TOKEN_ID, ByteTokenizer, Tokenizer
 
 __all__ = [
     "CHECKPOINT_FORMAT",
@@ -28,6 +30,7 @@ __all__ = [
     "SamplingParams",
     "TinyGPT",
     "TinyGPTConfig",
+    "Tokenizer",
     "generate",
     "kv_length",
     "pick_token",

@@ -14,7 +14,7 @@ from typing import Protocol, TypeAlias, runtime_checkable
 import torch
 
 KVCache: TypeAlias = tuple[tuple[torch.Tensor, torch.Tensor], ...]
-"""One (key, value) pair per layer; each tensor is `(n_heads, seq_len, head_dim)`.
+"""One (key, value) pair per layer; each tensor is `(kv_heads, seq_len, head_dim)`.
 
 A single sequence, so there is no batch dimension; `seq_len` is the same in every layer.
 """
@@ -47,6 +47,16 @@ class CausalLM(Protocol):
     @property
     def device(self) -> torch.device:
         """Where the weights, logits and returned `KVCache` tensors live."""
+        ...
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the `KVCache` tensors (logits are always float32)."""
+        ...
+
+    def kv_block_shape(self, block_size: int) -> torch.Size:
+        """The shape of `block_size` tokens of a `KVCache` as a prefix cache stores them:
+        `(n_layers, 2, kv_heads, block_size, head_dim)` (keys, then values)."""
         ...
 
     def prefill(

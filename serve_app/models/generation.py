@@ -14,7 +14,7 @@ from typing import Literal
 import torch
 
 from serve_app.models.base import CausalLM, KVCache, kv_length
-from serve_app.models.tokenizer import ByteTokenizer
+from serve_app.models.tokenizer import Tokenizer
 
 FinishReason = Literal["stop", "length"]
 
@@ -94,7 +94,7 @@ def pick_token(logits: torch.Tensor, params: SamplingParams, generator: torch.Ge
 
 def generate(
     model: CausalLM,
-    tokenizer: ByteTokenizer,
+    tokenizer: Tokenizer,
     prompt: Sequence[int],
     params: SamplingParams,
     past: KVCache | None = None,

@@ -1,11 +1,15 @@
-"""Build the model a `ModelSpec` names: from its checkpoint file, or from its seed."""
+"""Build the model a `ModelSpec` names, and its tokenizer: the built-in TinyGPT from its
+checkpoint file or its seed, or a Hugging Face checkpoint directory."""
 
 from __future__ import annotations
 
 import torch
 
 from serve_app.config import ModelSpec
+from serve_app.models.base import CausalLM
+from serve_app.models.hf import HFCausalLM, HFTokenizer, checkpoint_context, checkpoint_eos
 from serve_app.models.tiny_gpt import TinyGPT, TinyGPTConfig
+from serve_app.models.tokenizer import ByteTokenizer, Tokenizer
 
 
 def default_device() -> torch.device:
@@ -13,13 +17,17 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> TinyGPT:
+def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> CausalLM:
     """The model of `spec` on `device` (default: `default_device()`).
 
-    A checkpoint wins over the seed; its stored shape must match the spec's, so a config
-    cannot silently serve weights other than the ones it describes.
+    A TinyGPT checkpoint wins over the seed; its stored shape must match the spec's, so a config
+    cannot silently serve weights other than the ones it describes. A Hugging Face model loads
+    from its published checkpoint directory, or else from `path`.
     """
     device = default_device() if device is None else torch.device(device)
+    if spec.kind == "hf":
+        assert spec.path is not None  # the spec's validation requires it
+        return HFCausalLM.load(spec.checkpoint or spec.path, spec.dtype, device)
     config = TinyGPTConfig(
         n_layers=spec.n_layers,
         d_model=spec.d_model,
@@ -35,3 +43,20 @@ def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> Tin
             f"is configured as {config}"
         )
     return model
+
+
+def load_tokenizer(spec: ModelSpec) -> Tokenizer:
+    """The tokenizer of `spec`'s model: bytes for TinyGPT, the checkpoint's own otherwise
+    (read from the configured `path`; a published version keeps its model's tokenizer)."""
+    if spec.kind == "hf":
+        assert spec.path is not None
+        return HFTokenizer(spec.path, checkpoint_eos(spec.path))
+    return ByteTokenizer()
+
+
+def model_context(spec: ModelSpec) -> int:
+    """The longest sequence (prompt and completion) `spec`'s model takes, read without it."""
+    if spec.kind == "hf":
+        assert spec.path is not None
+        return checkpoint_context(spec.path)
+    return spec.max_context

@@ -133,6 +133,15 @@ class TinyGPT(nn.Module):
     def device(self) -> torch.device:
         return self.lm_head.weight.device
 
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.float32
+
+    def kv_block_shape(self, block_size: int) -> torch.Size:
+        config = self.config
+        head_dim = config.d_model // config.n_heads
+        return torch.Size((config.n_layers, 2, config.n_heads, block_size, head_dim))
+
     @classmethod
     def from_seed(
         cls, config: TinyGPTConfig, seed: int, device: str | torch.device = "cpu"

@@ -1,12 +1,37 @@
-"""Byte-level tokenizer: every UTF-8 byte is a token, plus one end-of-sequence token.
+"""What generation needs of a tokenizer (`Tokenizer`), and the built-in byte-level one: every
+UTF-8 byte is a token, plus one end-of-sequence token.
 
-It needs no vocabulary file and no download, and any text round-trips exactly, which keeps
-cache keys (token ids) a pure function of the prompt text.
+The byte tokenizer needs no vocabulary file and no download, and any text round-trips exactly,
+which keeps cache keys (token ids) a pure function of the prompt text.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Protocol
+
+
+class Tokenizer(Protocol):
+    """Text to token ids and back, for one model."""
+
+    @property
+    def eos_token_id(self) -> int:
+        """The id that ends a generation (-1 when the model has none)."""
+        ...
+
+    @property
+    def vocab_size(self) -> int:
+        """Ids run from 0 to `vocab_size - 1`."""
+        ...
+
+    def encode(self, text: str) -> list[int]:
+        """The ids of `text`; `UnicodeEncodeError` for a lone surrogate."""
+        ...
+
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of `ids`, special tokens skipped."""
+        ...
+
 
 EOS_TOKEN_ID = 256
 """Id of the end-of-sequence token; it never appears in `encode` output."""

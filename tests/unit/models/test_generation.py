@@ -50,6 +50,10 @@ class ScriptedLM:
     vocab_size = 257
     n_layers = 1
     device = torch.device("cpu")
+    dtype = torch.float32
+
+    def kv_block_shape(self, block_size: int) -> torch.Size:
+        return torch.Size((self.n_layers, 2, 1, block_size, 1))
 
     def __init__(self, prompt_len: int, script: Sequence[int], max_context: int = 64) -> None:
         self.prompt_len = prompt_len

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import pytest
 import torch
@@ -21,20 +21,14 @@ from serve_app.models import (
 )
 from serve_app.prefix_generation import generate_with_prefix_cache, warm_up_prefix
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 TOKENIZER = ByteTokenizer()
 SMALL = TinyGPTConfig(n_layers=2, d_model=64, n_heads=4, max_context=256)
 SCOPE = PrefixScope(tenant="acme", model_id="tiny-gpt", model_version="1")
 GREEDY = SamplingParams(max_tokens=6)
 SEEDED = SamplingParams(max_tokens=6, temperature=0.9, seed=5)
 BIG = 1 << 30
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
