@@ -71,20 +71,27 @@ async def publish_update(
     return outcome
 
 
-def parse_version_update(body: Any, checkpoint_dir: str | None = None) -> VersionUpdateRequest:
-    """Validate the body of a version publish; raises `InvalidRequest`. A checkpoint must lie
-    in `checkpoint_dir` (each replica checks that again before it loads anything)."""
+def parse_version_update(
+    body: Any, checkpoint_dir: str | None = None, kind: str = "tiny-gpt"
+) -> VersionUpdateRequest:
+    """Validate the body of a version publish of a model of `kind`; raises `InvalidRequest`.
+    A checkpoint must lie in `checkpoint_dir` (each replica checks that again before it loads
+    anything) and be what that kind loads: a file for TinyGPT, a directory holding
+    `config.json` for a Hugging Face model."""
     update = _parse(VersionUpdateRequest, body)
     if update.checkpoint is not None:
         try:
             path = allowed_checkpoint(update.checkpoint, checkpoint_dir)
         except CheckpointRefused as exc:
             raise InvalidRequest(str(exc), param="checkpoint") from None
-        if not os.path.exists(path):
-            # Checked here so that a typo fails the request instead of every replica's reload.
+        # Checked here so that a typo fails the request instead of every replica's reload.
+        if kind == "hf" and not os.path.isfile(os.path.join(path, "config.json")):
             raise InvalidRequest(
-                "no such file or directory on the ingress node", param="checkpoint"
+                "no checkpoint directory (with a config.json) there on the ingress node",
+                param="checkpoint",
             )
+        if kind != "hf" and not os.path.isfile(path):
+            raise InvalidRequest("no such file on the ingress node", param="checkpoint")
     return update
 
 

@@ -49,7 +49,7 @@ from serve_app.errors import (
     RaycacheError,
     VersionConflict,
 )
-from serve_app.models.loading import load_tokenizer, model_context
+from serve_app.models.loading import load_tokenizer, model_context, model_vocab
 from serve_app.request_body import read_json_body
 from serve_app.stats import cluster_stats
 
@@ -92,6 +92,7 @@ class Ingress:
         # Read from each model's files: the ingress tokenizes, the replicas load the weights.
         self._tokenizers = {spec.id: load_tokenizer(spec) for spec in self._args.models}
         self._contexts = {spec.id: model_context(spec) for spec in self._args.models}
+        self._vocabs = {spec.id: model_vocab(spec) for spec in self._args.models}
         self._redis = RedisProbe(self._args.redis_url)
         # Before the first request is served: blocking here holds up no request.
         secret = shared_secret(self._args.namespace, self._args.configured_secret())
@@ -152,7 +153,7 @@ class Ingress:
         spec = self._args.model(model)
         if spec is None:
             raise ModelNotFound(f"model {model!r} does not exist", param="model")
-        update = parse_version_update(body, self._args.checkpoint_dir)
+        update = parse_version_update(body, self._args.checkpoint_dir, spec.kind)
         if spec.kind == "hf" and update.seed is not None:
             raise InvalidRequest(
                 "a Hugging Face model's versions are checkpoint directories, not seeds",
@@ -269,10 +270,11 @@ class Ingress:
                 param="prompt",
             )
         if not isinstance(request.prompt, str):
-            bad = next((t for t in tokens if not 0 <= t < tokenizer.vocab_size), None)
+            vocab = self._vocabs[spec.id]
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
             if bad is not None:
                 raise InvalidRequest(
-                    f"token id {bad} is outside the vocabulary [0, {tokenizer.vocab_size})",
+                    f"token id {bad} is outside the vocabulary [0, {vocab})",
                     param="prompt",
                 )
         return CompletionJob(

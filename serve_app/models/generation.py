@@ -127,7 +127,7 @@ def generate(
         if tokens:
             next_logits, cache = model.decode_step(tokens[-1], cache)
         token = pick_token(next_logits, params, generator)
-        if token == tokenizer.eos_token_id:
+        if token in tokenizer.eos_token_ids:
             return Generation(len(prompt), tuple(tokens), text, "stop")
         tokens.append(token)
         text = tokenizer.decode(tokens)

@@ -23,9 +23,17 @@ import torch
 
 from serve_app.models.base import KVCache, kv_length
 
-SUPPORTED_ARCHITECTURES: Final = frozenset(
-    {"LlamaForCausalLM", "Qwen2ForCausalLM", "MistralForCausalLM", "GPT2LMHeadModel"}
-)
+SUPPORTED_ARCHITECTURES: Final = {
+    "llama": "LlamaForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "gpt2": "GPT2LMHeadModel",
+}
+"""`model_type` (what selects the class `transformers` builds) -> the class it must build."""
+# Rotary scalings whose frequencies do not depend on how long the sequence is so far (dynamic
+# NTK only changes past max_position_embeddings, which prefill refuses); others, such as
+# longrope, would make a suffix computed after a cached prefix differ from a full prefill.
+_EXACT_ROPE_TYPES: Final = frozenset({"default", "linear", "llama3", "yarn", "dynamic"})
 DTYPES: Final = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,26 +43,27 @@ class UnsupportedModel(ValueError):
 
 class HFTokenizer:
     """The fast tokenizer of a checkpoint directory (`tokenizer.json`), with the interface of
-    `ByteTokenizer`: `encode`, `decode`, `eos_token_id`, `vocab_size`."""
+    `ByteTokenizer` (`Tokenizer`); the end-of-sequence ids are the ones the checkpoint declares
+    (`checkpoint_eos`)."""
 
-    def __init__(self, path: str | Path, eos_token_id: int | None) -> None:
+    def __init__(self, path: str | Path, eos_token_ids: frozenset[int]) -> None:
         from tokenizers import Tokenizer
 
-        file = Path(path) / "tokenizer.json"
+        file = checkpoint_dir(path) / "tokenizer.json"
         if not file.is_file():
             raise UnsupportedModel(f"{path} holds no tokenizer.json (a fast tokenizer)")
         self._tokenizer = Tokenizer.from_file(str(file))
-        self.eos_token_id = -1 if eos_token_id is None else eos_token_id
-        """The end-of-sequence id; -1 (never produced) when the model declares none."""
+        self.eos_token_ids = eos_token_ids
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
 
     def encode(self, text: str) -> list[int]:
-        """The token ids of `text`, without special tokens added (the prompt as given).
+        """The token ids of `text`, with the special tokens the tokenizer adds itself (a BOS,
+        for most), as `transformers` tokenizes a prompt by default.
 
         Raises `UnicodeEncodeError` (a `ValueError`) for a lone surrogate, as `ByteTokenizer`
         does, instead of letting the tokenizer replace it."""
         text.encode("utf-8")
-        return list(self._tokenizer.encode(text, add_special_tokens=False).ids)
+        return list(self._tokenizer.encode(text).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`, special tokens skipped. Raises `ValueError` for a negative id."""
@@ -90,16 +99,22 @@ class HFCausalLM:
         raises `UnsupportedModel` for what cannot be served exactly."""
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+        directory = checkpoint_dir(path)  # a directory: never a hub id, never a download
+        config = AutoConfig.from_pretrained(
+            directory, local_files_only=True, trust_remote_code=False
+        )
         check_supported(config)
         model = AutoModelForCausalLM.from_pretrained(
-            path,
+            directory,
             config=config,
             local_files_only=True,
             trust_remote_code=False,
             use_safetensors=True,
             dtype=DTYPES[dtype],
         )
+        # The class is chosen by model_type: make sure it is the one that was checked.
+        if type(model).__name__ != SUPPORTED_ARCHITECTURES[config.model_type]:
+            raise UnsupportedModel(f"{path} built a {type(model).__name__}, which is not served")
         return cls(model.to(device).eval())
 
     @property
@@ -128,20 +143,14 @@ class HFCausalLM:
         layers, keys and values, KV heads, tokens, head dim)."""
         return torch.Size((self._n_layers, 2, self._kv_heads, block_size, self._head_dim))
 
-    @property
-    def eos_token_id(self) -> int | None:
-        """The end-of-sequence id the config declares (the first, when it lists several)."""
-        eos = getattr(self._config, "eos_token_id", None)
-        if isinstance(eos, list):
-            return int(eos[0]) if eos else None
-        return None if eos is None else int(eos)
-
     @torch.inference_mode()
     def prefill(
         self, tokens: Sequence[int] | torch.Tensor, past: KVCache | None = None
     ) -> tuple[torch.Tensor, KVCache]:
         ids = torch.as_tensor(list(tokens) if not torch.is_tensor(tokens) else tokens)
-        ids = ids.to(device=self.device, dtype=torch.long).reshape(-1)
+        if ids.ndim != 1:
+            raise ValueError("prefill takes one sequence: a 1-D list of token ids")
+        ids = ids.to(device=self.device, dtype=torch.long)
         if ids.numel() == 0:
             raise ValueError("prefill needs at least one token")
         if int(ids.min()) < 0 or int(ids.max()) >= self.vocab_size:
@@ -173,6 +182,8 @@ class HFCausalLM:
         for keys, values in past:
             if tuple(keys.shape) != expected or tuple(values.shape) != expected:
                 raise ValueError(f"past tensors must be shaped {expected}")
+            if {keys.dtype, values.dtype} != {self.dtype} or keys.device != self.device:
+                raise ValueError(f"past tensors must be {self.dtype} on {self.device}")
         return DynamicCache(
             ddp_cache_data=[(keys[None], values[None]) for keys, values in past],
             config=self._config,
@@ -181,21 +192,41 @@ class HFCausalLM:
 
 def check_supported(config: Any) -> None:
     """Raise `UnsupportedModel` unless `config` is an architecture served exactly."""
-    architectures = list(getattr(config, "architectures", None) or [])
-    if len(architectures) != 1 or architectures[0] not in SUPPORTED_ARCHITECTURES:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_ARCHITECTURES:
         raise UnsupportedModel(
-            f"architecture {architectures or 'unknown'} is not served; supported: "
-            f"{sorted(SUPPORTED_ARCHITECTURES)}"
+            f"model type {model_type!r} is not served; supported: {sorted(SUPPORTED_ARCHITECTURES)}"
         )
+    context = int(config.max_position_embeddings)
     window = getattr(config, "sliding_window", None)
     uses_window = getattr(config, "use_sliding_window", window is not None)
-    context = getattr(config, "max_position_embeddings", None)
-    if uses_window and window is not None and context is not None and window < context:
+    if uses_window and window is not None and window < context:
         raise UnsupportedModel(
             f"sliding-window attention ({window} tokens) within a context of {context}: a "
             "prefix cache of full-attention blocks would answer differently; serve it with "
             "sliding_window >= max_position_embeddings, or without sliding windows"
         )
+    layer_types = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if layer_types != {"full_attention"}:
+        raise UnsupportedModel(
+            f"layers of types {sorted(layer_types)}: only full attention is served exactly"
+        )
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None)
+    rope_type = (rope or {}).get("rope_type", (rope or {}).get("type", "default"))
+    if rope_type not in _EXACT_ROPE_TYPES:
+        raise UnsupportedModel(
+            f"rotary scaling {rope_type!r} depends on the sequence's length: a suffix after a "
+            "cached prefix would differ from a full prefill"
+        )
+
+
+def checkpoint_dir(path: str | Path) -> Path:
+    """`path` as a checkpoint directory; raises `UnsupportedModel` when it is none (a name
+    that is no directory here could otherwise be taken for a hub id)."""
+    directory = Path(path)
+    if not (directory / "config.json").is_file():
+        raise UnsupportedModel(f"{path} is not a checkpoint directory (no config.json in it)")
+    return directory
 
 
 def checkpoint_context(path: str | Path) -> int:
@@ -208,16 +239,32 @@ def checkpoint_context(path: str | Path) -> int:
     return context
 
 
-def checkpoint_eos(path: str | Path) -> int | None:
-    """The end-of-sequence id that `config.json` in `path` declares, read without the model."""
-    eos = _config_json(path).get("eos_token_id")
-    if isinstance(eos, list):
-        return int(eos[0]) if eos else None
-    return None if eos is None else int(eos)
+def checkpoint_eos(path: str | Path) -> frozenset[int]:
+    """The end-of-sequence ids the checkpoint in `path` declares, in `config.json` and in
+    `generation_config.json` (the ids `transformers`' `generate()` stops at), read as JSON."""
+    ids: set[int] = set()
+    files = [_config_json(path)]
+    generation = Path(path) / "generation_config.json"
+    if generation.is_file():
+        files.append(_config_json(path, generation.name))
+    for data in files:
+        eos = data.get("eos_token_id")
+        for value in eos if isinstance(eos, list) else [eos]:
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                ids.add(value)
+    return frozenset(ids)
 
 
-def _config_json(path: str | Path) -> dict[str, Any]:
-    file = Path(path) / "config.json"
+def checkpoint_vocab(path: str | Path) -> int:
+    """How many token ids the model in `path` embeds, from its `config.json`."""
+    vocab = _config_json(path).get("vocab_size")
+    if not isinstance(vocab, int) or vocab < 1:
+        raise UnsupportedModel(f"{path}/config.json declares no usable vocab_size")
+    return vocab
+
+
+def _config_json(path: str | Path, name: str = "config.json") -> dict[str, Any]:
+    file = Path(path) / name
     try:
         data = json.loads(file.read_text())
     except (OSError, ValueError) as exc:

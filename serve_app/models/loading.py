@@ -7,7 +7,13 @@ import torch
 
 from serve_app.config import ModelSpec
 from serve_app.models.base import CausalLM
-from serve_app.models.hf import HFCausalLM, HFTokenizer, checkpoint_context, checkpoint_eos
+from serve_app.models.hf import (
+    HFCausalLM,
+    HFTokenizer,
+    checkpoint_context,
+    checkpoint_eos,
+    checkpoint_vocab,
+)
 from serve_app.models.tiny_gpt import TinyGPT, TinyGPTConfig
 from serve_app.models.tokenizer import ByteTokenizer, Tokenizer
 
@@ -60,3 +66,13 @@ def model_context(spec: ModelSpec) -> int:
         assert spec.path is not None
         return checkpoint_context(spec.path)
     return spec.max_context
+
+
+def model_vocab(spec: ModelSpec) -> int:
+    """How many token ids `spec`'s model takes in a prompt: those both its tokenizer and its
+    embeddings know."""
+    tokenizer = load_tokenizer(spec).vocab_size
+    if spec.kind == "hf":
+        assert spec.path is not None
+        return min(tokenizer, checkpoint_vocab(spec.path))
+    return tokenizer

@@ -15,8 +15,8 @@ class Tokenizer(Protocol):
     """Text to token ids and back, for one model."""
 
     @property
-    def eos_token_id(self) -> int:
-        """The id that ends a generation (-1 when the model has none)."""
+    def eos_token_ids(self) -> frozenset[int]:
+        """The ids that end a generation (none, for a model that declares none)."""
         ...
 
     @property
@@ -41,6 +41,7 @@ class ByteTokenizer:
     """Token ids 0..255 are the bytes of the UTF-8 encoding; 256 is end-of-sequence."""
 
     eos_token_id = EOS_TOKEN_ID
+    eos_token_ids = frozenset({EOS_TOKEN_ID})
     vocab_size = EOS_TOKEN_ID + 1
 
     def encode(self, text: str) -> list[int]:

@@ -98,12 +98,13 @@ def test_a_prefix_from_another_replica_answers_as_transformers_does(
             )
 
         owner, other = owner_and_other(name, job([1]).routing_key or "")
-        tokenizer = HFTokenizer(directory, EOS)
+        tokenizer = HFTokenizer(directory, frozenset({EOS}))
 
         def ask(suffix: list[int], replica: str):
             outcome = handle.complete.remote(job(suffix, replica)).result(timeout_s=120)
             expected = reference_greedy(reference, shared + suffix, MAX_TOKENS)
             assert outcome.text == tokenizer.decode(expected), (replica, suffix)
+            assert outcome.completion_tokens == len(expected)
             return outcome
 
         first = ask([5, 6, 7], owner)
@@ -130,7 +131,7 @@ def test_text_prompts_use_the_checkpoints_tokenizer(checkpoint, ray_cluster) -> 
         prompt = "Return a random integer N such that a <= N <= b."
         body = {"model": MODEL, "prompt": prompt, "max_tokens": MAX_TOKENS, "temperature": 0}
         answer = handle.complete.remote(body).result(timeout_s=120)
-        tokenizer = HFTokenizer(directory, EOS)
+        tokenizer = HFTokenizer(directory, frozenset({EOS}))
         expected = reference_greedy(reference, tokenizer.encode(prompt), MAX_TOKENS)
         assert answer["choices"][0]["text"] == tokenizer.decode(expected)
         assert answer["usage"]["prompt_tokens"] == len(tokenizer.encode(prompt))
@@ -151,7 +152,12 @@ async def test_bfloat16_blocks_round_trip_bit_exact_through_redis(checkpoint, re
     writer = PrefixCache(4, max_bytes=1 << 26)
     prompt = list(range(10, 43))  # eight blocks of four, and one token to prefill
     generate_with_prefix_cache(
-        model, HFTokenizer(directory, EOS), prompt, SamplingParams(max_tokens=1), writer, scope
+        model,
+        HFTokenizer(directory, frozenset({EOS})),
+        prompt,
+        SamplingParams(max_tokens=1),
+        writer,
+        scope,
     )
     hashes = prompt_block_hashes(prompt, 4, scope)
     secret = ClusterSecret(b"hf redis tests' cluster secret")

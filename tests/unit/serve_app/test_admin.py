@@ -68,3 +68,18 @@ def test_a_bad_invalidation_body_names_its_field(body, param):
     with pytest.raises(InvalidRequest) as raised:
         parse_invalidation(body)
     assert raised.value.param == param
+
+
+def test_a_checkpoint_is_what_the_models_kind_loads(tmp_path):
+    directory = tmp_path / "v2"
+    directory.mkdir()
+    (directory / "config.json").write_text("{}")
+    file = tmp_path / "v2.safetensors"
+    file.write_bytes(b"weights")
+    root = str(tmp_path)
+    assert parse_version_update({"version": "2", "checkpoint": str(directory)}, root, "hf")
+    assert parse_version_update({"version": "2", "checkpoint": str(file)}, root, "tiny-gpt")
+    for path, kind in ((file, "hf"), (directory, "tiny-gpt"), (tmp_path, "hf")):
+        with pytest.raises(InvalidRequest) as raised:
+            parse_version_update({"version": "2", "checkpoint": str(path)}, root, kind)
+        assert raised.value.param == "checkpoint", (path, kind)
