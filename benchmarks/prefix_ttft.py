@@ -1,9 +1,12 @@
 """Time to first token of a long prompt whose prefix is in the local prefix cache.
 
     python -m benchmarks.prefix_ttft [--repetitions 15] [--block-size 16]
+                                     [--hf-path DIR | --hf-llama] [--dtype float32]
                                      [--json benchmarks/results/prefix_ttft.json]
 
-The default TinyGPT (`TinyGPTConfig()`, seed 0) on one CPU thread; a 2,048-token prompt whose
+The default TinyGPT (`TinyGPTConfig()`, seed 0), or a Hugging Face checkpoint directory
+(`--hf-path`), or a random Llama of 8 layers, width 512 and grouped-query attention written for
+the run (`--hf-llama`), on one CPU thread; a 2,048-token prompt whose
 first 90% (rounded down to whole blocks: 1,840 tokens with blocks of 16) is cached. Measured
 side by side in one run, interleaved in a shuffled order each repetition, medians reported:
 
@@ -31,6 +34,7 @@ import json
 import platform
 import random
 import statistics
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +43,16 @@ import torch
 
 from cluster.block_hashes import PrefixScope, prompt_block_hashes
 from cluster.prefix_cache import PrefixCache
-from serve_app.models import ByteTokenizer, SamplingParams, TinyGPT, TinyGPTConfig, pick_token
+from serve_app.models import (
+    ByteTokenizer,
+    CausalLM,
+    SamplingParams,
+    TinyGPT,
+    TinyGPTConfig,
+    Tokenizer,
+    pick_token,
+)
+from serve_app.models.hf import HFCausalLM, HFTokenizer, checkpoint_eos
 from serve_app.prefix_generation import (
     generate_with_prefix_cache,
     lookup_prompt_prefix,
@@ -61,6 +74,50 @@ def _summary(seconds: list[float]) -> dict[str, float]:
     }
 
 
+def _random_llama(directory: Path) -> None:
+    """A random Llama checkpoint (about 20M weights) and a small BPE tokenizer, in `directory`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from tests.support.hf_checkpoints import VOCAB, write_tokenizer
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=512,
+        intermediate_size=1408,
+        num_hidden_layers=8,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=4096,
+    )
+    LlamaForCausalLM(config).save_pretrained(directory)
+    write_tokenizer(directory)
+
+
+def _model(
+    args: argparse.Namespace, workdir: Path
+) -> tuple[CausalLM, Tokenizer, dict[str, object]]:
+    """The model to measure, its tokenizer, and how the report names it."""
+    if args.hf_path is None and not args.hf_llama:
+        return (
+            TinyGPT.from_seed(TinyGPTConfig(), seed=0),
+            ByteTokenizer(),
+            {
+                "kind": "tiny-gpt",
+                "config": vars(TinyGPTConfig()),
+                "seed": 0,
+            },
+        )
+    path = args.hf_path
+    if path is None:
+        path = workdir / "random-llama"
+        _random_llama(path)
+    model = HFCausalLM.load(path, dtype=args.dtype)
+    tokenizer = HFTokenizer(path, checkpoint_eos(path))
+    kind = "hf-llama (random)" if args.hf_path is None else "hf"
+    return model, tokenizer, {"kind": kind, "path": str(args.hf_path), "dtype": args.dtype}
+
+
 def _timed(fn: Callable[[], object]) -> float:
     started = time.perf_counter()
     fn()
@@ -71,17 +128,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     parser.add_argument("--repetitions", type=int, default=15)
     parser.add_argument("--block-size", type=int, default=16)
+    parser.add_argument("--hf-path", type=Path, help="a Hugging Face checkpoint directory")
+    parser.add_argument("--hf-llama", action="store_true", help="a random Llama, written here")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--json", type=Path, default=ROOT / "benchmarks/results/prefix_ttft.json")
     args = parser.parse_args()
     if args.repetitions < 10:
         parser.error("--repetitions must be >= 10")
+    with tempfile.TemporaryDirectory() as workdir:
+        _measure(args, Path(workdir))
 
+
+def _measure(args: argparse.Namespace, workdir: Path) -> None:
     torch.set_num_threads(1)
-    config = TinyGPTConfig()
-    model = TinyGPT.from_seed(config, seed=0)
-    tokenizer = ByteTokenizer()
+    model, tokenizer, described = _model(args, workdir)
     rng = random.Random(0)
-    prompt = [rng.randrange(256) for _ in range(PROMPT_TOKENS)]
+    # Ids the tokenizer and the model both know, past the specials at the start.
+    vocab = min(model.vocab_size, tokenizer.vocab_size)
+    prompt = [rng.randrange(8, vocab) for _ in range(PROMPT_TOKENS)]
     size = args.block_size
     n_cached = int(PROMPT_TOKENS * CACHED_FRACTION) // size * size
     rest = prompt[n_cached:]
@@ -133,7 +197,7 @@ def main() -> None:
         for repetition in range(args.repetitions + 2):  # the first two warm up
             rng.shuffle(order)
             for name in order:
-                pending[:] = [prompt[:n_cached] + [rng.randrange(256) for _ in rest]]
+                pending[:] = [prompt[:n_cached] + [rng.randrange(8, vocab) for _ in rest]]
                 seconds = _timed(measurements[name])
                 pending.clear()
                 if repetition >= 2:
@@ -151,7 +215,7 @@ def main() -> None:
     }
     result = {
         "benchmark": "prefix_ttft",
-        "model": {"config": vars(config), "seed": 0},
+        "model": described,
         "torch": torch.__version__,
         "torch_threads": torch.get_num_threads(),
         "machine": platform.platform(),
