@@ -80,6 +80,11 @@ def test_cluster_yaml_has_no_unknown_keys():
     assert validate_config_file(CLUSTER_YAML) == []
 
 
+@pytest.mark.parametrize("config", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_config_is_valid_with_no_unknown_keys(config):
+    assert validate_config_file(config) == []
+
+
 @pytest.mark.parametrize(
     ("path", "key"),
     [
