@@ -92,7 +92,9 @@ class Ingress:
         # Read from each model's files: the ingress tokenizes, the replicas load the weights.
         self._tokenizers = {spec.id: load_tokenizer(spec) for spec in self._args.models}
         self._contexts = {spec.id: model_context(spec) for spec in self._args.models}
-        self._vocabs = {spec.id: model_vocab(spec) for spec in self._args.models}
+        self._vocabs = {
+            spec.id: model_vocab(spec, self._tokenizers[spec.id]) for spec in self._args.models
+        }
         self._redis = RedisProbe(self._args.redis_url)
         # Before the first request is served: blocking here holds up no request.
         secret = shared_secret(self._args.namespace, self._args.configured_secret())

@@ -68,11 +68,10 @@ def model_context(spec: ModelSpec) -> int:
     return spec.max_context
 
 
-def model_vocab(spec: ModelSpec) -> int:
-    """How many token ids `spec`'s model takes in a prompt: those both its tokenizer and its
+def model_vocab(spec: ModelSpec, tokenizer: Tokenizer) -> int:
+    """How many token ids `spec`'s model takes in a prompt: those both its `tokenizer` and its
     embeddings know."""
-    tokenizer = load_tokenizer(spec).vocab_size
     if spec.kind == "hf":
         assert spec.path is not None
-        return min(tokenizer, checkpoint_vocab(spec.path))
-    return tokenizer
+        return min(tokenizer.vocab_size, checkpoint_vocab(spec.path))
+    return tokenizer.vocab_size
