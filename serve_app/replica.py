@@ -111,7 +111,10 @@ class ModelReplica:
     async def __init__(self, args: dict[str, Any]) -> None:  # type: ignore[misc]
         self._args: AppArgs = parse_args(args).with_environment()
         torch.set_num_threads(self._args.torch_threads)
-        self._tokenizers = {spec.id: load_tokenizer(spec) for spec in self._args.models}
+        # Parsing a tokenizer file reads MiBs: in a worker thread, off the replica's loop.
+        self._tokenizers = await asyncio.to_thread(
+            lambda: {spec.id: load_tokenizer(spec) for spec in self._args.models}
+        )
         self._cluster_secret = await asyncio.to_thread(
             shared_secret, self._args.namespace, self._args.configured_secret()
         )
