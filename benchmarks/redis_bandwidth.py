@@ -6,9 +6,10 @@
 Starts its own redis-server on a free loopback port and writes the KV blocks of a 2,048-token
 prefix of the default model (tiny-gpt: 4 layers x K and V x 4 heads x 64 dims; 128 blocks of
 16 tokens) the way a replica shares them (`serve_app.shared_blocks.store_prefix_in_redis`):
-codec envelopes of kind "kv-chunk", one per 16 blocks, under their readable keys. Two
+codec envelopes of kind "kv-chunk", one per 16 blocks, under their readable keys. Three
 payloads: float32, the model's dtype (128 KiB a block, 16 MiB in 8 chunks of 2 MiB), and
-float16 (8 MiB in 8 chunks of 1 MiB). Methods, each fetching every chunk of the prefix:
+float16 and bfloat16, the half precisions Hugging Face models are served in (8 MiB in 8 chunks
+of 1 MiB each). Methods, each fetching every chunk of the prefix:
 
 - `raw_get`: one `redis.asyncio.Redis` (redis-py's defaults, hiredis), one `GET` per chunk,
   in turn, keeping the values: the baseline, "a". It checks nothing and decodes nothing.
@@ -278,7 +279,7 @@ def main() -> None:
                 str(dtype).removeprefix("torch."): asyncio.run(
                     _run_payload(server.url, dtype, options.rounds, options.repeat, secret)
                 )
-                for dtype in (torch.float32, torch.float16)
+                for dtype in (torch.float32, torch.float16, torch.bfloat16)
             }
         finally:
             server.stop()
