@@ -94,6 +94,11 @@ class ModelSpec(StrictModel):
         if self.kind == "hf":
             if self.path is None:
                 raise ValueError("a model of kind `hf` needs `path`, its checkpoint directory")
+            if not os.path.isabs(self.path):
+                raise ValueError(
+                    "`path` must be absolute: each replica reads it on its own node, from its "
+                    "own working directory"
+                )
             # Compared with the defaults, not with the fields given: a spec dumped and parsed
             # again (as the environment overrides do) names every field.
             fields = type(self).model_fields

@@ -183,6 +183,8 @@ def test_every_end_of_sequence_id_the_checkpoint_declares_ends_a_generation(chec
 def test_a_spec_of_kind_hf_needs_a_path_and_takes_no_tiny_gpt_shape() -> None:
     with pytest.raises(ValueError, match="path"):
         ModelSpec(id="m", kind="hf")
+    with pytest.raises(ValueError, match="absolute"):
+        ModelSpec(id="m", kind="hf", path="models/m")
     with pytest.raises(ValueError, match="n_layers"):
         ModelSpec(id="m", kind="hf", path="/m", n_layers=2)
     with pytest.raises(ValueError, match="kind `hf`"):
