@@ -122,20 +122,21 @@ class ReplayGuard:
         expired = now_ms - self._window_ms
         # Accepted in about time order: stop at the first one still in the window.
         while self._order and self._order[0][0] < expired:
-            forgotten, oldest = self._order.popleft()
-            self._seen.discard(oldest)
-            self._floor = max(self._floor, forgotten)
+            self._forget_oldest()
         if unix_ms < expired or unix_ms <= self._floor or nonce in self._seen:
             return False
         if len(self._order) >= self._capacity:
-            forgotten, oldest = self._order.popleft()
-            self._seen.discard(oldest)
-            self._floor = max(self._floor, forgotten)
+            self._forget_oldest()
             if unix_ms <= self._floor:
                 return False
         self._order.append((unix_ms, nonce))
         self._seen.add(nonce)
         return True
+
+    def _forget_oldest(self) -> None:
+        forgotten, oldest = self._order.popleft()
+        self._seen.discard(oldest)
+        self._floor = max(self._floor, forgotten)
 
 
 class CallAuthenticator:

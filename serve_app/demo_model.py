@@ -48,15 +48,16 @@ def stdlib_text(limit_chars: int = 4_000_000) -> list[str]:
     return texts
 
 
-def train_tokenizer(texts: Sequence[str], directory: Path) -> object:
-    """A byte-level BPE tokenizer of `VOCAB` ids trained on `texts`, saved to `directory`."""
+def train_tokenizer(texts: Sequence[str], directory: Path, vocab_size: int = VOCAB) -> object:
+    """A byte-level BPE tokenizer of `vocab_size` ids (the first `SPECIAL_TOKENS`) trained on
+    `texts`, saved to `directory` as `tokenizer.json`."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )

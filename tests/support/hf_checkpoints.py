@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -22,10 +21,11 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from serve_app.demo_model import SPECIAL_TOKENS, train_tokenizer
+
 VOCAB = 320
 CONTEXT = 512
-EOS = 3
-SPECIAL_TOKENS = ["<pad>", "<s>", "<unk>", "</s>"]  # so EOS, 3, is "</s>"
+EOS = SPECIAL_TOKENS.index("</s>")
 SMALL = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2}
 GQA = {"num_attention_heads": 4, "num_key_value_heads": 2}  # grouped-query attention
 COMMON = {"vocab_size": VOCAB, "max_position_embeddings": CONTEXT, "eos_token_id": EOS}
@@ -56,16 +56,7 @@ def write_checkpoint(architecture: str, directory: Path, seed: int = 0) -> Any:
 
 def write_tokenizer(directory: Path) -> None:
     """A byte-level BPE tokenizer of `VOCAB` ids, trained offline on Python's own docstrings."""
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tokenizer.train_from_iterator([random.__doc__ or "", torch.__doc__ or ""] * 4, trainer)
-    tokenizer.save(str(directory / "tokenizer.json"))
+    train_tokenizer([random.__doc__ or "", torch.__doc__ or ""] * 4, directory, VOCAB)
 
 
 def reference_greedy(reference: Any, prompt: list[int], max_tokens: int) -> list[int]:
