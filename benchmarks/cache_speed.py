@@ -47,8 +47,8 @@ from typing import Protocol
 import cachetools
 
 from cluster.keys import ResultKey
-from cluster.policies import DEFAULT_POLICY, policy_names
-from cluster.result_cache import ResultCache
+from cluster.local.policies import DEFAULT_POLICY, policy_names
+from cluster.local.result_cache import ResultCache
 
 ROOT = Path(__file__).resolve().parents[1]
 VALUE = b"v" * 64

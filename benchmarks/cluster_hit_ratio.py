@@ -25,9 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from cluster.keys import ResultKey
-from cluster.policies import DEFAULT_POLICY
-from cluster.result_cache import ResultCache
-from cluster.ring import Ring
+from cluster.local.policies import DEFAULT_POLICY
+from cluster.local.result_cache import ResultCache
+from cluster.sharing.ring import Ring
 
 ROOT = Path(__file__).resolve().parents[1]
 VALUE = b"x" * 32

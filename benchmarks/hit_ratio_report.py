@@ -35,7 +35,7 @@ from typing import Any
 
 from benchmarks import traces
 from benchmarks.simulate import DEFAULT_ALIAS, simulate
-from cluster.policies import DEFAULT_POLICY
+from cluster.local.policies import DEFAULT_POLICY
 
 TRACES_DIR = Path(__file__).resolve().parents[2] / "shared" / "traces"
 RESULTS = Path(__file__).resolve().parent / "results"

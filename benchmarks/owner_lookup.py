@@ -15,7 +15,7 @@ import json
 import time
 from pathlib import Path
 
-from cluster.ring import Ring
+from cluster.sharing.ring import Ring
 
 ROOT = Path(__file__).resolve().parents[1]
 

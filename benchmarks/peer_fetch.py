@@ -1,10 +1,11 @@
-"""Peer fetch (`cluster.peer`) beside the same bytes over a plain asyncio TCP socket.
+"""Peer fetch (`cluster.sharing.peer`) beside the same bytes over a plain asyncio TCP socket.
 
     python -m benchmarks.peer_fetch [--rounds 7] [--small-calls 100] [--block-calls 8]
+                                    [--dtype float32|bfloat16|float16]
                                     [--json benchmarks/results/peer_fetch.json]
 
-One server process holds 64 small results (1 KiB each) and the prefix blocks of a 2,048-token
-prompt (128 blocks of a small model's keys and values, 64 KiB each, 8 MiB in all) in chunk
+One server process holds 64 small results (1 KiB each) and the prefix blocks of a 2,048-token prompt
+(128 blocks of a small model's keys and values, 64 KiB each in float32, 8 MiB in all) in chunk
 envelopes of 16 blocks, signed as replicas sign them. It serves them side by side: through a
 `PeerServer`, and through a raw TCP server speaking the least framing that can carry a batch (a
 count and length-prefixed keys in, length-prefixed values out; one connection, kept open). The
@@ -12,12 +13,12 @@ client process measures, interleaved round by round on the same data:
 
 - `small_results`: one batched get of the 64 results over the peer service's gRPC; latency per
   call (median and p99 of all calls, ms).
-- `prefix_blocks`: the 8 MiB prefix in one exchange over the peer service's block stream
-  (`cluster.peer_blocks`), throughput in MB/s (10^6 bytes) of the median round, three ways:
-  `peer` (the bytes only), `peer_verified` (each chunk's signature checked and its blocks
-  decoded as it arrives, as a replica does: `decode_leading_chunk`), and `replica_backend`
-  (that, from a server whose backend is the replica's own, `ResultPeerBackend`, which encodes
-  and signs the chunks from its prefix cache on every request).
+- `prefix_blocks`: the prefix (8 MiB in float32, 4 MiB in bfloat16) in one exchange over the peer
+  service's block stream (`cluster.sharing.peer_blocks`), throughput in MB/s (10^6 bytes) of the
+  median round, three ways: `peer` (the bytes only), `peer_verified` (each chunk's signature checked
+  and its blocks decoded as it arrives, as a replica does: `decode_leading_chunk`), and
+  `replica_backend` (that, from a server whose backend is the replica's own, `ResultPeerBackend`,
+  which encodes and signs the chunks from its prefix cache on every request).
 
 Both sides run in separate processes, as two replicas would, on loopback. The peer calls are
 authenticated as in production (a per-call credential from a cluster secret generated for the
@@ -48,12 +49,12 @@ import grpc
 import torch
 
 from cluster.block_hashes import BlockHash, PrefixScope, prompt_block_hashes
-from cluster.peer import PeerClient, PeerServer
-from cluster.prefix_cache import PrefixCache
-from cluster.result_cache import ResultCache
+from cluster.local.prefix_cache import PrefixCache
+from cluster.local.result_cache import ResultCache
 from cluster.secret import ClusterSecret
-from serve_app.peer_backend import ResultPeerBackend
-from serve_app.shared_blocks import decode_leading_chunk, encode_chunk
+from cluster.sharing.peer import PeerClient, PeerServer
+from cluster.sharing.tiered_prefix import decode_leading_chunk, encode_chunk
+from serve_app.replica.peer_backend import ResultPeerBackend
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL_COUNT = 64
@@ -73,12 +74,16 @@ def _results() -> dict[str, bytes]:
     return {f"result-{i:02d}": random.Random(i).randbytes(SMALL_BYTES) for i in range(SMALL_COUNT)}
 
 
-def _prefix() -> tuple[list[BlockHash], list[torch.Tensor]]:
-    """The prompt's block hashes and blocks, rebuilt identically in both processes."""
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _prefix(dtype: torch.dtype) -> tuple[list[BlockHash], list[torch.Tensor]]:
+    """The prompt's block hashes and blocks (in `dtype`), rebuilt identically in both
+    processes."""
     tokens = [random.Random(7).randrange(256) for _ in range(BLOCK_COUNT * BLOCK_TOKENS)]
     hashes = prompt_block_hashes(tokens, BLOCK_TOKENS, SCOPE)
     generator = torch.Generator().manual_seed(11)
-    return hashes, [torch.randn(BLOCK_SHAPE, generator=generator) for _ in hashes]
+    return hashes, [torch.randn(BLOCK_SHAPE, generator=generator).to(dtype) for _ in hashes]
 
 
 class MemoryBackend:
@@ -154,13 +159,13 @@ class RawClient:
 # --- Server process ------------------------------------------------------------------------------
 
 
-def _server_process(conn: Connection, secret_material: bytes) -> None:
-    asyncio.run(_serve(conn, ClusterSecret(secret_material)))
+def _server_process(conn: Connection, secret_material: bytes, dtype: str) -> None:
+    asyncio.run(_serve(conn, ClusterSecret(secret_material), DTYPES[dtype]))
 
 
-async def _serve(conn: Connection, secret: ClusterSecret) -> None:
+async def _serve(conn: Connection, secret: ClusterSecret, dtype: torch.dtype) -> None:
     results = _results()
-    hashes, blocks = _prefix()
+    hashes, blocks = _prefix(dtype)
     chunks = [
         encode_chunk(blocks[i : i + CHUNK_BLOCKS], hashes[i : i + CHUNK_BLOCKS], SCOPE, secret)
         for i in range(0, BLOCK_COUNT, CHUNK_BLOCKS)
@@ -173,7 +178,7 @@ async def _serve(conn: Connection, secret: ClusterSecret) -> None:
         ResultCache(max_bytes=1 << 20, max_entries=16),
         prefix_cache,
         secret,
-        chunk_bytes=CHUNK_BLOCKS * BLOCK_SHAPE.numel() * 4,
+        chunk_bytes=CHUNK_BLOCKS * BLOCK_SHAPE.numel() * dtype.itemsize,
     )
     replica = PeerServer(replica_backend, secret.peer)
     await replica.start("127.0.0.1", 0)
@@ -201,15 +206,15 @@ async def _time(call: Callable[[], Awaitable[object]]) -> float:
     return time.perf_counter() - started
 
 
-def _verifier(hashes: list[BlockHash], secret: ClusterSecret) -> Callable[[bytes], Any]:
+def _verifier(
+    hashes: list[BlockHash], secret: ClusterSecret, dtype: torch.dtype
+) -> Callable[[bytes], Any]:
     """A decoder of one exchange's chunks, as a replica checks them (`fetch_prefix_from_owner`)."""
     taken = 0
 
     def decode(blob: bytes) -> list[torch.Tensor]:
         nonlocal taken
-        chunk = decode_leading_chunk(
-            blob, hashes[taken:], SCOPE, BLOCK_SHAPE, torch.float32, secret
-        )
+        chunk = decode_leading_chunk(blob, hashes[taken:], SCOPE, BLOCK_SHAPE, dtype, secret)
         taken += len(chunk)
         return chunk
 
@@ -227,15 +232,16 @@ async def _measure(
 ) -> dict[str, Any]:
     address, blocks_address, replica_address, raw_port = addresses
     results = _results()
-    hashes, blocks = _prefix()
+    dtype = DTYPES[options.dtype]
+    hashes, blocks = _prefix(dtype)
     small_keys = list(results)
     chunk_keys = [b"chunk-%d" % i for i in range(BLOCK_COUNT // CHUNK_BLOCKS)]
     client = PeerClient(secret.peer)
-    # The reader's buffer as large as the block stream client's (`cluster.peer_blocks`).
+    # The reader's buffer as large as the block stream client's (`cluster.sharing.peer_blocks`).
     raw = RawClient(*await asyncio.open_connection("127.0.0.1", raw_port, limit=4 * 1024 * 1024))
 
     async def verified(at: str) -> list[torch.Tensor]:
-        chunks = await client.get_prefix(at, hashes, _verifier(hashes, secret), 10.0)
+        chunks = await client.get_prefix(at, hashes, _verifier(hashes, secret, dtype), 10.0)
         return [block for chunk in chunks for block in chunk]
 
     # Same answers every way (and warm channels, caches and allocators).
@@ -302,7 +308,8 @@ async def _measure(
         },
         "prefix_blocks": {
             "blocks": BLOCK_COUNT,
-            "block_bytes": BLOCK_SHAPE.numel() * 4,
+            "dtype": options.dtype,
+            "block_bytes": BLOCK_SHAPE.numel() * dtype.itemsize,
             "chunk_blocks": CHUNK_BLOCKS,
             "total_bytes": total_block_bytes,
             "transport": "block stream",
@@ -325,6 +332,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--small-calls", type=int, default=100, help="calls per round")
     parser.add_argument("--block-calls", type=int, default=8, help="calls per round")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="of the blocks")
     parser.add_argument(
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "peer_fetch.json"
     )
@@ -334,7 +342,7 @@ def main() -> None:
     secret = ClusterSecret.generate()
     context = multiprocessing.get_context("spawn")
     parent, child = context.Pipe()
-    server = context.Process(target=_server_process, args=(child, secret.material))
+    server = context.Process(target=_server_process, args=(child, secret.material, options.dtype))
     server.start()
     try:
         if not parent.poll(60):
@@ -371,7 +379,7 @@ def main() -> None:
     )
     ratios = prefix["throughput_ratio_to_raw"]
     for name, label in (
-        ("peer", "8 MiB prefix (stream), MB/s"),
+        ("peer", f"{prefix['total_bytes'] / 2**20:.0f} MiB {options.dtype} prefix (stream), MB/s"),
         ("peer_verified", "  + verified and decoded, MB/s"),
         ("replica_backend", "  + signed per request, MB/s"),
     ):

@@ -31,14 +31,14 @@ from pathlib import Path
 import torch
 
 from cluster.block_hashes import PrefixScope, prompt_block_hashes
-from cluster.peer import PeerClient, PeerServer
-from cluster.prefix_cache import PrefixCache
-from cluster.result_cache import ResultCache
+from cluster.local.prefix_cache import PrefixCache
+from cluster.local.result_cache import ResultCache
 from cluster.secret import ClusterSecret
+from cluster.sharing.peer import PeerClient, PeerServer
+from cluster.sharing.tiered_prefix import fetch_prefix_from_owner
 from serve_app.models import ByteTokenizer, SamplingParams, TinyGPT, TinyGPTConfig, generate
-from serve_app.peer_backend import ResultPeerBackend
-from serve_app.prefix_generation import generate_with_prefix_cache
-from serve_app.shared_blocks import fetch_prefix_from_owner
+from serve_app.replica.peer_backend import ResultPeerBackend
+from serve_app.replica.prefix_generation import generate_with_prefix_cache
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT_TOKENS = 2048

@@ -42,7 +42,7 @@ from pathlib import Path
 import torch
 
 from cluster.block_hashes import PrefixScope, prompt_block_hashes
-from cluster.prefix_cache import PrefixCache
+from cluster.local.prefix_cache import PrefixCache
 from serve_app.models import (
     ByteTokenizer,
     CausalLM,
@@ -53,7 +53,7 @@ from serve_app.models import (
     pick_token,
 )
 from serve_app.models.hf import HFCausalLM, HFTokenizer, checkpoint_eos
-from serve_app.prefix_generation import (
+from serve_app.replica.prefix_generation import (
     generate_with_prefix_cache,
     lookup_prompt_prefix,
     warm_up_prefix,

@@ -5,7 +5,7 @@
 
 Starts its own redis-server on a free loopback port and writes the KV blocks of a 2,048-token
 prefix of the default model (tiny-gpt: 4 layers x K and V x 4 heads x 64 dims; 128 blocks of
-16 tokens) the way a replica shares them (`serve_app.shared_blocks.store_prefix_in_redis`):
+16 tokens) the way a replica shares them (`cluster.sharing.tiered_prefix.store_prefix_in_redis`):
 codec envelopes of kind "kv-chunk", one per 16 blocks, under their readable keys. Three
 payloads: float32, the model's dtype (128 KiB a block, 16 MiB in 8 chunks of 2 MiB), and
 float16 and bfloat16, the half precisions Hugging Face models are served in (8 MiB in 8 chunks
@@ -17,11 +17,11 @@ of 1 MiB each). Methods, each fetching every chunk of the prefix:
   `redis.Redis`, one `GET` per chunk. For reference.
 - `get_many`: `RedisStore.get_many` of every chunk (breaker, timeouts, retry, counters): "b".
 - `fetch+decode`: what a replica runs to read a prefix from Redis,
-  `shared_blocks.fetch_chunks_from_redis`: `RedisStore.get_many_decoded` with the chunk
+  `tiered_prefix.fetch_chunks_from_redis`: `RedisStore.get_many_decoded` with the chunk
   decoder (size limit, framing, xxh3 checksum of every byte, HMAC with `--secret`, header,
   block hashes, shape and dtype), keeping every block as a tensor, as a replica does to
   insert them in its cache: "c", the product path.
-- `fetch_prefix`: `shared_blocks.fetch_prefix_from_redis` into an empty prefix cache: "c"
+- `fetch_prefix`: `tiered_prefix.fetch_prefix_from_redis` into an empty prefix cache: "c"
   plus the insertion, for reference.
 
 Each round runs every method once, in an order that rotates by one every round, so that every
@@ -71,17 +71,17 @@ import torch
 from redis.utils import HIREDIS_AVAILABLE
 
 from cluster.block_hashes import BlockHash, PrefixScope, prompt_block_hashes
-from cluster.prefix_cache import PrefixCache
-from cluster.redis_store import RedisStore
+from cluster.local.prefix_cache import PrefixCache
 from cluster.secret import ClusterSecret
-from serve_app.models import TinyGPTConfig
-from serve_app.shared_blocks import (
+from cluster.sharing.redis_store import RedisStore
+from cluster.sharing.tiered_prefix import (
     chunk_key,
     chunk_ranges,
     fetch_chunks_from_redis,
     fetch_prefix_from_redis,
     store_prefix_in_redis,
 )
+from serve_app.models import TinyGPTConfig
 from tests.support.processes import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]

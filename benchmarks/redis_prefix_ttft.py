@@ -4,7 +4,7 @@
                                            [--json benchmarks/results/redis_prefix_ttft.json]
 
 Starts its own redis-server on a free loopback port. One replica's prefix cache prefills the
-shared 90% and writes it to Redis in aligned chunks (`serve_app.shared_blocks`); then, side by
+shared 90% and writes it to Redis in aligned chunks (`cluster.sharing.tiered_prefix`); then, side by
 side in one run, with the default TinyGPT on one thread:
 
   redis    a fresh replica (empty local prefix cache) fetches the chunks in one round trip,
@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from cluster.block_hashes import PrefixScope, prompt_block_hashes
-from cluster.prefix_cache import PrefixCache
-from cluster.redis_store import RedisStore
+from cluster.local.prefix_cache import PrefixCache
 from cluster.secret import ClusterSecret
+from cluster.sharing.redis_store import RedisStore
+from cluster.sharing.tiered_prefix import fetch_prefix_from_redis, store_prefix_in_redis
 from serve_app.models import ByteTokenizer, SamplingParams, TinyGPT, TinyGPTConfig, generate
-from serve_app.prefix_generation import generate_with_prefix_cache
-from serve_app.shared_blocks import fetch_prefix_from_redis, store_prefix_in_redis
+from serve_app.replica.prefix_generation import generate_with_prefix_cache
 from tests.support.processes import RedisServer
 
 ROOT = Path(__file__).resolve().parents[1]

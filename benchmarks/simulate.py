@@ -5,9 +5,9 @@
 
 PATH is a trace file or a generator spec such as `zipf:0.8` (see `benchmarks.traces`). Every
 object has charge 1 and capacities count objects. `--policies` defaults to every policy
-registered in `cluster.policies`, then `opt` (Belady, `benchmarks.opt`); the default policy is
+registered in `cluster.local.policies`, then `opt` (Belady, `benchmarks.opt`); the default policy is
 also reported under the name `default`. The policies run are the real classes from
-`cluster.policies`, driven through their contract: `hit` on a resident key, else `insert`.
+`cluster.local.policies`, driven through their contract: `hit` on a resident key, else `insert`.
 
 Prints a table (hit ratio in percent, plus seconds and microseconds per request of each run) and
 optionally writes JSON shaped exactly
@@ -31,7 +31,7 @@ import numpy as np
 
 from benchmarks import traces
 from benchmarks.opt import next_uses, opt_hits
-from cluster.policies import DEFAULT_POLICY, EvictionPolicy, make_policy, policy_names
+from cluster.local.policies import DEFAULT_POLICY, EvictionPolicy, make_policy, policy_names
 
 DEFAULT_ALIAS = "default"
 OPT = "opt"

@@ -38,7 +38,7 @@ import numpy as np
 import ray
 from ray import serve
 
-from cluster.directory_actor import ACTOR_NAMESPACE
+from cluster.sharing.directory_actor import ACTOR_NAMESPACE
 from tests.support.deployments import deploy
 from tests.support.processes import RedisServer
 

@@ -67,7 +67,7 @@ class PrefixScope(NamedTuple):
     model_version: str
     """Version of the weights whose keys and values the blocks hold."""
     generation: int = 0
-    """The publication of that version (`cluster.versions`): a label republished with other
+    """The publication of that version (`cluster.versions.records`): a label republished with other
     weights is a new generation, so the old weights' blocks never match its prompts."""
 
 

@@ -146,7 +146,7 @@ class RequestIdentity:
     model_version: str
     kind: str
     model_generation: int = 0
-    """The publication of `model_version` whose weights answer (`cluster.versions`): a label
+    """The publication of `model_version` whose weights answer (`cluster.versions.records`): a label
     republished with other weights is a new generation, so its answers get other keys."""
 
 

@@ -6,9 +6,9 @@ from typing import Any
 
 from ray.serve import Application
 
+from serve_app.api.ingress import Ingress
 from serve_app.config import parse_args
-from serve_app.ingress import Ingress
-from serve_app.replica import ModelReplica
+from serve_app.replica.deployment import ModelReplica
 
 
 def build_app(args: dict[str, Any] | None = None) -> Application:

@@ -22,7 +22,7 @@ from pydantic import (
 )
 
 from cluster.keys import normalize_text
-from cluster.policies import DEFAULT_POLICY, policy_names
+from cluster.local.policies import DEFAULT_POLICY, policy_names
 from cluster.secret import MIN_SECRET_CHARS, ClusterSecret, SecretError, is_placeholder
 
 REDIS_URL_ENV = "RAYCACHE_REDIS_URL"
@@ -87,6 +87,11 @@ class ModelSpec(StrictModel):
     n_heads: int = Field(default=4, ge=1, le=128, description="Attention heads per block.")
     max_context: int = Field(
         default=4096, ge=16, le=65536, description="Longest sequence (prompt + completion), tokens."
+    )
+    pinned: bool = Field(
+        default=False,
+        description="Keep the model loaded on every replica: loaded at start, never evicted to "
+        "make room for another model (see `model_pool`).",
     )
 
     @model_validator(mode="after")
@@ -155,6 +160,13 @@ class ResultCacheSettings(StrictModel):
             raise ValueError(f"unknown policy {policy!r}; choose one of {policy_names()}")
         return policy
 
+    def longest_life_s(self) -> float:
+        """The longest an answer stays cached (its TTL stretched by the jitter; a year when
+        answers do not expire): how long an invalidation rule matters."""
+        if self.ttl_s is None:
+            return 365 * 24 * 3600.0
+        return self.ttl_s * (1 + self.ttl_jitter)
+
 
 class PinnedPrompt(StrictModel):
     """A prompt prefix (a system prompt) computed at start-up and never evicted."""
@@ -190,6 +202,27 @@ class PrefixCacheSettings(StrictModel):
     )
     pinned: tuple[PinnedPrompt, ...] = Field(
         default=(), description="Prefixes computed at start-up and never evicted."
+    )
+
+
+class ModelPoolSettings(StrictModel):
+    """How many models each replica holds in memory at once; the least recently used idle
+    model is evicted to load another (null: no bound)."""
+
+    max_loaded_models: int | None = Field(
+        default=None, ge=1, description="Most models loaded at once on one replica."
+    )
+    max_model_bytes: int | None = Field(
+        default=None,
+        ge=1,
+        description="Most bytes of weights loaded at once on one replica (bytes).",
+    )
+    load_wait_s: float = Field(
+        default=60.0,
+        gt=0,
+        le=3600,
+        description="How long a request for a model that is not loaded waits for room while "
+        "every loaded model is in use, before failing with 503 (seconds).",
     )
 
 
@@ -258,6 +291,7 @@ class AppArgs(StrictModel):
     result_cache: ResultCacheSettings = Field(default_factory=ResultCacheSettings)
     prefix_cache: PrefixCacheSettings = Field(default_factory=PrefixCacheSettings)
     peer: PeerSettings = Field(default_factory=PeerSettings)
+    model_pool: ModelPoolSettings = Field(default_factory=ModelPoolSettings)
     normalize_text: bool = Field(
         default=False,
         description="NFC-normalize text prompts and collapse their whitespace before anything "
@@ -293,6 +327,12 @@ class AppArgs(StrictModel):
     torch_threads: int = Field(
         default=1, ge=1, le=256, description="Intra-op threads of each model replica (threads)."
     )
+    generation_threads: int = Field(
+        default=2,
+        ge=1,
+        le=64,
+        description="Requests one replica generates at once; more wait for a thread (threads).",
+    )
     stats_interval_s: float = Field(
         default=0.2, gt=0, le=60, description="How often replicas report cache stats (seconds)."
     )
@@ -313,6 +353,13 @@ class AppArgs(StrictModel):
         unknown = sorted({p.model for p in self.prefix_cache.pinned} - set(ids))
         if unknown:
             raise ValueError(f"prefix_cache.pinned: unknown model(s) {unknown}")
+        pinned = [m.id for m in self.models if m.pinned]
+        room = self.model_pool.max_loaded_models
+        if room is not None and len(pinned) > room:
+            raise ValueError(
+                f"model_pool.max_loaded_models: {room} cannot hold the {len(pinned)} pinned "
+                f"models {pinned}"
+            )
         return self
 
     def model(self, model_id: str) -> ModelSpec | None:

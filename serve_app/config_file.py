@@ -23,8 +23,10 @@ from pydantic import BaseModel, ValidationError
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app.config import ConfigError, parse_args, parse_user_config
+from serve_app.router import DEFAULT_NAMESPACE
 
 RAYCACHE_IMPORT_PATH = "serve_app.app:build_app"
+ROUTER_CLASS = "serve_app.router:CacheAffinityRouter"
 
 
 def _models_in(annotation: Any) -> list[type[BaseModel]]:
@@ -94,13 +96,31 @@ def validate_config(raw: Mapping[str, Any]) -> list[str]:
             problems.append(f"applications[{index}].args: {exc}")
             continue
         for deployment in app.get("deployments", []):
-            if deployment.get("name") != "ModelReplica" or "user_config" not in deployment:
+            if deployment.get("name") != "ModelReplica":
+                continue
+            where = f"applications[{index}].deployments.ModelReplica"
+            problems.extend(_router_problems(deployment, args.namespace, where))
+            if "user_config" not in deployment:
                 continue
             try:
                 parse_user_config(deployment["user_config"], args)
             except ConfigError as exc:
-                problems.append(f"applications[{index}].deployments.ModelReplica: {exc}")
+                problems.append(f"{where}: {exc}")
     return problems
+
+
+def _router_problems(deployment: Mapping[str, Any], namespace: str, where: str) -> list[str]:
+    """The cache-affinity router follows the ring of its `namespace`: it must be the app's."""
+    config = deployment.get("request_router_config") or {}
+    if config.get("request_router_class") != ROUTER_CLASS:
+        return []
+    routed = (config.get("request_router_kwargs") or {}).get("namespace", DEFAULT_NAMESPACE)
+    if routed == namespace:
+        return []
+    return [
+        f"{where}.request_router_config.request_router_kwargs.namespace: {routed!r} is not the "
+        f"application's namespace {namespace!r} (the router follows that namespace's ring)"
+    ]
 
 
 def validate_config_file(path: str | Path) -> list[str]:

@@ -113,3 +113,13 @@ class ModelUpdating(RaycacheError):
     grpc_status = "UNAVAILABLE"
     error_type = "server_error"
     code = "model_updating"
+
+
+class ModelLoading(RaycacheError):
+    """The model is not in the replica's memory and could not be loaded: the load failed, or
+    every loaded model stayed in use for as long as the request could wait for room."""
+
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+    error_type = "server_error"
+    code = "model_loading"

@@ -1,24 +1,31 @@
 """Cache-affinity request routing for the `ModelReplica` deployment.
 
-A request that carries a `routing_key` goes to the owner of that key on the consistent-hash
-ring of the running replicas (`cluster.ring`, the same placement the replicas compute from the
-directory, so the request lands where its answer and prefix blocks live), unless that replica
-already has more than `max_owner_queue` requests in flight: then the least loaded of the others
-takes it, with the ring's next members preferred, and the owner stays the last resort. A request
-that names a `replica` goes there while it runs. Requests without a key get Serve's usual two
-random choices. Nothing here blocks or calls an actor:
-placement is pure hashing over the replicas Serve already knows.
+A request that carries a `routing_key` goes to the owner of that key on the directory's ring
+(`cluster.sharing.ring_watch`: the very ring the replicas compute owners from, so the request
+lands where its answer and prefix blocks live), unless that replica already has more than
+`max_owner_queue` requests in flight: then the least loaded of the others takes it, with the
+ring's next members preferred, and the owner stays the last resort.
+
+The directory's ring leaves out the replicas the version actor excluded (behind on a version):
+they get keyed requests only when no ring member can take them. Until the directory's ring is
+known, or when none of its members is among the running replicas, the ring of the replicas Serve
+knows stands in for it. A request that names a `replica` goes there while it runs. Requests
+without a key get Serve's usual two random choices. Nothing here blocks: the ring is followed
+in a background thread, and placement is hashing.
 """
 
 from __future__ import annotations
 
 import random
 
+import ray
 from ray.serve.request_router import FIFOMixin, PendingRequest, RequestRouter, RunningReplica
 
-from cluster.ring import Ring
+from cluster.sharing.ring import Ring
+from cluster.sharing.ring_watch import RingWatcher
 
 DEFAULT_MAX_OWNER_QUEUE = 8
+DEFAULT_NAMESPACE = "raycache"
 
 
 def _argument(request: PendingRequest | None, name: str) -> str | None:
@@ -33,11 +40,17 @@ class CacheAffinityRouter(FIFOMixin, RequestRouter):
     """Routes each keyed request to its key's owner replica, falling back on load."""
 
     _max_owner_queue = DEFAULT_MAX_OWNER_QUEUE
-    _ring: Ring = Ring()
+    _namespace = DEFAULT_NAMESPACE
+    _serve_ring: Ring = Ring()
+    _directory_ring: RingWatcher | None = None
 
-    def initialize_state(self, max_owner_queue: int = DEFAULT_MAX_OWNER_QUEUE) -> None:
-        """`max_owner_queue`: in-flight requests above which the owner is passed over."""
+    def initialize_state(
+        self, max_owner_queue: int = DEFAULT_MAX_OWNER_QUEUE, namespace: str = DEFAULT_NAMESPACE
+    ) -> None:
+        """`max_owner_queue`: in-flight requests above which the owner is passed over;
+        `namespace`: the application's `args.namespace`, whose directory holds the ring."""
         self._max_owner_queue = max_owner_queue
+        self._namespace = namespace
 
     async def choose_replicas(
         self,
@@ -53,11 +66,29 @@ class CacheAffinityRouter(FIFOMixin, RequestRouter):
         key = _argument(pending_request, "routing_key")
         if key is None:
             return [random.sample(candidate_replicas, min(2, len(candidate_replicas)))]
-        if set(self._ring.weights) != by_id.keys():
-            self._ring = Ring(dict.fromkeys(by_id, 1.0))
-        ranked = [by_id[m] for m in self._ring.owners(key, len(by_id))]
+        ranked = [by_id[m] for m in self._ring(by_id).owners(key, len(by_id)) if m in by_id]
+        # Running replicas off the directory's ring (excluded, or not registered yet) come last.
+        ranked += [r for r in candidate_replicas if r not in ranked]
         owner, others = ranked[0], ranked[1:]
         owner_queue = self.replica_queue_len_cache.get(owner.replica_id)
         if others and owner_queue is not None and owner_queue > self._max_owner_queue:
             return [others, [owner]]
         return [[owner], others] if others else [[owner]]
+
+    def _ring(self, running: dict[str, RunningReplica]) -> Ring:
+        """The directory's ring when it holds a running replica; else the running replicas'."""
+        watcher = self._watch_directory()
+        if watcher is not None:
+            ring = watcher.ring()
+            if any(member in running for member in ring.weights):
+                return ring
+        if set(self._serve_ring.weights) != running.keys():
+            self._serve_ring = Ring(dict.fromkeys(running, 1.0))
+        return self._serve_ring
+
+    def _watch_directory(self) -> RingWatcher | None:
+        """The watcher of the directory's ring, started on first use inside a Ray worker."""
+        if self._directory_ring is None and ray.is_initialized():
+            self._directory_ring = RingWatcher.of_namespace(self._namespace)
+            self._directory_ring.start()
+        return self._directory_ring

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from cluster.result_cache import CacheStats
+from cluster.local.result_cache import CacheStats
 
 TIERS = ("local", "peer", "redis")
 COUNTERS = ("hits", "misses", "entries", "bytes", "evictions")

@@ -20,6 +20,16 @@ A single sequence, so there is no batch dimension; `seq_len` is the same in ever
 """
 
 
+def module_bytes(module: torch.nn.Module) -> int:
+    """Bytes of `module`'s parameters and buffers (shared tensors counted once)."""
+    seen: dict[int, int] = {}
+    for tensor in (*module.parameters(), *module.buffers()):
+        seen[tensor.data_ptr() if tensor.device.type != "meta" else id(tensor)] = (
+            tensor.numel() * tensor.element_size()
+        )
+    return sum(seen.values())
+
+
 def kv_length(past: KVCache | None) -> int:
     """How many tokens `past` covers (0 for None or an empty cache)."""
     return past[0][0].shape[1] if past else 0
@@ -52,6 +62,11 @@ class CausalLM(Protocol):
     @property
     def dtype(self) -> torch.dtype:
         """The dtype of the `KVCache` tensors (logits are always float32)."""
+        ...
+
+    @property
+    def weight_bytes(self) -> int:
+        """Bytes the weights (parameters and buffers) take on `device`."""
         ...
 
     def kv_block_shape(self, block_size: int) -> torch.Size:

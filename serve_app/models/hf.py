@@ -21,7 +21,7 @@ from typing import Any, Final
 
 import torch
 
-from serve_app.models.base import KVCache, kv_length
+from serve_app.models.base import KVCache, kv_length, module_bytes
 
 SUPPORTED_ARCHITECTURES: Final = {
     "llama": "LlamaForCausalLM",
@@ -117,6 +117,22 @@ class HFCausalLM:
             raise UnsupportedModel(f"{path} built a {type(model).__name__}, which is not served")
         return cls(model.to(device).eval())
 
+    @staticmethod
+    def estimate_bytes(path: str | Path, dtype: str = "float32") -> int:
+        """The bytes `load(path, dtype)` will take, without reading the weights: the model
+        built from its config on the meta device."""
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        config = AutoConfig.from_pretrained(
+            checkpoint_dir(path), local_files_only=True, trust_remote_code=False
+        )
+        check_supported(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=DTYPES[dtype], trust_remote_code=False
+            )
+        return module_bytes(model)
+
     @property
     def vocab_size(self) -> int:
         return int(self._config.vocab_size)
@@ -137,6 +153,10 @@ class HFCausalLM:
     def dtype(self) -> torch.dtype:
         """The dtype of the weights, and of the keys and values this model caches."""
         return next(self._model.parameters()).dtype
+
+    @property
+    def weight_bytes(self) -> int:
+        return module_bytes(self._model)
 
     def kv_block_shape(self, block_size: int) -> torch.Size:
         """The shape of one prefix-cache block of `block_size` tokens (`PrefixCache` layout:

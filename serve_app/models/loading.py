@@ -51,6 +51,21 @@ def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> Cau
     return model
 
 
+def weight_bytes_estimate(spec: ModelSpec) -> int:
+    """The bytes `load_model(spec)` will take, computed without loading the weights (the
+    model's modules built on the meta device)."""
+    if spec.kind == "hf":
+        assert spec.path is not None
+        return HFCausalLM.estimate_bytes(spec.checkpoint or spec.path, spec.dtype)
+    config = TinyGPTConfig(
+        n_layers=spec.n_layers,
+        d_model=spec.d_model,
+        n_heads=spec.n_heads,
+        max_context=spec.max_context,
+    )
+    return TinyGPT(config, device="meta").weight_bytes
+
+
 def load_tokenizer(spec: ModelSpec) -> Tokenizer:
     """The tokenizer of `spec`'s model: bytes for TinyGPT, the checkpoint's own otherwise
     (read from the configured `path`; a published version keeps its model's tokenizer)."""

@@ -17,7 +17,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from serve_app.models.base import KVCache, kv_length
+from serve_app.models.base import KVCache, kv_length, module_bytes
 
 CHECKPOINT_FORMAT = "raycache.tiny_gpt.v1"
 
@@ -136,6 +136,10 @@ class TinyGPT(nn.Module):
     @property
     def dtype(self) -> torch.dtype:
         return torch.float32
+
+    @property
+    def weight_bytes(self) -> int:
+        return module_bytes(self)
 
     def kv_block_shape(self, block_size: int) -> torch.Size:
         config = self.config

@@ -21,16 +21,16 @@ import pytest
 import ray
 
 from cluster.codec import encode
-from cluster.directory_actor import ACTOR_NAMESPACE, directory_actor
-from cluster.peer_blocks import Status, encode_request
-from cluster.proto import peer_pb2, peer_pb2_grpc
 from cluster.ray_secret import shared_secret
-from cluster.redis_store import redis_key
 from cluster.secret import ClusterSecret
-from cluster.versions import ModelVersion
-from serve_app.completions import CompletionJob, parse_completion_request
+from cluster.sharing.directory_actor import ACTOR_NAMESPACE, directory_actor
+from cluster.sharing.peer_blocks import Status, encode_request
+from cluster.sharing.proto import peer_pb2, peer_pb2_grpc
+from cluster.sharing.redis_store import redis_key
+from cluster.versions.records import ModelVersion
+from serve_app.api.completions import CompletionJob, parse_completion_request
 from serve_app.models import ByteTokenizer
-from serve_app.replica import completion_key
+from serve_app.replica.answers import completion_key
 from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.e2e

@@ -16,7 +16,7 @@ import ray
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from cluster.directory_actor import directory_actor
+from cluster.sharing.directory_actor import directory_actor
 from serve_app.config import ModelSpec
 from serve_app.config_file import validate_config
 from serve_app.models import ByteTokenizer, SamplingParams, generate

@@ -7,9 +7,9 @@ import uuid
 import pytest
 import ray
 
-from cluster.directory import Member, ReplicaId
-from cluster.directory_actor import directory_actor
-from cluster.membership import Membership
+from cluster.sharing.directory import Member, ReplicaId
+from cluster.sharing.directory_actor import directory_actor
+from cluster.sharing.membership import Membership
 from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.integration

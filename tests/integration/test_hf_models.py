@@ -18,18 +18,18 @@ import torch
 from ray import serve
 
 from cluster.block_hashes import PrefixScope, prompt_block_hashes
-from cluster.directory_actor import ACTOR_NAMESPACE, directory_actor
 from cluster.keys import routing_key
-from cluster.prefix_cache import PrefixCache
-from cluster.redis_store import RedisStore
-from cluster.ring import Ring
+from cluster.local.prefix_cache import PrefixCache
 from cluster.secret import ClusterSecret
-from serve_app.completions import CompletionJob
+from cluster.sharing.directory_actor import ACTOR_NAMESPACE, directory_actor
+from cluster.sharing.redis_store import RedisStore
+from cluster.sharing.ring import Ring
+from cluster.sharing.tiered_prefix import fetch_prefix_from_redis, store_prefix_in_redis
+from serve_app.api.completions import CompletionJob
 from serve_app.errors import InvalidRequest
 from serve_app.models import SamplingParams
 from serve_app.models.hf import HFCausalLM, HFTokenizer
-from serve_app.prefix_generation import generate_with_prefix_cache
-from serve_app.shared_blocks import fetch_prefix_from_redis, store_prefix_in_redis
+from serve_app.replica.prefix_generation import generate_with_prefix_cache
 from tests.support.deployments import deploy
 from tests.support.hf_checkpoints import EOS, VOCAB, reference_greedy, write_checkpoint
 from tests.support.processes import wait_until

@@ -18,7 +18,7 @@ import grpc.aio
 import pytest
 import pytest_asyncio
 
-from cluster.peer import (
+from cluster.sharing.peer import (
     AUTH_METADATA_KEY,
     PeerClient,
     PeerLimits,
@@ -26,7 +26,7 @@ from cluster.peer import (
     method_path,
     peer_credential,
 )
-from cluster.proto import peer_pb2, peer_pb2_grpc
+from cluster.sharing.proto import peer_pb2, peer_pb2_grpc
 from tests.support.prefix_runs import leading_run
 from tests.support.processes import free_port
 

@@ -19,7 +19,8 @@ import grpc.aio
 import pytest
 import pytest_asyncio
 
-from cluster.peer import (
+from cluster.secret import ClusterSecret
+from cluster.sharing.peer import (
     AUTH_METADATA_KEY,
     AUTH_WINDOW_S,
     PeerClient,
@@ -28,8 +29,7 @@ from cluster.peer import (
     method_path,
     peer_credential,
 )
-from cluster.proto import peer_pb2, peer_pb2_grpc
-from cluster.secret import ClusterSecret
+from cluster.sharing.proto import peer_pb2, peer_pb2_grpc
 from tests.support.prefix_runs import leading_run
 
 pytestmark = pytest.mark.integration

@@ -1,4 +1,5 @@
-"""The block stream (`cluster.peer_blocks`) on loopback, against hostile callers and servers.
+"""The block stream (`cluster.sharing.peer_blocks`) on loopback, against hostile callers and
+servers.
 
 An attacker who can reach the block port but lacks the peer key gets a refusal and a closed
 connection, no block, and the backend is never asked; requests over the limits are refused
@@ -19,16 +20,18 @@ from dataclasses import dataclass
 import pytest
 import pytest_asyncio
 
-from cluster.peer import AUTH_WINDOW_S, PeerClient, PeerLimits, PeerServer
-from cluster.peer_blocks import Status, encode_request
 from cluster.secret import ClusterSecret
+from cluster.sharing.peer import AUTH_WINDOW_S, PeerClient, PeerLimits, PeerServer
+from cluster.sharing.peer_blocks import Status, encode_request
 from tests.support.prefix_runs import leading_run
 
 pytestmark = pytest.mark.integration
 
 KEY = ClusterSecret.generate().peer
 SLACK_S = 0.5  # scheduling noise on a loaded 2-core machine
-HEADER = struct.Struct(">4sBHIB")  # the request header, as cluster/peer_blocks.py documents it
+HEADER = struct.Struct(
+    ">4sBHIB"
+)  # the request header, as cluster/sharing/peer_blocks.py documents it
 
 
 class CountingBackend:

@@ -15,12 +15,12 @@ import pytest_asyncio
 import torch
 
 from cluster.block_hashes import PrefixScope, prompt_block_hashes
-from cluster.peer import PeerClient, PeerServer
-from cluster.prefix_cache import PrefixCache
-from cluster.result_cache import ResultCache
+from cluster.local.prefix_cache import PrefixCache
+from cluster.local.result_cache import ResultCache
 from cluster.secret import ClusterSecret
-from serve_app.peer_backend import ResultPeerBackend
-from serve_app.shared_blocks import encode_chunk, fetch_prefix_from_owner
+from cluster.sharing.peer import PeerClient, PeerServer
+from cluster.sharing.tiered_prefix import encode_chunk, fetch_prefix_from_owner
+from serve_app.replica.peer_backend import ResultPeerBackend
 
 pytestmark = pytest.mark.integration
 

@@ -5,7 +5,7 @@ import time
 
 import pytest
 
-from cluster.redis_probe import RedisProbe
+from cluster.sharing.redis_probe import RedisProbe
 from tests.support.processes import RedisServer, free_port
 
 pytestmark = pytest.mark.integration

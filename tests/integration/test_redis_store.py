@@ -15,8 +15,8 @@ import pytest
 import redis.asyncio as aioredis
 from redis.cluster import RedisCluster as SyncRedisCluster
 
-from cluster.breaker import CircuitBreaker
-from cluster.redis_store import RedisStore, redis_key, redis_key_pattern
+from cluster.sharing.breaker import CircuitBreaker
+from cluster.sharing.redis_store import RedisStore, redis_key, redis_key_pattern
 from tests.support.processes import RedisServer, free_port
 from tests.support.redis_topologies import (
     ACL_PASSWORD,
@@ -276,7 +276,7 @@ async def test_a_stopped_redis_costs_nothing_once_the_breaker_opens_then_is_foun
         async with opened(server.url, **RELAXED, breaker=breaker) as store:
             assert await store.set_many([(k, b"v") for k in keys])
             server.stop()
-            caplog.set_level(logging.WARNING, logger="cluster.redis_store")
+            caplog.set_level(logging.WARNING, logger="cluster.sharing.redis_store")
             for _ in range(3):
                 started = time.perf_counter()
                 assert await store.get_many(keys) == [None] * 8  # connection refused: fast
@@ -510,7 +510,7 @@ def test_conflicting_or_unknown_urls_are_refused_at_construction(url, cluster):
 
 @pytest.mark.asyncio
 async def test_the_password_never_reaches_the_logs(caplog):
-    caplog.set_level(logging.WARNING, logger="cluster.redis_store")
+    caplog.set_level(logging.WARNING, logger="cluster.sharing.redis_store")
     url = f"redis://raycache:hunter2@127.0.0.1:{free_port()}/0"
     async with opened(url, breaker=CircuitBreaker(failure_threshold=1)) as store:
         assert await store.get_many([key("m", 1)]) == [None]

@@ -11,11 +11,11 @@ import torch
 
 from cluster.block_hashes import BlockHash, PrefixScope, prompt_block_hashes
 from cluster.codec import MAGIC
-from cluster.prefix_cache import PrefixCache
-from cluster.redis_store import RedisStore
+from cluster.local.prefix_cache import PrefixCache
 from cluster.secret import ClusterSecret
-from serve_app import shared_blocks
-from serve_app.shared_blocks import (
+from cluster.sharing import tiered_prefix
+from cluster.sharing.redis_store import RedisStore
+from cluster.sharing.tiered_prefix import (
     chunk_key,
     chunk_ranges,
     fetch_chunks_from_redis,
@@ -110,13 +110,13 @@ async def test_a_missing_or_corrupt_chunk_ends_the_run_and_later_ones_are_not_de
         admin.set(second, bytes(value))
     admin.close()
     decoded = []
-    decode_chunk = shared_blocks.decode_chunk
+    decode_chunk = tiered_prefix.decode_chunk
 
     def counting(blob, *args):
         decoded.append(len(blob))
         return decode_chunk(blob, *args)
 
-    monkeypatch.setattr(shared_blocks, "decode_chunk", counting)
+    monkeypatch.setattr(tiered_prefix, "decode_chunk", counting)
     try:
         chunks = await fetch(store, namespace, hashes)
         assert [len(chunk) for chunk in chunks] == [3]

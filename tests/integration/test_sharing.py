@@ -15,10 +15,10 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.directory_actor import directory_actor
 from cluster.keys import routing_key
-from cluster.ring import Ring
-from serve_app.completions import CompletionJob
+from cluster.sharing.directory_actor import directory_actor
+from cluster.sharing.ring import Ring
+from serve_app.api.completions import CompletionJob
 from serve_app.config import parse_args
 from serve_app.models import ByteTokenizer, SamplingParams, generate
 from serve_app.models.loading import load_model

@@ -10,11 +10,11 @@ from typing import Any, ClassVar
 import pytest
 import redis.asyncio as aioredis
 
-from cluster.breaker import CircuitBreaker
 from cluster.keys import ResultKey
-from cluster.redis_store import RedisStore, redis_key
-from cluster.result_cache import EntryTags, ResultCache
-from cluster.tiered import Placement, TieredCache
+from cluster.local.result_cache import EntryTags, ResultCache
+from cluster.sharing.breaker import CircuitBreaker
+from cluster.sharing.redis_store import RedisStore, redis_key
+from cluster.sharing.tiered import Placement, TieredCache
 from tests.support.redis_topologies import RedisNode
 
 pytestmark = pytest.mark.integration

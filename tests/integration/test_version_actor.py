@@ -13,11 +13,11 @@ from collections.abc import Callable, Iterator
 import pytest
 import ray
 
-from cluster.directory_actor import ACTOR_NAMESPACE
-from cluster.version_actor import version_actor
-from cluster.version_follower import VersionFollower
-from cluster.version_store import RecordSigner, VersionStore, versions_channel
-from cluster.versions import ModelVersion
+from cluster.sharing.directory_actor import ACTOR_NAMESPACE
+from cluster.versions.actor import version_actor
+from cluster.versions.follower import VersionFollower
+from cluster.versions.records import ModelVersion
+from cluster.versions.store import RecordSigner, VersionStore, versions_channel
 from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.integration

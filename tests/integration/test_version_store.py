@@ -11,9 +11,9 @@ import uuid
 
 import pytest
 
-from cluster.invalidation import InvalidationRule
-from cluster.version_store import RecordSigner, VersionStore, versions_channel
-from cluster.versions import ModelVersion
+from cluster.versions.invalidation import InvalidationRule
+from cluster.versions.records import ModelVersion
+from cluster.versions.store import RecordSigner, VersionStore, versions_channel
 from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.integration
@@ -57,7 +57,7 @@ def test_a_stored_record_without_a_valid_signature_is_ignored_counted_and_logged
     forged = forgeries(namespace)[kind]
     client = redis_server.client()
     client.hset(f"{namespace}#versions", "m", forged)
-    with caplog.at_level(logging.WARNING, logger="cluster.version_store"):
+    with caplog.at_level(logging.WARNING, logger="cluster.versions.store"):
         assert store.load() == {}
     assert store.rejected_records == 1
     assert [r.levelname for r in caplog.records if "ignoring" in r.message] == ["WARNING"]

@@ -19,10 +19,10 @@ import pytest
 import ray
 from ray import serve
 
-from cluster.directory_actor import ACTOR_NAMESPACE, directory_actor
 from cluster.secret import ClusterSecret
-from cluster.version_store import RecordSigner, VersionStore, versions_channel
-from cluster.versions import ModelVersion
+from cluster.sharing.directory_actor import ACTOR_NAMESPACE, directory_actor
+from cluster.versions.records import ModelVersion
+from cluster.versions.store import RecordSigner, VersionStore, versions_channel
 from serve_app.config import ModelSpec
 from serve_app.errors import VersionConflict
 from serve_app.models import ByteTokenizer, SamplingParams, generate

@@ -8,10 +8,10 @@ import ray
 from ray import serve
 from ray.serve.config import RequestRouterConfig
 
-from cluster.directory_actor import directory_actor
+from cluster.sharing.directory_actor import directory_actor
+from serve_app.api.ingress import Ingress
 from serve_app.config import parse_args
-from serve_app.ingress import Ingress
-from serve_app.replica import ModelReplica
+from serve_app.replica.deployment import ModelReplica
 from tests.support.processes import serve_http_port, wait_until
 
 
@@ -28,7 +28,8 @@ def deploy(
         "max_ongoing_requests": 64,
         "ray_actor_options": {"num_cpus": 0.1},
         "request_router_config": RequestRouterConfig(
-            request_router_class="serve_app.router:CacheAffinityRouter"
+            request_router_class="serve_app.router:CacheAffinityRouter",
+            request_router_kwargs={"namespace": validated["namespace"]},
         ),
     }
     if user_config is not None:

@@ -51,6 +51,7 @@ class ScriptedLM:
     n_layers = 1
     device = torch.device("cpu")
     dtype = torch.float32
+    weight_bytes = 0
 
     def kv_block_shape(self, block_size: int) -> torch.Size:
         return torch.Size((self.n_layers, 2, 1, block_size, 1))

@@ -14,14 +14,14 @@ import torch
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
 from cluster.block_hashes import PrefixScope, prompt_block_hashes
-from cluster.prefix_cache import PrefixCache
+from cluster.local.prefix_cache import PrefixCache
 from cluster.secret import ClusterSecret
+from cluster.sharing.tiered_prefix import decode_chunk, encode_chunk
 from serve_app.config import ModelSpec
 from serve_app.models import SamplingParams, generate
 from serve_app.models.hf import HFCausalLM, HFTokenizer, UnsupportedModel, checkpoint_eos
 from serve_app.models.loading import load_model, load_tokenizer, model_context
-from serve_app.prefix_generation import generate_with_prefix_cache
-from serve_app.shared_blocks import decode_chunk, encode_chunk
+from serve_app.replica.prefix_generation import generate_with_prefix_cache
 from tests.support.hf_checkpoints import (
     ARCHITECTURES,
     CONTEXT,

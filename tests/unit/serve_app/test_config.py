@@ -121,6 +121,23 @@ def test_user_config_must_name_served_models():
     assert len(problems) == 1 and "no-such-model" in problems[0], problems
 
 
+def test_the_router_must_follow_the_applications_namespace():
+    raw = load_cluster_yaml()
+    raw["applications"][0]["args"]["namespace"] = "elsewhere"
+    problems = validate_config(raw)
+    assert len(problems) == 1 and "request_router_kwargs.namespace" in problems[0], problems
+
+
+def test_pinned_models_must_fit_the_model_pool():
+    with pytest.raises(ConfigError, match="max_loaded_models"):
+        parse_args(
+            {
+                "models": [{"id": "a", "pinned": True}, {"id": "b", "pinned": True}],
+                "model_pool": {"max_loaded_models": 1},
+            }
+        )
+
+
 @pytest.mark.parametrize(
     "secret", ["short", "replace-me-with-openssl-rand-hex-32", "CHANGEME-0123456789abcdef"]
 )

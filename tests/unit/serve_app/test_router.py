@@ -3,8 +3,8 @@
 import asyncio
 from dataclasses import dataclass, field
 
-from cluster.ring import Ring
-from serve_app.completions import CompletionJob
+from cluster.sharing.ring import Ring
+from serve_app.api.completions import CompletionJob
 from serve_app.models import SamplingParams
 from serve_app.router import CacheAffinityRouter
 
@@ -69,3 +69,30 @@ def test_a_named_replica_wins_and_unkeyed_requests_get_two_choices():
     assert choose(router({}), job("prompt-key", replica="r3")) == [["r3"]]
     (pair,) = choose(router({}), job(None))
     assert len(pair) == 2 and set(pair) <= {"r1", "r2", "r3"}
+
+
+class DirectoryRing:
+    """The directory's ring as `RingWatcher.ring()` gives it."""
+
+    def __init__(self, members: list[str]) -> None:
+        self._ring = Ring(dict.fromkeys(members, 1.0))
+
+    def ring(self) -> Ring:
+        return self._ring
+
+
+def test_the_directory_ring_decides_and_an_excluded_replica_comes_last():
+    chosen = router({})
+    chosen._directory_ring = DirectoryRing(["r1", "r2"])  # r3 excluded by the version actor
+    keys = [f"prompt-{i}" for i in range(50)]
+    for key in keys:
+        ranks = choose(chosen, job(key))
+        assert ranks[0] == [Ring(dict.fromkeys(["r1", "r2"], 1.0)).owner(key)]
+        assert ranks[1][-1] == "r3"
+
+
+def test_a_directory_ring_of_no_running_replica_gives_way_to_the_running_ones():
+    chosen = router({})
+    chosen._directory_ring = DirectoryRing(["gone-1", "gone-2"])
+    owner = Ring(dict.fromkeys(["r1", "r2", "r3"], 1.0)).owner("prompt-key")
+    assert choose(chosen, job("prompt-key"))[0] == [owner]

@@ -1,6 +1,6 @@
 """The `/v1/cache/stats` document."""
 
-from cluster.result_cache import CacheStats
+from cluster.local.result_cache import CacheStats
 from serve_app.stats import cluster_stats, replica_stats
 
 COUNTERS = {"hits", "misses", "hit_ratio", "entries", "bytes", "evictions"}

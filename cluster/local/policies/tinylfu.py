@@ -1,0 +1,712 @@
+"""W-TinyLFU: a small admission window in front of a frequency-filtered segmented main space.
+
+The layout is Caffeine's (Einziger, Eytan, Friedman, Manes, "Adaptive Software Cache
+Management", 2018):
+
+    newcomer -> [ window ] --overflow--> candidate --TinyLFU--> [ probation | protected ]
+                                                                  main space: SLRU 20/80
+
+- Every newcomer enters the **window**, so a burst of new keys gets a chance to prove itself.
+- A key leaving the window is a **candidate** for the main space. When the main space is full it
+  meets the **victim** (the oldest probation key, else the oldest protected key) and the
+  frequency estimates decide who stays: the candidate must be more popular by more than
+  `admit_margin`. A scan of one-time keys therefore washes through the window and never
+  displaces the popular main space. Admission and eviction stay separate decisions.
+- A key used again in probation is promoted to **protected** (80% of the main space); protected
+  overflow is demoted back to the young end of probation.
+- `admit_margin=1` discounts the access that made the candidate a candidate: the candidate was
+  just requested, while the victim is compared at the oldest point of its reuse cycle. Without
+  that discount a loop larger than the cache churns forever (each newcomer leads the victim by
+  exactly that one access); with it, the cache holds a stable part of the loop. Workloads whose
+  popular keys arrive with only one access more than the victims prefer 0. `margin_from`
+  applies the margin only to candidates whose estimate is at least that much: `margin_from=3`
+  exempts a candidate's first reuse (an estimate of 2 or less needs only to beat the victim), the
+  one sighting that tells a returning key from a one-hit wonder, and discounts the rest, where
+  loops churn. The adaptive policy picks between rules online. The plain `tinylfu` keeps
+  Caffeine's rule (margin 0) by default.
+- `wear` wears down a victim that keeps its place only by rejecting candidates: every `wear`-th
+  rejection takes one from the estimate of the victim that made it (0, the default: never),
+  down to 1, never to 0: a worn victim still beats a key seen once, so wear never opens the main
+  space to one-hit wonders (under the graded rule a candidate of 1 beats a victim of 0).
+  The victim stays at the head of probation while it wins, and the main space behind it is
+  frozen until aging halves the estimates (every 10 x entries sightings); where the popular set
+  drifts faster than that (block I/O: on the CloudPhysics trace at 9,795 entries the victims'
+  estimates are 4 to 6 while the candidates that come back have 1 or 2), the main space keeps
+  the keys of an earlier phase. S3-FIFO's main space takes one from a key's count at each pass
+  of its hand for the same reason. Wear loses on loops, whose stable part is a set of victims
+  that reject the rest of the loop, so the adaptive policy races it.
+- Ties reject the candidate, which lets a hash-flooding attacker pin a victim by inflating its
+  estimate; so a candidate that is warm (estimate >= 6) but not more popular is still admitted
+  with probability 1/128, from a seeded generator (no global randomness).
+
+Bookkeeping waits until room is needed, so that a hit, the common case, costs one counter
+update in the key's node:
+
+- **CLOCK orders.** Each segment is a FIFO queue of nodes. A hit only counts the access; a key
+  that reaches the head of its queue with accesses counted since it was last there gets a second
+  chance instead of leaving: it goes to the tail of the window or of protected, or from
+  probation into protected. This is CLOCK's approximation of the LRU orders that Caffeine keeps
+  exactly; it moves each key at most once per lap instead of on every hit.
+- **Frequencies in the nodes.** A node carries its key's estimate: the sketch's at the miss
+  that brought the key in, plus the hits counted since (folded in when the hand passes, capped
+  at 15 like a sketch counter). The candidate and the victim are compared from their nodes. The
+  sketch is written back only when a key leaves residency with a higher estimate than it came
+  with, so a resident key costs the sketch nothing. Aging halves the sketch and every node's
+  estimate together, after `sample_size` sightings (misses plus folded hits).
+- **Lazy removal.** `remove` marks the node dead; the hands skip dead nodes, and the queues are
+  compacted when dead nodes outnumber the living ones.
+- **No counters on the hot paths.** Hits and misses are not counted as they happen;
+  `requests_so_far` derives them when asked (the adaptive policy asks once per sample).
+
+Measured against Caffeine's exact LRU orders (the previous implementation) on the shared traces,
+the CLOCK orders cost or gain about a point here and there (-2.3 on LIRS multi2 at 284 with
+`admit_margin=1`, +9 on LIRS gli at 500 with 0); a hit costs about an eighth and a miss about
+half of what they did.
+
+Charges are arbitrary positive integers: the window and the segments are bounded in charge
+units, a candidate may need several victims, and it must beat each of them in turn; a candidate
+that cannot fit even in an empty main space is rejected. The window keeps at least one charge
+unit, so on small caches a newcomer still has one step of recency before it must compete.
+
+An owner's entry bound (`max_entries`: the result cache bounds bytes and entries) is kept as a
+**minimum charge**: every key is charged at least `ceil(capacity / max_entries)` units, so
+keeping the charges within the capacity keeps the entry count within its bound, and the one
+admission decision covers whichever bound binds, with the window and the segments in the same
+proportions. (Kept by the owner's `evict_one` calls after the fact, the entry bound bypassed
+admission: every candidate was admitted, and LIRS multi2 at 1,137 entries fell from 58.6% to
+50.7%.) The price: when entries far smaller and far larger than `capacity / max_entries` share
+a cache, the policy may give way before either bound is reached, by at most half of the space.
+
+The sketch is sized by entry count, not by charge: a cache charged in bytes does not know its
+entry count in advance, so the sketch starts at `min(capacity, 1024)` entries and grows with the
+resident count (`expected_entries` skips the growth when the count is known).
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from cluster.local.policies.base import Key, register
+from cluster.local.policies.sketch import MAX_COUNT, FrequencySketch
+
+try:
+    from cluster.local.policies._tinylfu_core import bind as _bind_compiled
+    from cluster.local.policies._tinylfu_core import hit_keys as _compiled_hit_keys
+    from cluster.local.policies._tinylfu_core import place as _compiled_place
+
+    COMPILED = True
+except ImportError:  # installed where no C compiler was at hand: the Python method runs
+    COMPILED = False
+
+_HASHDOS_THRESHOLD = 6
+_INITIAL_SKETCH_ENTRIES = 1024
+
+# A node is a list (cheapest to create and index in CPython), one per resident key:
+REFS = 0  # hits counted since the hand last passed the key
+CHARGE = 1
+FREQ = 2  # the frequency estimate, hits folded in up to the last pass, at most 15
+HASH = 3  # the key's sketch hash
+BASE = 4  # FREQ when the key came in (halved with it): higher at exit means write back
+SEGMENT = 5  # which queue holds the node, or DEAD once removed
+KEY = 6
+SAMPLED = 7  # whether the adaptive policy's shadows follow this key
+
+WINDOW, PROBATION, PROTECTED, DEAD = range(4)
+Node = list[Any]
+
+
+@register("tinylfu", bounds_entries=True)
+class WTinyLFUPolicy:
+    """W-TinyLFU with a window of `window_fraction` of the capacity.
+
+    A policy given a `sketch` is a shadow (see `adaptive`): it never writes nor ages that sketch,
+    and its owner feeds it through `place` with the key's hash and current estimate.
+    """
+
+    # Slots, because attribute access is most of a miss's cost: a subclass (`adaptive`) adds
+    # attributes past what CPython keeps in a shared instance dict (30), and past that every
+    # `self.x` on the hot paths takes a slower lookup (measured: ~10% of an adaptive put). The
+    # compiled `place` reads and writes these slots at their offsets (`_tinylfu_core.bind`).
+    __slots__ = (
+        "_dead",
+        "_folded_hits",
+        "_index",
+        "_owns_sketch",
+        "_probation",
+        "_protected",
+        "_protected_fraction",
+        "_protected_max",
+        "_protected_used",
+        "_random",
+        "_rejections",
+        "_seed",
+        "_sightings",
+        "_sketch_entries",
+        "_used",
+        "_window",
+        "_window_max",
+        "_window_used",
+        "admit_margin",
+        "capacity",
+        "departures",
+        "margin_from",
+        "max_entries",
+        "min_charge",
+        "sketch",
+        "wear",
+    )
+
+    def __init__(
+        self,
+        capacity: int,
+        *,
+        window_fraction: float = 0.01,
+        protected_fraction: float = 0.8,
+        admit_margin: int = 0,
+        margin_from: int = 0,
+        wear: int = 0,
+        seed: int = 0,
+        expected_entries: int | None = None,
+        sample_factor: float = 10.0,
+        width_factor: int = 4,
+        sketch: FrequencySketch | None = None,
+        max_entries: int | None = None,
+    ) -> None:
+        if not 0.0 <= window_fraction <= 1.0:
+            raise ValueError(f"window_fraction must be in [0, 1], got {window_fraction}")
+        if not 0.0 <= protected_fraction <= 1.0:
+            raise ValueError(f"protected_fraction must be in [0, 1], got {protected_fraction}")
+        if admit_margin < 0:
+            raise ValueError(f"admit_margin must be >= 0, got {admit_margin}")
+        if margin_from < 0:
+            raise ValueError(f"margin_from must be >= 0, got {margin_from}")
+        if wear < 0:
+            raise ValueError(f"wear must be >= 0, got {wear}")
+        if max_entries is not None and max_entries < 1:
+            raise ValueError(f"max_entries must be >= 1 (or None), got {max_entries}")
+        self.max_entries = max_entries
+        self.capacity = capacity
+        self.min_charge = self._min_charge()
+        self.admit_margin = admit_margin
+        self.margin_from = margin_from
+        self.wear = wear
+        self._rejections = 0  # since the last wear (see `_wear_down`)
+        self._protected_fraction = protected_fraction
+        self._index: dict[Key, Node] = {}
+        self._window: deque[Node] = deque()
+        self._probation: deque[Node] = deque()
+        self._protected: deque[Node] = deque()
+        self._dead = 0
+        self._window_used = 0
+        self._protected_used = 0
+        self._used = 0
+        self._window_max = 0
+        self._protected_max = 0
+        self._set_window_max(round(capacity * window_fraction))
+        if expected_entries is None:
+            expected_entries = min(capacity, _INITIAL_SKETCH_ENTRIES)
+        self._sketch_entries = max(expected_entries, 1)
+        self._owns_sketch = sketch is None
+        if sketch is None:
+            sketch = FrequencySketch(
+                self._sketch_entries,
+                seed=seed,
+                sample_factor=sample_factor,
+                width_factor=width_factor,
+            )
+        self.sketch = sketch
+        self._sightings = 0  # since the last aging
+        self.departures = 0  # keys that left: evicted, rejected or removed
+        self._folded_hits = 0  # hits counted into nodes so far
+        self._seed = seed
+        self._random = random.Random(seed)
+
+    def _min_charge(self) -> int:
+        """The charge that makes `max_entries` keys fill the capacity (1 without that bound)."""
+        if self.max_entries is None:
+            return 1
+        return max(1, -(-self.capacity // self.max_entries))
+
+    def _set_window_max(self, window_max: int) -> None:
+        """Bound the window at `window_max` (at least 1) units; the main space gets the rest."""
+        window_max = max(1, min(window_max, self.capacity))
+        self._window_max = window_max
+        self._protected_max = int((self.capacity - window_max) * self._protected_fraction)
+
+    @property
+    def window_max(self) -> int:
+        """The window's bound in charge units."""
+        return self._window_max
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._index
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def estimate_of(self, key: Key, h: int) -> int:
+        """The current estimate of `key` (hash `h`): its node's if resident, else the sketch's."""
+        node = self._index.get(key)
+        if node is None:
+            return self.sketch.estimate(h)
+        freq: int = node[FREQ] + node[REFS]
+        return freq if freq < MAX_COUNT else MAX_COUNT
+
+    def hit(self, key: Key) -> None:
+        self._index[key][REFS] += 1
+
+    def hit_many(self, keys: Iterable[Key]) -> None:
+        """`hit` each resident key of `keys`, in order, skipping the others: an owner that
+        buffers accesses hands over a batch in one call (keys may have left since)."""
+        hit_keys(self._index, keys, None)
+
+    def insert(self, key: Key, charge: int = 1) -> list[Key]:
+        if charge < self.min_charge:
+            charge = self.min_charge
+        if charge > self.capacity:
+            return [key]
+        h, freq = self.sketch.add_key(key)
+        evicted = place(self, key, charge, h, freq)
+        self._sightings += 1
+        if self._sightings >= self.sketch.sample_size:
+            self._age()
+        if not evicted and len(self._index) > self._sketch_entries:  # see `_grow_sketch`
+            self._grow_sketch()
+        return evicted
+
+    def _grow_sketch(self) -> None:
+        """Size the sketch for twice the resident keys (at most the capacity).
+
+        Only an insert that evicted nothing can take the key count past the sketch's size (one
+        that evicts removes at least what it adds, and the sketch is never sized below the key
+        count), so `insert` asks only then.
+        """
+        self._sketch_entries = min(self.capacity, 2 * len(self._index))
+        self.sketch.ensure_capacity(self._sketch_entries)
+
+    def place(self, key: Key, charge: int, h: int, freq: int, sampled: bool = False) -> list[Key]:
+        """The structural part of an insert (`charge <= capacity`): window, then admission.
+
+        `h` is the key's sketch hash and `freq` its estimate including this access. Window
+        overflow goes to admission, then the main space gives way until everything fits. This
+        runs on every miss: the common steps are written out here, with the running totals in
+        locals, because CPython charges for every call and attribute access. The misses call
+        the module's `place`, this method compiled (`_tinylfu_core.c`) where it could be built:
+        this method is its definition and its fallback, and a change here is a change there.
+        """
+        node = [0, charge, freq, h, freq, WINDOW, key, sampled]
+        index = self._index
+        index[key] = node
+        window = self._window
+        window.append(node)
+        probation = self._probation
+        used = self._used + charge
+        window_used = self._window_used + charge
+        window_max = self._window_max
+        capacity = self.capacity
+        admit_margin = self.admit_margin
+        margin_from = self.margin_from
+        evicted: list[Key] = []
+        newcomer: Node | None = node
+        while window_used > window_max:
+            candidate = window.popleft()
+            if candidate[SEGMENT] != WINDOW:
+                self._dead -= 1
+                continue
+            refs = candidate[REFS]
+            if refs:
+                self._fold(candidate, refs)
+                window.append(candidate)
+                continue
+            if candidate is newcomer and window:
+                # As in an LRU window, the newcomer is the last to go: the others have just had
+                # their second chance, so the next in line is the candidate.
+                window.append(candidate)
+                newcomer = None
+                continue
+            cost = candidate[CHARGE]
+            window_used -= cost
+            if used > capacity:
+                # TinyLFU: the candidate must beat every victim it needs, else it leaves. The
+                # common verdict is written out: the victim is the oldest probation key, unused
+                # since it came in, and the candidate, below the flooding threshold (no coin is
+                # tossed), does not beat it; `_contest` decides every other case.
+                victim = probation[0] if probation else None
+                candidate_freq = candidate[FREQ]
+                if (
+                    victim is not None
+                    and candidate_freq < _HASHDOS_THRESHOLD
+                    and candidate_freq
+                    <= victim[FREQ] + (admit_margin if candidate_freq >= margin_from else 0)
+                    and victim[SEGMENT] == PROBATION
+                    and not victim[REFS]
+                ):
+                    used -= cost
+                    if self.wear:
+                        self._wear_down(victim)
+                    # `_forget(candidate)`, written out; it has no hits pending (see above).
+                    loser = candidate[KEY]
+                    del index[loser]
+                    candidate[SEGMENT] = DEAD
+                    self.departures += 1
+                    if candidate_freq > candidate[BASE] and self._owns_sketch:
+                        self.sketch.raise_to(candidate[HASH], candidate_freq)
+                    evicted.append(loser)
+                    continue
+                self._used = used - cost
+                admitted = self._contest(candidate, evicted)
+                used = self._used + cost if admitted else self._used
+                if not admitted:
+                    continue
+            candidate[SEGMENT] = PROBATION
+            probation.append(candidate)
+        self._window_used = window_used
+        self._used = used
+        # The window holds the newcomer whatever its size; when the candidates that left it
+        # freed less than that (or the window has just grown), the main space gives way.
+        while self._used > capacity:
+            victim = self._victim()
+            if victim is None:
+                break
+            evicted.append(self._evict(victim))
+        return evicted
+
+    def _contest(self, candidate: Node, evicted: list[Key]) -> bool:
+        """Evict the victims `candidate` beats until it fits; False when one beats it first.
+
+        `candidate` is out of every queue and out of `used`; a loser is forgotten.
+        """
+        charge = candidate[CHARGE]
+        probation = self._probation
+        while self._used + charge > self.capacity:
+            victim = probation[0] if probation else None
+            if victim is None or victim[SEGMENT] != PROBATION or victim[REFS]:
+                victim = self._victim()
+            if victim is None or not self._admits(candidate, victim):
+                if victim is not None and self.wear:
+                    self._wear_down(victim)
+                evicted.append(self._forget(candidate))
+                return False
+            evicted.append(self._evict(victim))
+        return True
+
+    def _wear_down(self, victim: Node) -> None:
+        """Count a rejection by `victim`; every `wear`-th takes one from its estimate (not below 1).
+
+        Only the node's estimate drops, not the sketch's: if the victim leaves and comes back,
+        its past accesses count again (a worn estimate is written back only where it is still
+        above the one the victim came with).
+        """
+        self._rejections += 1
+        if self._rejections >= self.wear:
+            self._rejections = 0
+            if victim[FREQ] > 1:
+                victim[FREQ] -= 1
+
+    def _fold(self, node: Node, refs: int) -> None:
+        """Count `refs` hits into `node`'s estimate: the hand has passed it."""
+        node[REFS] = 0
+        freq = node[FREQ] + refs
+        node[FREQ] = freq if freq < MAX_COUNT else MAX_COUNT
+        self._sightings += refs
+        self._folded_hits += refs
+
+    def _admits(self, candidate: Node, victim: Node) -> bool:
+        """TinyLFU's verdict: whether `candidate` should replace `victim`."""
+        candidate_freq = candidate[FREQ]
+        margin = self.admit_margin if candidate_freq >= self.margin_from else 0
+        if candidate_freq > victim[FREQ] + margin:
+            return True
+        if candidate_freq >= _HASHDOS_THRESHOLD:
+            return self._random.getrandbits(7) == 0
+        return False
+
+    def _victim(self) -> Node | None:
+        """The node the main space gives up next, left at the head of its queue; None if empty.
+
+        The oldest probation key not used since it came in; keys used meanwhile are promoted on
+        the way. Without probation keys, the oldest protected key not used since the hand last
+        passed it.
+        """
+        probation = self._probation
+        while probation:
+            node = probation[0]
+            if node[SEGMENT] != PROBATION:
+                probation.popleft()
+                self._dead -= 1
+                continue
+            refs = node[REFS]
+            if not refs:
+                return node
+            probation.popleft()
+            self._fold(node, refs)
+            node[SEGMENT] = PROTECTED
+            self._protected.append(node)
+            self._protected_used += node[CHARGE]
+            if self._protected_used > self._protected_max:
+                self._demote()
+        protected = self._protected
+        while protected:
+            node = protected[0]
+            if node[SEGMENT] != PROTECTED:
+                protected.popleft()
+                self._dead -= 1
+                continue
+            refs = node[REFS]
+            if not refs:
+                return node
+            protected.popleft()
+            self._fold(node, refs)
+            protected.append(node)
+        return None
+
+    def _demote(self) -> None:
+        """Move the oldest unused protected keys to probation until protected fits its bound."""
+        protected = self._protected
+        probation = self._probation
+        while self._protected_used > self._protected_max and protected:
+            node = protected.popleft()
+            if node[SEGMENT] != PROTECTED:
+                self._dead -= 1
+                continue
+            refs = node[REFS]
+            if refs:
+                self._fold(node, refs)
+                protected.append(node)
+                continue
+            self._protected_used -= node[CHARGE]
+            node[SEGMENT] = PROBATION
+            probation.append(node)
+
+    def _evict(self, victim: Node) -> Key:
+        """Evict `victim`, which `_victim` left at the head of its queue."""
+        charge = victim[CHARGE]
+        if victim[SEGMENT] == PROBATION:
+            self._probation.popleft()
+        else:
+            self._protected.popleft()
+            self._protected_used -= charge
+        self._used -= charge
+        return self._forget(victim)
+
+    def _forget(self, node: Node) -> Key:
+        """Drop a node that no queue holds any more; its hits go to the sketch."""
+        key: Key = node[KEY]
+        del self._index[key]
+        node[SEGMENT] = DEAD
+        self.departures += 1
+        refs = node[REFS]
+        if refs:
+            self._fold(node, refs)
+        freq = node[FREQ]
+        if freq > node[BASE] and self._owns_sketch:
+            self.sketch.raise_to(node[HASH], freq)
+        return key
+
+    def requests_so_far(self) -> tuple[int, int]:
+        """Hits and misses since this policy was made: O(resident keys), for occasional use.
+
+        Not counted as they happen: a miss is a key that came in (resident or departed since),
+        and a hit is counted in its node and folded into a running total when the hand passes.
+        """
+        pending = sum(node[REFS] for node in self._index.values())
+        return self._folded_hits + pending, len(self._index) + self.departures
+
+    def _age(self) -> None:
+        """Halve the sketch and every estimate held in a node: a new sample period begins."""
+        self.sketch.age()
+        self.halve_estimates()
+        self._sightings //= 2
+
+    def halve_estimates(self) -> None:
+        """Halve the estimates the nodes hold (their sketch has just been aged)."""
+        for node in self._index.values():
+            node[FREQ] >>= 1
+            node[BASE] >>= 1
+
+    def remove(self, key: Key) -> None:
+        node = self._index.get(key)
+        if node is None:
+            return
+        segment = node[SEGMENT]
+        charge = node[CHARGE]
+        if segment == WINDOW:
+            self._window_used -= charge
+        elif segment == PROTECTED:
+            self._protected_used -= charge
+        self._used -= charge
+        self._forget(node)
+        self._dead += 1
+        if self._dead > max(64, len(self._index)):
+            self._compact()
+
+    def _compact(self) -> None:
+        """Drop the dead nodes from every queue."""
+        self._window = deque(node for node in self._window if node[SEGMENT] == WINDOW)
+        self._probation = deque(node for node in self._probation if node[SEGMENT] == PROBATION)
+        self._protected = deque(node for node in self._protected if node[SEGMENT] == PROTECTED)
+        self._dead = 0
+
+    def evict_one(self) -> Key | None:
+        probation = self._probation
+        if probation:
+            # The common case, written out (see `place`): an unused key heads probation.
+            victim = probation[0]
+            if victim[SEGMENT] == PROBATION and not victim[REFS]:
+                probation.popleft()
+                self._used -= victim[CHARGE]
+                key: Key = victim[KEY]
+                del self._index[key]
+                victim[SEGMENT] = DEAD
+                self.departures += 1
+                if victim[FREQ] > victim[BASE] and self._owns_sketch:
+                    self.sketch.raise_to(victim[HASH], victim[FREQ])
+                return key
+        found = self._victim()  # second chances, promotions, dead nodes
+        if found is not None:
+            return self._evict(found)
+        window = self._window
+        while window:
+            node = window.popleft()
+            if node[SEGMENT] != WINDOW:
+                self._dead -= 1
+                continue
+            self._window_used -= node[CHARGE]
+            self._used -= node[CHARGE]
+            return self._forget(node)
+        return None
+
+    def resize_window(self, window_max: int) -> None:
+        """Move the window/main boundary to `window_max` units, moving keys across at once.
+
+        A larger window takes the oldest main keys (probation first) into its young end; a
+        smaller one sends its oldest keys to the young end of probation. Nothing is evicted:
+        the total charge does not change.
+        """
+        self._set_window_max(window_max)
+        window = self._window
+        probation = self._probation
+        while self._window_used > self._window_max:
+            node = window.popleft()
+            if node[SEGMENT] != WINDOW:
+                self._dead -= 1
+                continue
+            self._window_used -= node[CHARGE]
+            node[SEGMENT] = PROBATION
+            probation.append(node)
+        for source, segment in ((probation, PROBATION), (self._protected, PROTECTED)):
+            while source:
+                node = source[0]
+                if node[SEGMENT] != segment:
+                    source.popleft()
+                    self._dead -= 1
+                    continue
+                charge = node[CHARGE]
+                if self._window_used + charge > self._window_max:
+                    break
+                source.popleft()
+                if segment == PROTECTED:
+                    self._protected_used -= charge
+                node[SEGMENT] = WINDOW
+                window.append(node)
+                self._window_used += charge
+            if source:  # its oldest key does not fit: protected waits until probation is empty
+                break
+        if self._protected_used > self._protected_max:
+            self._demote()
+
+    def resize(self, capacity: int, window_max: int) -> list[Key]:
+        """Change the capacity and the window bound at once; returns the keys evicted to fit.
+
+        With an entry bound the minimum charge follows the capacity, and resident keys below
+        it are charged it too, so the charge bound keeps implying the entry bound.
+        """
+        self.capacity = capacity
+        before, self.min_charge = self.min_charge, self._min_charge()
+        if self.min_charge > before:
+            self._charge_at_least(self.min_charge)
+        self.resize_window(window_max)
+        evicted: list[Key] = []
+        while self._used > capacity:
+            victim = self.evict_one()
+            if victim is None:
+                break
+            evicted.append(victim)
+        return evicted
+
+    def _charge_at_least(self, minimum: int) -> None:
+        """Raise the charge of every resident key below `minimum` to it."""
+        for node in self._index.values():
+            extra = minimum - node[CHARGE]
+            if extra <= 0:
+                continue
+            node[CHARGE] = minimum
+            self._used += extra
+            if node[SEGMENT] == WINDOW:
+                self._window_used += extra
+            elif node[SEGMENT] == PROTECTED:
+                self._protected_used += extra
+
+    def check_integrity(self) -> None:
+        used = {WINDOW: 0, PROBATION: 0, PROTECTED: 0}
+        live = 0
+        dead = 0
+        for queue, segment in (
+            (self._window, WINDOW),
+            (self._probation, PROBATION),
+            (self._protected, PROTECTED),
+        ):
+            for node in queue:
+                if node[SEGMENT] == segment:
+                    assert self._index.get(node[KEY]) is node, "a queued node is not indexed"
+                    assert 0 <= node[FREQ] <= MAX_COUNT, "estimate out of range"
+                    used[segment] += node[CHARGE]
+                    live += 1
+                else:
+                    assert node[SEGMENT] == DEAD, "a node sits in the wrong queue"
+                    dead += 1
+        assert live == len(self._index), "an indexed node is in no queue (or in two)"
+        assert dead == self._dead, "dead count drifted"
+        assert self._window_used == used[WINDOW], "window charge drifted"
+        assert self._protected_used == used[PROTECTED], "protected charge drifted"
+        assert self._used == sum(used.values()), "used drifted"
+        assert self._used <= self.capacity, "over capacity"
+        if self.max_entries is not None:
+            assert len(self._index) <= self.max_entries, "over the entry bound"
+        assert self._window_used <= self._window_max, "window over its bound"
+        assert self._protected_used <= self._protected_max, "protected over its bound"
+
+
+def _hit_keys_python(
+    index: dict[Key, Node], keys: Iterable[Key], on_sampled: Callable[..., None] | None
+) -> None:
+    """Count a hit in the node of each key of `keys` in `index`; for a node marked sampled, call
+    `on_sampled(key, charge, h, True)` unless it is None (the adaptive policy's shadows)."""
+    for key in keys:
+        node = index.get(key)
+        if node is not None:
+            node[REFS] += 1
+            if on_sampled is not None and node[SAMPLED]:
+                on_sampled(key, node[CHARGE], node[HASH], True)
+
+
+place: Callable[..., list[Key]]
+"""`place(policy, key, charge, h, freq, sampled=False)`: `WTinyLFUPolicy.place`, compiled
+(`_tinylfu_core`) where a C compiler was at hand, else the method itself. Every miss runs it, so
+`insert` and the adaptive policy's miniatures call this; a unit test checks the two agree."""
+hit_keys: Callable[[dict[Key, Node], Iterable[Key], Callable[..., None] | None], None]
+"""`_hit_keys_python`, compiled where it could be (the loop of every `hit_many`)."""
+if COMPILED:
+    _bind_compiled(WTinyLFUPolicy)
+    place = _compiled_place
+    hit_keys = _compiled_hit_keys
+else:
+    place = WTinyLFUPolicy.place
+    hit_keys = _hit_keys_python

@@ -1,0 +1,485 @@
+"""The replica core: everything a model replica does, without Ray.
+
+`ReplicaCore.complete` answers a validated `CompletionJob`:
+
+1. it waits (on an event, holding no thread) while the replica switches the job's model to a
+   version it heard of, up to `version_wait_s`, then `ModelUpdating`;
+2. it takes the model's weights from the `ModelPool` (loading them, evicting an idle model,
+   when they are not in memory);
+3. it plans the request once (`RequestPlan`: result key, owner replica, Redis placement) and
+   looks the answer up tier by tier (`cluster.sharing.tiered`); on a miss it hashes the prompt's
+   blocks once (`PromptChain`), fetches its cached prefix from the owner and Redis
+   (`cluster.sharing.tiered_prefix`), generates in the core's own bounded thread pool, and
+   stores the answer and the new blocks.
+
+Versions: `apply_version` and `apply_rules` are what the replica's `VersionFollower` calls (in
+its thread) before it acknowledges a version or a rule; `versions_changed` is its `on_change`.
+
+What the core does not do is reach other processes by itself: the owner of a key comes from an
+`OwnerLookup` (the directory's ring, in a replica), version state from a `VersionView` (the
+follower), and the peer and Redis tiers are handed in. Without them it is a replica alone, with
+in-memory tiers in unit tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
+
+from cluster.block_hashes import PrefixScope, keyed_blake2b_256
+from cluster.keys import ResultKey
+from cluster.local.prefix_cache import PrefixCache
+from cluster.local.result_cache import EntryTags, ResultCache
+from cluster.secret import ClusterSecret
+from cluster.sharing.directory import Member, ReplicaId
+from cluster.sharing.peer import PeerClient
+from cluster.sharing.redis_store import RedisStore
+from cluster.sharing.tiered import Placement, TieredCache, result_placement
+from cluster.sharing.tiered_prefix import BlockLayout, PromptChain, TieredPrefix
+from cluster.versions.invalidation import InvalidationRule, InvalidationRules
+from cluster.versions.records import ModelVersion
+from serve_app.api.completions import CompletionJob, CompletionOutcome
+from serve_app.config import AppArgs, prompt_text
+from serve_app.errors import ModelNotFound, ModelUpdating
+from serve_app.models import Generation, Tokenizer, generate
+from serve_app.replica.answers import AnswerIdentity, completion_key, decode_answer, encode_answer
+from serve_app.replica.change_signal import ChangeSignal
+from serve_app.replica.model_pool import LoadWeights, ModelPool
+from serve_app.replica.peer_backend import ResultPeerBackend
+from serve_app.replica.prefix_generation import generate_with_prefix_cache, warm_up_prefix
+from serve_app.replica.serving import ServingModel
+from serve_app.stats import replica_stats
+
+logger = logging.getLogger(__name__)
+
+DRAIN_TIMEOUT_S = 30.0
+
+
+class OwnerLookup(Protocol):
+    """Who owns a routing key: the ring's member for it, or None without a ring."""
+
+    def owner(self, routing_key: str) -> Member | None: ...
+
+
+class VersionView(Protocol):
+    """What the replica knows of published versions (its `VersionFollower`)."""
+
+    def lagging(self, model: str) -> bool: ...
+
+    def in_contact(self) -> bool: ...
+
+
+class _NoRing:
+    def owner(self, routing_key: str) -> Member | None:
+        return None
+
+
+class _Current:
+    """A replica alone: what it serves is current, and it is never out of touch."""
+
+    def lagging(self, model: str) -> bool:
+        return False
+
+    def in_contact(self) -> bool:
+        return True
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """Everything derived from a job and the weights that answer it, computed once."""
+
+    job: CompletionJob
+    serving: ServingModel
+    key: ResultKey | None
+    """None when the answer is not cached (sampled, or out of touch with the versions)."""
+    tags: EntryTags
+    owner: Member | None
+    """The replica owning the job's prompt, when that is another one."""
+    placement: Placement
+    tenant_salt: str
+
+
+class ReplicaCore:
+    """A replica's caches, models, versions and statistics; see the module docstring.
+
+    Used from one event loop (the replica's): `complete`, `stats`, `close`. `apply_version`
+    and `apply_rules` block and are called from another thread.
+    """
+
+    def __init__(
+        self,
+        args: AppArgs,
+        secret: ClusterSecret,
+        replica_id: ReplicaId,
+        tokenizers: Mapping[str, Tokenizer],
+        versions: Mapping[str, ModelVersion],
+        load_weights: LoadWeights,
+        estimate_bytes: Callable[[str], int],
+        peer: PeerClient | None = None,
+        redis: RedisStore | None = None,
+    ) -> None:
+        """Must be built on the event loop that will use it. `versions`: the version of every
+        configured model to serve first; `load_weights(record)` builds a version's weights."""
+        self.args = args
+        self.replica_id = replica_id
+        self._secret = secret
+        self._tokenizers = dict(tokenizers)
+        self._specs = {spec.id: spec for spec in args.models}
+        self._block_hash = keyed_blake2b_256(secret.keys)
+        self._tenant_salts: dict[str, str] = {}
+        self._owners: OwnerLookup = _NoRing()
+        self._versions: VersionView = _Current()
+        self._version_changed = ChangeSignal()
+        self.rules = InvalidationRules()
+        settings = args.result_cache
+        self.cache = ResultCache(
+            max_bytes=settings.max_bytes,
+            max_entries=settings.max_entries,
+            policy=settings.policy,
+            ttl_s=settings.ttl_s,
+            ttl_jitter=settings.ttl_jitter,
+        )
+        prefix = args.prefix_cache
+        self.prefix = (
+            PrefixCache(block_size=prefix.block_size, max_bytes=prefix.max_bytes)
+            if prefix.enabled
+            else None
+        )
+        self._peer = peer
+        self._redis = redis
+        self.tiered: TieredCache[CompletionOutcome] = TieredCache(
+            self.cache,
+            decode=lambda blob, key, tags: decode_answer(
+                blob, "local", secret, expect=AnswerIdentity.of(key, tags)
+            ),
+            decode_remote=lambda blob, key, tags: decode_answer(
+                blob, "local", secret, rules=self.rules, expect=AnswerIdentity.of(key, tags)
+            ),
+            peer=peer,
+            redis=redis,
+            peer_timeout_s=args.peer.timeout_s,
+            redis_ttl_s=settings.ttl_s,
+        )
+        self.tiered_prefix = (
+            TieredPrefix(
+                self.prefix,
+                secret,
+                args.namespace,
+                peer=peer,
+                redis=redis,
+                redis_chunk_blocks=prefix.redis_chunk_blocks,
+                peer_timeout_s=args.peer.timeout_s,
+                enqueue=self.tiered.enqueue,
+            )
+            if self.prefix is not None
+            else None
+        )
+        self.peer_backend = ResultPeerBackend(
+            self.cache, self.prefix, secret, self.rules, chunk_bytes=prefix.peer_chunk_bytes
+        )
+        pool = args.model_pool
+        self.pool = ModelPool(
+            versions,
+            load_weights,
+            estimate_bytes,
+            max_loaded_models=pool.max_loaded_models,
+            max_model_bytes=pool.max_model_bytes,
+            pinned=[spec.id for spec in args.models if spec.pinned],
+            on_loaded=self._warm_up,
+        )
+        # Generation's own threads: a bounded number of requests compute at once, and nothing
+        # else (block copies, model loads, version waits) queues behind them.
+        self._generation = concurrent.futures.ThreadPoolExecutor(
+            max_workers=args.generation_threads, thread_name_prefix="raycache-generate"
+        )
+
+    def connect(self, owners: OwnerLookup, versions: VersionView) -> None:
+        """Join a cluster: the ring that names owners, and the follower of published versions
+        (whose `on_change` must call `versions_changed`)."""
+        self._owners = owners
+        self._versions = versions
+
+    async def start(self) -> None:
+        """Load the models that fit (pinned ones first) and warm their pinned prompts."""
+        await asyncio.to_thread(self.pool.load_at_start, list(self._specs))
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def complete(self, job: CompletionJob) -> CompletionOutcome:
+        """Answer `job`: from a cache tier when it is deterministic and was answered before
+        (here, by its owner replica, or in Redis), otherwise by generating it once.
+
+        Never from weights older than a version this replica has heard of: while it switches,
+        the request waits (up to `version_wait_s`, then `ModelUpdating`). A model that is not
+        loaded is loaded first (`ModelLoading` when that fails or finds no room in time).
+        """
+        if job.model not in self._specs:
+            raise ModelNotFound(f"model {job.model!r} is not served", param="model")
+        if not await self._caught_up(job.model):
+            raise ModelUpdating(
+                f"model {job.model!r} is switching to a new version on this replica",
+                param="model",
+            )
+        serving = await self.pool.acquire(job.model, self.args.model_pool.load_wait_s)
+        try:
+            return await self._answer(self._plan(job, serving))
+        finally:
+            self.pool.release(serving)
+
+    def versions_changed(self) -> None:
+        """The follower's `on_change`: wake requests waiting for a version (any thread)."""
+        self._version_changed.notify()
+
+    async def _caught_up(self, model: str) -> bool:
+        """Whether this replica serves the newest version of `model` it heard of, waiting up
+        to `version_wait_s` for that (on the loop: waiting holds no thread)."""
+        deadline = time.monotonic() + self.args.version_wait_s
+        seen = self._version_changed.seq
+        while self._versions.lagging(model):
+            if not await self._version_changed.wait_past(seen, deadline - time.monotonic()):
+                return not self._versions.lagging(model)
+            seen = self._version_changed.seq
+        return True
+
+    def _plan(self, job: CompletionJob, serving: ServingModel) -> RequestPlan:
+        # Out of touch with the version actor, a newer version may exist: compute, trust no
+        # cached answer, and store none.
+        cached = job.params.is_deterministic and self._versions.in_contact()
+        salt = self._tenant_salt(job.tenant)
+        key = (
+            completion_key(self.args.namespace, self._secret, job, serving.record, salt)
+            if cached
+            else None
+        )
+        tags = EntryTags(model=job.model, version=serving.version, tenant=job.tenant)
+        owner = self._owner(job)
+        placement = (
+            result_placement(
+                key,
+                tags,
+                owner.peer_address if owner else None,
+                self.args.namespace if self._redis is not None else None,
+            )
+            if key is not None
+            else Placement()
+        )
+        return RequestPlan(job, serving, key, tags, owner, placement, salt)
+
+    def _owner(self, job: CompletionJob) -> Member | None:
+        if self._peer is None or not job.routing_key:
+            return None
+        owner = self._owners.owner(job.routing_key)
+        if owner is None or owner.replica_id == self.replica_id:
+            return None
+        return owner
+
+    async def _answer(self, plan: RequestPlan) -> CompletionOutcome:
+        if plan.key is None:
+            return (await self._compute(plan))[0]
+        outcome, tier = await self.tiered.get_or_compute(
+            plan.key, plan.placement, plan.tags, lambda: self._compute(plan)
+        )
+        outcome = replace(outcome, cache_key=plan.key)
+        return outcome if tier is None else replace(outcome, cache_tier=tier, cached_tokens=0)
+
+    async def _compute(self, plan: RequestPlan) -> tuple[CompletionOutcome, bytes]:
+        """Generate the answer and its cached form. When another replica owns the prompt, or
+        Redis holds its prefix, the blocks past the local run are copied first, so that only
+        the rest is prefilled here."""
+        model = plan.serving.model
+        # Hashed here, once per computation: a hit needs no block hashes.
+        chain = None
+        if self.tiered_prefix is not None:
+            block_size = self.tiered_prefix.cache.block_size
+            chain = PromptChain.of(
+                plan.job.prompt_tokens,
+                block_size,
+                self._scope(plan.tenant_salt, plan.serving.record),
+                self._block_hash,
+            )
+            layout = BlockLayout(model.kv_block_shape(block_size), model.dtype, model.device)
+            owner = plan.owner.blocks_address if plan.owner is not None else None
+            await self.tiered_prefix.fetch(chain, layout, owner)
+        loop = asyncio.get_running_loop()
+        generation, cached_tokens = await loop.run_in_executor(
+            self._generation, self._generate, plan, chain
+        )
+        if chain is not None and self.tiered_prefix is not None:
+            self.tiered_prefix.share(chain, cached_tokens)
+        outcome = CompletionOutcome(
+            text=generation.text,
+            finish_reason=generation.finish_reason,
+            prompt_tokens=generation.prompt_tokens,
+            completion_tokens=len(generation.tokens),
+            cached_tokens=cached_tokens,
+            model_version=plan.serving.version,
+            cache_tier=None,
+        )
+        if plan.key is None:
+            return outcome, b""
+        identity = AnswerIdentity(
+            key=plan.key, tenant=plan.job.tenant, model=plan.job.model, version=plan.tags.version
+        )
+        return outcome, encode_answer(generation, identity, self._secret)
+
+    def _generate(self, plan: RequestPlan, chain: PromptChain | None) -> tuple[Generation, int]:
+        """Generate (in a generation thread); the generation and its prefix-cached tokens."""
+        job, model = plan.job, plan.serving.model
+        tokenizer = self._tokenizers[job.model]
+        if self.prefix is None or chain is None:
+            return generate(model, tokenizer, job.prompt_tokens, job.params), 0
+        return generate_with_prefix_cache(
+            model,
+            tokenizer,
+            job.prompt_tokens,
+            job.params,
+            self.prefix,
+            chain.scope,
+            hash_fn=self._block_hash,
+            hashes=chain.hashes,
+        )
+
+    # -- versions and rules (the follower's thread) -------------------------------------------
+
+    def apply_version(self, record: ModelVersion) -> None:
+        """Switch `record.model` to `record`; raises when its weights do not load, and then
+        nothing changed. Loaded: the new weights replace the old, whose requests are waited
+        for. Not loaded: `record` is what its next load serves. Either way the model's cached
+        entries of older weights are dropped."""
+        old = self.pool.switch(record)
+        self._drop_entries(record)
+        if old is not None:
+            if not old.wait_drained(DRAIN_TIMEOUT_S):
+                logger.warning("requests on %s %s outlived the switch", record.model, old.version)
+            # What the old weights' last requests stored while draining goes too.
+            self._drop_entries(record)
+
+    def _drop_entries(self, record: ModelVersion) -> None:
+        """Drop every local result of `record.model` and its prefix blocks of other weights
+        than `record`'s, and keep what computations of it in flight will answer from being
+        stored (their weights are being retired)."""
+        model = record.model
+        dropped = self.tiered.invalidate(lambda _key, tags: tags.model == model)
+        if self.prefix is not None:
+            # The new weights' pinned prompts were warmed before the switch: they stay.
+            dropped += self.prefix.invalidate(
+                lambda extra: (
+                    isinstance(extra, PrefixScope)
+                    and extra.model_id == model
+                    and extra.generation != record.generation
+                )
+            )
+        logger.info("dropped %d cached entries of %s", dropped, model)
+
+    def apply_rules(self, rules: list[InvalidationRule]) -> None:
+        """Enforce invalidation `rules`: first for values fetched from peers and Redis, then
+        by dropping matching local entries and keeping matching computations in flight from
+        storing their answers."""
+        self.rules.add(rules)
+        self.rules.prune(time.time() - self.args.result_cache.longest_life_s())
+        for rule in rules:
+            self.tiered.invalidate(lambda key, tags, rule=rule: rule.matches(tags, key))
+            if rule.key is None and self.prefix is not None:
+                salt = None if rule.tenant is None else self._tenant_salt(rule.tenant)
+                self.prefix.invalidate(
+                    lambda extra, rule=rule, salt=salt: (
+                        isinstance(extra, PrefixScope)
+                        and (salt is None or extra.tenant == salt)
+                        and rule.matches(
+                            EntryTags(extra.model_id, extra.model_version, rule.tenant)
+                        )
+                    )
+                )
+
+    def _warm_up(self, serving: ServingModel) -> None:
+        """Compute and pin the configured prompts of newly loaded weights (in the loading
+        thread, before any request uses them)."""
+        if self.prefix is None:
+            return
+        model = serving.record.model
+        for pinned in self.args.prefix_cache.pinned:
+            if pinned.model != model:
+                continue
+            scope = self._scope(self._tenant_salt(pinned.tenant), serving.record)
+            tokens = self._tokenizers[model].encode(prompt_text(pinned.text, self.args))
+            cached = warm_up_prefix(
+                serving.model, tokens, self.prefix, scope, pin=True, hash_fn=self._block_hash
+            )
+            logger.info("pinned %d tokens of a system prompt for %s", cached, model)
+
+    # -- statistics and shutdown --------------------------------------------------------------
+
+    def stats(self) -> dict[str, Any]:
+        """This replica's cache statistics in the `/v1/cache/stats` shape, but for what only
+        the replica's shell knows (the ring, the follower's failures, refused peer calls)."""
+        prefix = self.prefix.stats() if self.prefix is not None else None
+        tiers = self.tiered.stats
+        redis = self._redis.stats() if self._redis is not None else None
+        blocks = self.tiered_prefix.counters if self.tiered_prefix is not None else None
+        versions = {
+            model: {
+                "version": record.version,
+                "generation": record.generation,
+                "lagging": self._versions.lagging(model),
+            }
+            for model, record in self.pool.records().items()
+        }
+        cluster = {
+            "versions": versions,
+            "models": self.pool.stats().as_json(),
+            "invalidation_rules": len(self.rules),
+            "redis_breaker": redis.breaker_state if redis else "disabled",
+            "redis_errors": redis.errors if redis else 0,
+            "peer_fetch_ms": _mean_ms(tiers.peer.fetch_seconds, tiers.peer.fetches),
+            "redis_fetch_ms": _mean_ms(tiers.redis.fetch_seconds, tiers.redis.fetches),
+            "corrupt_values": tiers.peer.corrupt + tiers.redis.corrupt,
+            "foreign_values": tiers.peer.foreign + tiers.redis.foreign,
+            "tier_errors": tiers.peer.errors + tiers.redis.errors,
+            "invalidated_in_flight": tiers.invalidated_in_flight,
+            "peer_values_refused": self.peer_backend.rejected,
+            "stale_values": tiers.peer.stale + tiers.redis.stale,
+            "single_flight_waits": tiers.single_flight_waits,
+            "stores_dropped": tiers.stores_dropped,
+            "prefix_blocks_from_peers": blocks.from_peers if blocks else 0,
+            "prefix_blocks_from_redis": blocks.from_redis if blocks else 0,
+        }
+        counters = replica_stats(
+            local=self.cache.stats(),
+            peer=tiers.peer.as_cache_stats(),
+            redis=tiers.redis.as_cache_stats(),
+            prefix_queried_tokens=prefix.queried_tokens if prefix else 0,
+            prefix_cached_tokens=prefix.cached_tokens if prefix else 0,
+        )
+        return {**counters, "cluster": cluster}
+
+    async def close(self) -> None:
+        """Stop the background work: stores, model loads, generation threads."""
+        await self.tiered.close()
+        self.pool.close()
+        self._generation.shutdown(wait=False, cancel_futures=True)
+
+    # -- keys ---------------------------------------------------------------------------------
+
+    def _tenant_salt(self, tenant: str) -> str:
+        """What stands for `tenant` in keys and block hashes (derived from the cluster secret)."""
+        salt = self._tenant_salts.get(tenant)
+        if salt is None:
+            salt = self._tenant_salts[tenant] = self._secret.tenant_salt(tenant)
+        return salt
+
+    def _scope(self, tenant_salt: str, weights: ModelVersion) -> PrefixScope:
+        return PrefixScope(
+            tenant=tenant_salt,
+            model_id=weights.model,
+            model_version=weights.version,
+            generation=weights.generation,
+        )
+
+
+def _mean_ms(seconds: float, count: int) -> float:
+    return 1000 * seconds / count if count else 0.0

@@ -1,0 +1,328 @@
+"""The models a replica holds in memory: loaded on demand, the least recently used idle one
+evicted to make room.
+
+A replica serves every configured model but holds at most `max_loaded_models` of them, and at
+most `max_model_bytes` of weights, at once. `acquire(model)` returns the model's current
+`ServingModel`, entered (hand it back with `release`):
+
+- at once when it is loaded;
+- otherwise after one load, however many requests ask for it meanwhile: the load runs in the
+  pool's own worker thread (not behind generation), after room was made by evicting the least
+  recently used models that no request is using. When every loaded model is busy, the request
+  waits for one to become idle, up to `wait_s`, then `ModelLoading` (503).
+
+Pinned models are loaded at start and never evicted. Room is made for a model's measured size
+when it was loaded before, else for an estimate from its config (`weight_bytes_estimate`);
+after a load the measured size counts, and more idle models go when it was larger.
+
+Versions: the pool keeps each model's current `ModelVersion` whether it is loaded or not.
+`switch(record)` on a loaded model loads the new weights beside the old ones, swaps them and
+retires the old (the caller drains them); on a model that is not loaded it only records the
+version, which its next load serves. A load that finishes after a newer version was recorded
+loads again, so no request is served by weights older than the version the pool knows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final
+
+from cluster.versions.records import ModelVersion
+from serve_app.errors import ModelLoading
+from serve_app.models import CausalLM
+from serve_app.replica.change_signal import ChangeSignal
+from serve_app.replica.serving import ServingModel
+
+logger = logging.getLogger(__name__)
+
+LoadWeights = Callable[[ModelVersion], CausalLM]
+"""Builds the weights of a version (blocking: reads files, allocates tensors)."""
+# Loading is I/O and allocation; one at a time keeps two loads from doubling the peak memory.
+_LOAD_WORKERS: Final = 1
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """What the pool did since the replica started."""
+
+    loaded: tuple[str, ...]
+    """Models in memory now, least recently used first."""
+    loaded_bytes: int
+    loads: int
+    load_failures: int
+    evictions: int
+    load_seconds: float
+    waits_for_room: int
+    """Requests that found every loaded model busy and waited for one to become idle."""
+
+    def as_json(self) -> dict[str, object]:
+        return {
+            "loaded": list(self.loaded),
+            "loaded_bytes": self.loaded_bytes,
+            "loads": self.loads,
+            "load_failures": self.load_failures,
+            "evictions": self.evictions,
+            "load_seconds": round(self.load_seconds, 6),
+            "waits_for_room": self.waits_for_room,
+        }
+
+
+class ModelPool:
+    """The loaded models of one replica under a count and a byte budget; see the module."""
+
+    def __init__(
+        self,
+        versions: Mapping[str, ModelVersion],
+        load: LoadWeights,
+        estimate_bytes: Callable[[str], int],
+        max_loaded_models: int | None = None,
+        max_model_bytes: int | None = None,
+        pinned: Iterable[str] = (),
+        on_loaded: Callable[[ServingModel], None] | None = None,
+    ) -> None:
+        """`versions`: the current version of every model served; `estimate_bytes(model)`:
+        its weights' size before its first load; `on_loaded(serving)`: called in the loading
+        thread with new weights before any request uses them (to warm pinned prompts)."""
+        self._records = dict(versions)
+        self._load_weights = load
+        self._estimate_bytes = estimate_bytes
+        self._max_models = max_loaded_models
+        self._max_bytes = max_model_bytes
+        self._pinned = frozenset(pinned)
+        self._on_loaded = on_loaded
+        self._lock = threading.Lock()
+        self._loaded: OrderedDict[str, ServingModel] = OrderedDict()
+        self._loading: dict[str, concurrent.futures.Future[ServingModel]] = {}
+        self._sizes: dict[str, int] = {}
+        self._changed = ChangeSignal()
+        self._executor = concurrent.futures.ThreadPoolExecutor(
+            max_workers=_LOAD_WORKERS, thread_name_prefix="raycache-load"
+        )
+        self._loads = 0
+        self._load_failures = 0
+        self._evictions = 0
+        self._load_seconds = 0.0
+        self._waits_for_room = 0
+
+    # -- state --------------------------------------------------------------------------------
+
+    def record(self, model: str) -> ModelVersion:
+        """The version `model` serves (loaded or not); KeyError for a model not served."""
+        return self._records[model]
+
+    def records(self) -> dict[str, ModelVersion]:
+        return dict(self._records)
+
+    def loaded(self, model: str) -> ServingModel | None:
+        """`model`'s weights when they are in memory."""
+        return self._loaded.get(model)
+
+    def stats(self) -> PoolStats:
+        with self._lock:
+            return PoolStats(
+                loaded=tuple(self._loaded),
+                loaded_bytes=sum(self._sizes.get(m, 0) for m in self._loaded),
+                loads=self._loads,
+                load_failures=self._load_failures,
+                evictions=self._evictions,
+                load_seconds=self._load_seconds,
+                waits_for_room=self._waits_for_room,
+            )
+
+    # -- loading ------------------------------------------------------------------------------
+
+    def load_at_start(self, models: Iterable[str]) -> None:
+        """Load the pinned models, then `models` in order while they fit without evicting
+        (blocking; a replica's constructor calls it in a worker thread)."""
+        ordered = sorted(self._pinned) + [m for m in models if m not in self._pinned]
+        for model in ordered:
+            with self._lock:
+                fits = model in self._pinned or self._fits(model, evictable=[])
+            if fits:
+                self._load(model)
+
+    async def acquire(self, model: str, wait_s: float) -> ServingModel:
+        """`model`'s current weights, entered: `release` them when done. Loads them when they
+        are not in memory; raises `ModelLoading` when that fails or finds no room in
+        `wait_s`, and KeyError for a model not served."""
+        deadline = time.monotonic() + wait_s
+        counted_wait = False
+        while True:
+            seen = self._changed.seq
+            with self._lock:
+                serving = self._loaded.get(model)
+                if serving is not None and serving.enter():
+                    self._loaded.move_to_end(model)
+                    return serving
+                flight = self._loading.get(model)
+                if flight is None and self._make_room(model):
+                    flight = self._start_load(model)
+                if flight is None and not counted_wait:
+                    self._waits_for_room += 1
+                    counted_wait = True
+            if flight is not None:
+                try:
+                    await asyncio.wrap_future(flight)
+                except Exception as exc:
+                    raise ModelLoading(
+                        f"model {model!r} could not be loaded: {exc}", param="model"
+                    ) from exc
+                continue  # take it from the pool: it may have been switched meanwhile
+            if not await self._changed.wait_past(seen, deadline - time.monotonic()):
+                raise ModelLoading(
+                    f"model {model!r} is not loaded and every loaded model is in use; "
+                    "retry shortly",
+                    param="model",
+                )
+
+    def release(self, serving: ServingModel) -> None:
+        """A request that `acquire`d `serving` is done with it."""
+        serving.leave()
+        if serving.inflight == 0:
+            self._changed.notify()  # it may be the idle model a waiting load evicts
+
+    def switch(self, record: ModelVersion) -> ServingModel | None:
+        """Make `record` the version of its model (blocking, in the caller's thread). Loaded:
+        load its weights, swap them in, and return the old ones, retired (drain them). Not
+        loaded: record it for the next load and return None. Raises when the weights do not
+        load; then nothing changed."""
+        model = record.model
+        with self._lock:
+            # Recorded first, so that a load that starts meanwhile (after an eviction) loads
+            # this version, not the one being replaced.
+            previous = self._records[model]
+            self._records[model] = record
+            current = self._loaded.get(model)
+        if current is None:
+            self._changed.notify()
+            return None
+        try:
+            serving = self._build(record)
+        except Exception:
+            with self._lock:
+                if self._records[model] is record:
+                    self._records[model] = previous
+            raise
+        replaced = None
+        with self._lock:
+            present = self._loaded.get(model)
+            if present is not None and present.record.generation != record.generation:
+                self._loaded[model] = serving  # keeps its place in the LRU order
+                self._sizes[model] = serving.model_bytes
+                self._evict_over_budget(keep=model)
+                replaced = present
+            # Otherwise it was evicted meanwhile (the next load reads `record`), or reloaded
+            # at `record` already: these weights are not needed.
+        current.retire()
+        if replaced is not None:
+            replaced.retire()
+        self._changed.notify()
+        return current
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- under the lock -----------------------------------------------------------------------
+
+    def _start_load(self, model: str) -> concurrent.futures.Future[ServingModel]:
+        flight = self._executor.submit(self._load, model)
+        self._loading[model] = flight
+        return flight
+
+    def _make_room(self, model: str) -> bool:
+        """Evict idle models until `model` fits; False (nothing evicted) when it cannot."""
+        idle = [
+            m
+            for m, serving in self._loaded.items()
+            if m not in self._pinned and m != model and serving.inflight == 0
+        ]
+        for count in range(len(idle) + 1):
+            if self._fits(model, evictable=idle[:count]):
+                for victim in idle[:count]:
+                    self._evict(victim)
+                return True
+        return False
+
+    def _fits(self, model: str, evictable: list[str]) -> bool:
+        """Whether `model` fits once `evictable` are gone (loads in flight hold their room)."""
+        held = [m for m in self._loaded if m not in evictable and m != model]
+        held += [m for m in self._loading if m != model and m not in held]
+        if self._max_models is not None and len(held) + 1 > self._max_models:
+            return False
+        if self._max_bytes is None:
+            return True
+        size = self._sizes.get(model)
+        if size is None:
+            size = self._estimate_bytes(model)
+        return sum(self._size(m) for m in held) + size <= self._max_bytes
+
+    def _size(self, model: str) -> int:
+        size = self._sizes.get(model)
+        return self._estimate_bytes(model) if size is None else size
+
+    def _evict(self, model: str) -> None:
+        serving = self._loaded.pop(model)
+        serving.retire()
+        self._evictions += 1
+        logger.info("evicted model %s (%d bytes)", model, self._sizes.get(model, 0))
+
+    def _evict_over_budget(self, keep: str) -> None:
+        """After a load measured larger than its estimate: evict idle models until the loaded
+        ones fit the byte budget again (or none is idle)."""
+        if self._max_bytes is None:
+            return
+        for model, serving in list(self._loaded.items()):
+            total = sum(self._sizes.get(m, 0) for m in self._loaded)
+            if total <= self._max_bytes:
+                return
+            if model != keep and model not in self._pinned and serving.inflight == 0:
+                self._evict(model)
+
+    # -- in the loading thread ----------------------------------------------------------------
+
+    def _load(self, model: str) -> ServingModel:
+        """Load `model` at its current version and put it in the pool; loads again when a
+        newer version was recorded meanwhile."""
+        try:
+            while True:
+                record = self._records[model]
+                started = time.monotonic()
+                try:
+                    serving = self._build(record)
+                except Exception:
+                    with self._lock:
+                        self._load_failures += 1
+                    logger.exception("could not load model %s version %s", model, record.version)
+                    raise
+                with self._lock:
+                    self._loads += 1
+                    self._load_seconds += time.monotonic() - started
+                    if self._records[model].generation != record.generation:
+                        continue
+                    self._loaded[model] = serving
+                    self._sizes[model] = serving.model_bytes
+                    self._evict_over_budget(keep=model)
+                logger.info(
+                    "loaded model %s version %s in %.2f s",
+                    model,
+                    record.version,
+                    time.monotonic() - started,
+                )
+                return serving
+        finally:
+            with self._lock:
+                self._loading.pop(model, None)
+            self._changed.notify()
+
+    def _build(self, record: ModelVersion) -> ServingModel:
+        serving = ServingModel(self._load_weights(record), record)
+        if self._on_loaded is not None:
+            self._on_loaded(serving)
+        return serving
