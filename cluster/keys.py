@@ -23,7 +23,9 @@ import hashlib
 import math
 import re
 import struct
+import sys
 import unicodedata
+from array import array
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NewType
@@ -103,6 +105,19 @@ def _tensor_bytes(tensor: torch.Tensor) -> bytes:
         raise TypeError(f"no canonical encoding for a {tensor.layout} tensor without data")
     values = tensor.detach().resolve_conj().resolve_neg().cpu().contiguous()
     return ctypes.string_at(values.data_ptr(), values.numel() * values.element_size())
+
+
+def token_ids_bytes(tokens: Sequence[int]) -> bytes:
+    """Token ids as one run of little-endian signed 64-bit integers: a request input whose
+    canonical form costs one C call, not one encoding per token (a 2,048-token prompt's key in
+    tens of microseconds rather than a millisecond). Fixed width makes the bytes decide the
+    ids and their count; raises OverflowError for an id outside int64, TypeError for a non-int.
+    Callers use it for inputs that are token ids by their request's kind, so they never meet
+    the same bytes given as another type."""
+    packed = array("q", tokens)
+    if sys.byteorder == "big":
+        packed.byteswap()
+    return packed.tobytes()
 
 
 _WHITESPACE = re.compile(r"\s+")

@@ -19,7 +19,7 @@ from typing import Any
 import msgpack
 
 from cluster.codec import CodecError, Envelope, decode, encode
-from cluster.keys import RequestIdentity, ResultKey, result_key
+from cluster.keys import RequestIdentity, ResultKey, result_key, token_ids_bytes
 from cluster.local.result_cache import EntryTags
 from cluster.secret import ClusterSecret
 from cluster.sharing.tiered import ForeignValue, StaleValue
@@ -75,7 +75,8 @@ def completion_key(
         model_generation=weights.generation,
         kind=COMPLETION_KIND,
     )
-    return result_key(identity, list(job.prompt_tokens), cache_params(job.params), secret.keys)
+    tokens = token_ids_bytes(job.prompt_tokens)
+    return result_key(identity, tokens, cache_params(job.params), secret.keys)
 
 
 @dataclass(frozen=True)

@@ -220,12 +220,14 @@ class ReplicaCore:
         """
         if job.model not in self._specs:
             raise ModelNotFound(f"model {job.model!r} is not served", param="model")
-        if not await self._caught_up(job.model):
+        if self._versions.lagging(job.model) and not await self._caught_up(job.model):
             raise ModelUpdating(
                 f"model {job.model!r} is switching to a new version on this replica",
                 param="model",
             )
-        serving = await self.pool.acquire(job.model, self.args.model_pool.load_wait_s)
+        serving = self.pool.take(job.model) or await self.pool.acquire(
+            job.model, self.args.model_pool.load_wait_s
+        )
         try:
             return await self._answer(self._plan(job, serving))
         finally:
@@ -284,8 +286,9 @@ class ReplicaCore:
         outcome, tier = await self.tiered.get_or_compute(
             plan.key, plan.placement, plan.tags, lambda: self._compute(plan)
         )
-        outcome = replace(outcome, cache_key=plan.key)
-        return outcome if tier is None else replace(outcome, cache_tier=tier, cached_tokens=0)
+        if tier is None:
+            return replace(outcome, cache_key=plan.key)
+        return replace(outcome, cache_key=plan.key, cache_tier=tier, cached_tokens=0)
 
     async def _compute(self, plan: RequestPlan) -> tuple[CompletionOutcome, bytes]:
         """Generate the answer and its cached form. When another replica owns the prompt, or

@@ -148,6 +148,16 @@ class ModelPool:
             if fits:
                 self._load(model)
 
+    def take(self, model: str) -> ServingModel | None:
+        """`model`'s current weights, entered, when they are in memory; else None (then
+        `acquire`). The hit path: no coroutine, one lock."""
+        with self._lock:
+            serving = self._loaded.get(model)
+            if serving is not None and serving.enter():
+                self._loaded.move_to_end(model)
+                return serving
+        return None
+
     async def acquire(self, model: str, wait_s: float) -> ServingModel:
         """`model`'s current weights, entered: `release` them when done. Loads them when they
         are not in memory; raises `ModelLoading` when that fails or finds no room in

@@ -90,3 +90,16 @@ def test_key_is_the_same_in_another_process():
     ).stdout.strip()
     assert other == result_key(IDENTITY, [1, 2, 3], {"max_tokens": 4, "stop": ["x"]})
     assert len(other) == 64
+
+
+def test_token_ids_bytes_are_fixed_width_little_endian_and_decide_the_ids():
+    from cluster.keys import token_ids_bytes
+
+    assert token_ids_bytes([1, 256]) == (1).to_bytes(8, "little") + (256).to_bytes(8, "little")
+    assert token_ids_bytes(()) == b""
+    seen = {token_ids_bytes(ids) for ids in ([1], [1, 0], [0, 1], [256], [1, 1], [2**31 - 1])}
+    assert len(seen) == 6
+    with pytest.raises(OverflowError):
+        token_ids_bytes([2**63])
+    with pytest.raises(TypeError):
+        token_ids_bytes(["1"])  # type: ignore[list-item]
