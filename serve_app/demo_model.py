@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 VOCAB = 2048
-CONTEXT = 1024
+CONTEXT = 4096  # longer than the examples: long prompts (a 2,048-token prefix) still fit
 SEQUENCE = 128  # tokens per training example
 SPECIAL_TOKENS = ("<pad>", "<s>", "<unk>", "</s>")
 EOS = SPECIAL_TOKENS.index("</s>")
