@@ -6,12 +6,12 @@ lands where its answer and prefix blocks live), unless that replica already has 
 `max_owner_queue` requests in flight: then the least loaded of the others takes it, with the
 ring's next members preferred, and the owner stays the last resort.
 
-The directory's ring leaves out the replicas the version actor excluded (behind on a version):
-they get keyed requests only when no ring member can take them. Until the directory's ring is
-known, or when none of its members is among the running replicas, the ring of the replicas Serve
-knows stands in for it. A request that names a `replica` goes there while it runs. Requests
-without a key get Serve's usual two random choices. Nothing here blocks: the ring is followed
-in a background thread, and placement is hashing.
+The directory's ring leaves out the replicas the version actor excluded (behind on a version): they
+get keyed requests only when no ring member can take them. Until the directory's ring is known, when
+none of its members is among the running replicas, or in a driver's handle (outside any actor), the
+ring of the replicas Serve knows stands in for it. A request that names a `replica` goes there while
+it runs. Requests without a key get Serve's usual two random choices. Nothing here blocks: the ring
+is followed in a background thread, and placement is hashing.
 """
 
 from __future__ import annotations
@@ -87,8 +87,15 @@ class CacheAffinityRouter(FIFOMixin, RequestRouter):
         return self._serve_ring
 
     def _watch_directory(self) -> RingWatcher | None:
-        """The watcher of the directory's ring, started on first use inside a Ray worker."""
-        if self._directory_ring is None and ray.is_initialized():
+        """The watcher of the directory's ring, started on first use in a Ray actor (the
+        ingress replica whose handle routes). A driver's handle (a script, a test) routes on
+        the running replicas: a background thread blocked in Ray must not outlive its
+        driver's `ray.shutdown()`."""
+        if (
+            self._directory_ring is None
+            and ray.is_initialized()
+            and ray.get_runtime_context().get_actor_id() is not None
+        ):
             self._directory_ring = RingWatcher.of_namespace(self._namespace)
             self._directory_ring.start()
         return self._directory_ring

@@ -97,6 +97,11 @@ class DirectoryActor:
             self._publish(self._directory.version)
 
 
+def directory_name(namespace: str) -> str:
+    """The actor name of the directory of raycache namespace `namespace`."""
+    return f"directory-{namespace}"
+
+
 def directory_actor(namespace: str, lease_s: float = 10.0) -> ActorHandle[Any]:
     """The directory actor of raycache namespace `namespace`, created on first use.
 
@@ -104,7 +109,7 @@ def directory_actor(namespace: str, lease_s: float = 10.0) -> ActorHandle[Any]:
     ingress of the application shares it.
     """
     return DirectoryActor.options(  # type: ignore[attr-defined,no-any-return]
-        name=f"directory-{namespace}",
+        name=directory_name(namespace),
         namespace=ACTOR_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,

@@ -19,7 +19,7 @@ import ray
 from ray.actor import ActorHandle
 
 from cluster.sharing.directory import Member, RingSnapshot
-from cluster.sharing.directory_actor import directory_actor
+from cluster.sharing.directory_actor import ACTOR_NAMESPACE, directory_name
 from cluster.sharing.ring import Ring
 
 logger = logging.getLogger(__name__)
@@ -51,12 +51,13 @@ class RingWatcher:
 
     @classmethod
     def of_namespace(cls, namespace: str) -> RingWatcher:
-        """A watcher of the directory of raycache namespace `namespace` (not started)."""
+        """A watcher of the directory of raycache namespace `namespace` (not started). It
+        only reads: until a replica has created the directory, it finds none and retries."""
         handles: list[ActorHandle[Any]] = []
 
         def resolve() -> ActorHandle[Any]:
             if not handles:
-                handles.append(directory_actor(namespace))
+                handles.append(ray.get_actor(directory_name(namespace), namespace=ACTOR_NAMESPACE))
             return handles[0]
 
         return cls(resolve, handles.clear)
