@@ -43,8 +43,8 @@ class RingWatcher:
         self._resolve = resolve
         self._forget = forget
         self._stopped = stopped or threading.Event()
-        self._snapshot: RingSnapshot | None = None
-        self._ring = Ring()
+        # One tuple, replaced whole: a reader never pairs a snapshot with another's ring.
+        self._state: tuple[RingSnapshot | None, Ring] = (None, Ring())
         self._thread = threading.Thread(
             target=self._watch_forever, name="raycache-ring-watch", daemon=True
         )
@@ -65,18 +65,18 @@ class RingWatcher:
     @property
     def snapshot(self) -> RingSnapshot | None:
         """The latest membership seen, or None before the first one arrives."""
-        return self._snapshot
+        return self._state[0]
 
     def ring(self) -> Ring:
         """The ring of the latest snapshot (empty before the first one)."""
-        return self._ring
+        return self._state[1]
 
     def owner(self, routing_key: str) -> Member | None:
         """The member owning `routing_key` on the latest ring (None before the first)."""
-        snapshot = self._snapshot
+        snapshot, ring = self._state
         if snapshot is None:
             return None
-        return snapshot.member(self._ring.owner(routing_key) or "")
+        return snapshot.member(ring.owner(routing_key) or "")
 
     def start(self) -> None:
         self._thread.start()
@@ -87,7 +87,7 @@ class RingWatcher:
     def _watch_forever(self) -> None:
         # A driver that shuts Ray down (a test process, a script holding a handle) ends this.
         while not self._stopped.is_set() and ray.is_initialized():
-            known = self._snapshot
+            known = self._state[0]
             epoch, version = (known.epoch, known.version) if known else ("", -1)
             try:
                 snapshot = cast(
@@ -105,6 +105,4 @@ class RingWatcher:
                 self._stopped.wait(RETRY_PAUSE_S)
                 continue
             if (snapshot.epoch, snapshot.version) != (epoch, version):
-                # The ring first: a reader that sees the new snapshot finds its ring too.
-                self._ring = snapshot.ring()
-                self._snapshot = snapshot
+                self._state = (snapshot, snapshot.ring())

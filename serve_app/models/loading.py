@@ -3,6 +3,8 @@ checkpoint file or its seed, or a Hugging Face checkpoint directory."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from serve_app.config import ModelSpec
@@ -11,6 +13,7 @@ from serve_app.models.hf import (
     HFCausalLM,
     HFTokenizer,
     checkpoint_context,
+    checkpoint_dir,
     checkpoint_eos,
     checkpoint_vocab,
 )
@@ -49,6 +52,16 @@ def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> Cau
             f"is configured as {config}"
         )
     return model
+
+
+def check_weights(spec: ModelSpec) -> None:
+    """Raise when `spec`'s weights cannot be found, without reading them: a TinyGPT checkpoint
+    that is no file, or a Hugging Face directory without `config.json`."""
+    if spec.kind == "hf":
+        assert spec.path is not None
+        checkpoint_dir(spec.checkpoint or spec.path)
+    elif spec.checkpoint is not None and not Path(spec.checkpoint).is_file():
+        raise FileNotFoundError(f"no checkpoint file at {spec.checkpoint}")
 
 
 def weight_bytes_estimate(spec: ModelSpec) -> int:

@@ -120,11 +120,13 @@ class ReplicaCore:
         versions: Mapping[str, ModelVersion],
         load_weights: LoadWeights,
         estimate_bytes: Callable[[str], int],
+        check_weights: Callable[[ModelVersion], None] | None = None,
         peer: PeerClient | None = None,
         redis: RedisStore | None = None,
     ) -> None:
         """Must be built on the event loop that will use it. `versions`: the version of every
-        configured model to serve first; `load_weights(record)` builds a version's weights."""
+        configured model to serve first; `load_weights(record)` builds a version's weights;
+        `check_weights(record)` raises when they cannot be found (see `ModelPool`)."""
         self.args = args
         self.replica_id = replica_id
         self._secret = secret
@@ -191,6 +193,7 @@ class ReplicaCore:
             max_model_bytes=pool.max_model_bytes,
             pinned=[spec.id for spec in args.models if spec.pinned],
             on_loaded=self._warm_up,
+            check=check_weights,
         )
         # Generation's own threads: a bounded number of requests compute at once, and nothing
         # else (block copies, model loads, version waits) queues behind them.
@@ -308,10 +311,12 @@ class ReplicaCore:
             layout = BlockLayout(model.kv_block_shape(block_size), model.dtype, model.device)
             owner = plan.owner.blocks_address if plan.owner is not None else None
             await self.tiered_prefix.fetch(chain, layout, owner)
-        loop = asyncio.get_running_loop()
-        generation, cached_tokens = await loop.run_in_executor(
-            self._generation, self._generate, plan, chain
-        )
+        # The computation holds the weights until its thread ends, not until its request
+        # does: a cancelled request must not let the model be evicted or drained under it.
+        plan.serving.hold()
+        running = self._generation.submit(self._generate, plan, chain)
+        running.add_done_callback(lambda _: self.pool.release(plan.serving))
+        generation, cached_tokens = await asyncio.wrap_future(running)
         if chain is not None and self.tiered_prefix is not None:
             self.tiered_prefix.share(chain, cached_tokens)
         outcome = CompletionOutcome(
@@ -424,14 +429,15 @@ class ReplicaCore:
         tiers = self.tiered.stats
         redis = self._redis.stats() if self._redis is not None else None
         blocks = self.tiered_prefix.counters if self.tiered_prefix is not None else None
-        versions = {
-            model: {
-                "version": record.version,
-                "generation": record.generation,
+        versions = {}
+        for model, record in self.pool.records().items():
+            loaded = self.pool.loaded(model)
+            served = loaded.record if loaded is not None else record  # the weights in use
+            versions[model] = {
+                "version": served.version,
+                "generation": served.generation,
                 "lagging": self._versions.lagging(model),
             }
-            for model, record in self.pool.records().items()
-        }
         cluster = {
             "versions": versions,
             "models": self.pool.stats().as_json(),

@@ -33,9 +33,14 @@ from cluster.versions.records import ModelVersion, VersionRegression
 from cluster.versions.store import VersionStore
 from serve_app.api.admin import publish_update
 from serve_app.api.completions import CompletionJob, CompletionOutcome
-from serve_app.config import AppArgs, parse_args, parse_user_config
+from serve_app.config import AppArgs, ModelSpec, parse_args, parse_user_config
 from serve_app.models import CausalLM
-from serve_app.models.loading import load_model, load_tokenizer, weight_bytes_estimate
+from serve_app.models.loading import (
+    check_weights,
+    load_model,
+    load_tokenizer,
+    weight_bytes_estimate,
+)
 from serve_app.replica.core import ReplicaCore
 from serve_app.replica.serving import config_version, weights_spec
 
@@ -79,6 +84,7 @@ class ModelReplica:
             current,
             load_weights=self._load,
             estimate_bytes=lambda model: weight_bytes_estimate(self._specs[model]),
+            check_weights=lambda record: check_weights(self._weights_spec(record)),
             peer=self._peer_client,
             redis=self._redis,
         )
@@ -200,8 +206,10 @@ class ModelReplica:
 
     def _load(self, record: ModelVersion) -> CausalLM:
         """The weights of `record` (blocking: model loading reads files and builds tensors)."""
-        spec = weights_spec(self._specs[record.model], record, self._args.checkpoint_dir)
-        return load_model(spec)
+        return load_model(self._weights_spec(record))
+
+    def _weights_spec(self, record: ModelVersion) -> ModelSpec:
+        return weights_spec(self._specs[record.model], record, self._args.checkpoint_dir)
 
     async def __del__(self) -> None:
         """Serve's shutdown hook: leave the ring, stop serving peers, close connections."""

@@ -86,10 +86,13 @@ class ModelPool:
         max_model_bytes: int | None = None,
         pinned: Iterable[str] = (),
         on_loaded: Callable[[ServingModel], None] | None = None,
+        check: Callable[[ModelVersion], None] | None = None,
     ) -> None:
         """`versions`: the current version of every model served; `estimate_bytes(model)`:
         its weights' size before its first load; `on_loaded(serving)`: called in the loading
-        thread with new weights before any request uses them (to warm pinned prompts)."""
+        thread with new weights before any request uses them (to warm pinned prompts);
+        `check(record)`: raises when a version's weights cannot be found, without loading
+        them (a version of a model not in memory is checked so, then recorded)."""
         self._records = dict(versions)
         self._load_weights = load
         self._estimate_bytes = estimate_bytes
@@ -97,10 +100,13 @@ class ModelPool:
         self._max_bytes = max_model_bytes
         self._pinned = frozenset(pinned)
         self._on_loaded = on_loaded
+        self._check = check or (lambda _record: None)
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, ServingModel] = OrderedDict()
         self._loading: dict[str, concurrent.futures.Future[ServingModel]] = {}
+        self._awaiting: dict[str, int] = {}  # requests waiting for each model's load
         self._sizes: dict[str, int] = {}
+        self._estimates: dict[str, int] = {}
         self._changed = ChangeSignal()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=_LOAD_WORKERS, thread_name_prefix="raycache-load"
@@ -160,37 +166,59 @@ class ModelPool:
 
     async def acquire(self, model: str, wait_s: float) -> ServingModel:
         """`model`'s current weights, entered: `release` them when done. Loads them when they
-        are not in memory; raises `ModelLoading` when that fails or finds no room in
-        `wait_s`, and KeyError for a model not served."""
+        are not in memory; raises `ModelLoading` when that fails, or when neither room nor
+        the load came within `wait_s`; KeyError for a model not served."""
         deadline = time.monotonic() + wait_s
         counted_wait = False
-        while True:
-            seen = self._changed.seq
-            with self._lock:
-                serving = self._loaded.get(model)
-                if serving is not None and serving.enter():
-                    self._loaded.move_to_end(model)
-                    return serving
-                flight = self._loading.get(model)
-                if flight is None and self._make_room(model):
-                    flight = self._start_load(model)
-                if flight is None and not counted_wait:
-                    self._waits_for_room += 1
-                    counted_wait = True
-            if flight is not None:
-                try:
-                    await asyncio.wrap_future(flight)
-                except Exception as exc:
+        awaiting = False  # counted in `_awaiting[model]`, so a fresh load is not evicted
+        try:
+            while True:
+                seen = self._changed.seq
+                with self._lock:
+                    if awaiting:
+                        self._awaiting[model] -= 1
+                        awaiting = False
+                    serving = self._loaded.get(model)
+                    if serving is not None and serving.enter():
+                        self._loaded.move_to_end(model)
+                        return serving
+                    flight = self._loading.get(model)
+                    if flight is None and self._room_for(model):
+                        flight = self._start_load(model)
+                    if flight is not None:
+                        self._awaiting[model] = self._awaiting.get(model, 0) + 1
+                        awaiting = True
+                    elif not counted_wait:
+                        self._waits_for_room += 1
+                        counted_wait = True
+                remaining = deadline - time.monotonic()
+                if flight is not None:
+                    await self._await_load(model, flight, remaining)
+                    continue  # take it from the pool: it may have been switched meanwhile
+                if not await self._changed.wait_past(seen, remaining):
                     raise ModelLoading(
-                        f"model {model!r} could not be loaded: {exc}", param="model"
-                    ) from exc
-                continue  # take it from the pool: it may have been switched meanwhile
-            if not await self._changed.wait_past(seen, deadline - time.monotonic()):
-                raise ModelLoading(
-                    f"model {model!r} is not loaded and every loaded model is in use; "
-                    "retry shortly",
-                    param="model",
-                )
+                        f"model {model!r} is not loaded and every loaded model is in use; "
+                        "retry shortly",
+                        param="model",
+                    )
+        finally:
+            if awaiting:
+                with self._lock:
+                    self._awaiting[model] -= 1
+
+    async def _await_load(
+        self, model: str, flight: concurrent.futures.Future[ServingModel], timeout_s: float
+    ) -> None:
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(flight)), max(timeout_s, 0))
+        except TimeoutError:
+            raise ModelLoading(
+                f"model {model!r} is still loading; retry shortly", param="model"
+            ) from None
+        except Exception as exc:
+            raise ModelLoading(
+                f"model {model!r} could not be loaded: {exc}", param="model"
+            ) from exc
 
     def release(self, serving: ServingModel) -> None:
         """A request that `acquire`d `serving` is done with it."""
@@ -201,15 +229,25 @@ class ModelPool:
     def switch(self, record: ModelVersion) -> ServingModel | None:
         """Make `record` the version of its model (blocking, in the caller's thread). Loaded:
         load its weights, swap them in, and return the old ones, retired (drain them). Not
-        loaded: record it for the next load and return None. Raises when the weights do not
-        load; then nothing changed."""
+        loaded: check that its weights can be found (`check`) and record it for the next
+        load; return None. Raises when the weights do not load or check; then nothing
+        changed. A version already served is left as it is."""
         model = record.model
+        with self._lock:
+            current = self._loaded.get(model)
+            if current is not None and current.record.generation == record.generation:
+                return None  # applied already (a retry of a switch that got this far)
+        if current is None:
+            self._check(record)
         with self._lock:
             # Recorded first, so that a load that starts meanwhile (after an eviction) loads
             # this version, not the one being replaced.
             previous = self._records[model]
             self._records[model] = record
+            self._estimates.pop(model, None)
             current = self._loaded.get(model)
+            if current is None:
+                self._sizes.pop(model, None)  # the old version's size; the new one may differ
         if current is None:
             self._changed.notify()
             return None
@@ -220,19 +258,19 @@ class ModelPool:
                 if self._records[model] is record:
                     self._records[model] = previous
             raise
-        replaced = None
         with self._lock:
             present = self._loaded.get(model)
             if present is not None and present.record.generation != record.generation:
                 self._loaded[model] = serving  # keeps its place in the LRU order
                 self._sizes[model] = serving.model_bytes
                 self._evict_over_budget(keep=model)
-                replaced = present
             # Otherwise it was evicted meanwhile (the next load reads `record`), or reloaded
             # at `record` already: these weights are not needed.
-        current.retire()
-        if replaced is not None:
-            replaced.retire()
+            stale = [
+                s for s in (current, present) if s is not None and s is not self._loaded.get(model)
+            ]
+        for old in {id(s): s for s in stale}.values():
+            old.retire()
         self._changed.notify()
         return current
 
@@ -246,12 +284,22 @@ class ModelPool:
         self._loading[model] = flight
         return flight
 
+    def _room_for(self, model: str) -> bool:
+        """`_make_room`, with a failure to size the model (its config unreadable) a 503."""
+        try:
+            return self._make_room(model)
+        except Exception as exc:
+            raise ModelLoading(f"model {model!r} could not be sized: {exc}", param="model") from exc
+
     def _make_room(self, model: str) -> bool:
         """Evict idle models until `model` fits; False (nothing evicted) when it cannot."""
         idle = [
             m
             for m, serving in self._loaded.items()
-            if m not in self._pinned and m != model and serving.inflight == 0
+            if m not in self._pinned
+            and m != model
+            and serving.inflight == 0
+            and not self._awaiting.get(m)
         ]
         for count in range(len(idle) + 1):
             if self._fits(model, evictable=idle[:count]):
@@ -268,14 +316,16 @@ class ModelPool:
             return False
         if self._max_bytes is None:
             return True
-        size = self._sizes.get(model)
-        if size is None:
-            size = self._estimate_bytes(model)
-        return sum(self._size(m) for m in held) + size <= self._max_bytes
+        return sum(self._size(m) for m in held) + self._size(model) <= self._max_bytes
 
     def _size(self, model: str) -> int:
+        """The measured size of `model`'s weights, or its estimate before the first load."""
         size = self._sizes.get(model)
-        return self._estimate_bytes(model) if size is None else size
+        if size is None:
+            size = self._estimates.get(model)
+        if size is None:
+            size = self._estimates[model] = self._estimate_bytes(model)
+        return size
 
     def _evict(self, model: str) -> None:
         serving = self._loaded.pop(model)

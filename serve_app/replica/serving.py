@@ -52,6 +52,12 @@ class ServingModel:
             self.inflight += 1
             return True
 
+    def hold(self) -> None:
+        """Count one more user of weights a request already `enter`ed: a computation that
+        may outlive its request (a client that disconnects), retired or not."""
+        with self._lock:
+            self.inflight += 1
+
     def leave(self) -> None:
         """A request that entered is done with these weights."""
         with self._lock:

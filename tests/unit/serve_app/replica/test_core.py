@@ -370,3 +370,25 @@ async def test_a_version_published_while_a_model_is_unloaded_is_served_when_it_l
     assert answer.model_version == "7"
     assert answer.text == reference(args, request, record)
     await core.close()
+
+
+@pytest.mark.asyncio
+async def test_a_cancelled_request_keeps_its_model_until_the_computation_ends() -> None:
+    args = app_args(("a", "b"), model_pool={"max_loaded_models": 1})
+    core = await make_core(args)
+    sampled = SamplingParams(max_tokens=200, temperature=0.8, seed=1)
+    running = asyncio.create_task(core.complete(job("a long one", model="a", params=sampled)))
+    serving = core.pool.loaded("a")
+    assert serving is not None
+    while serving.inflight < 2:  # the request and its computation
+        await asyncio.sleep(0.001)
+    running.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await running
+    assert serving.inflight == 1  # the computation still holds the weights
+    other = asyncio.create_task(core.complete(job("meanwhile", model="b")))
+    await asyncio.sleep(0.05)
+    assert not serving.retired  # not evicted under the running computation
+    await asyncio.wait_for(other, 30)
+    assert serving.retired and serving.inflight == 0
+    await core.close()

@@ -242,3 +242,61 @@ async def test_a_model_evicted_during_its_switch_loads_the_new_version_next() ->
     serving = await models.acquire("a", wait_s=5)
     assert serving.record == record
     models.release(serving)
+
+
+@pytest.mark.asyncio
+async def test_a_fresh_load_is_not_evicted_before_its_waiters_take_it() -> None:
+    loader = Loader()
+    models = pool(loader, max_loaded_models=1)
+    loader.gate.clear()
+    first = asyncio.create_task(models.acquire("a", wait_s=10))
+    await asyncio.sleep(0.05)
+    second = asyncio.create_task(models.acquire("b", wait_s=10))  # no room until a is idle
+    await asyncio.sleep(0.05)
+    loader.gate.set()
+    serving_a = await first
+    assert serving_a.record.model == "a" and not serving_a.retired
+    models.release(serving_a)
+    serving_b = await second
+    models.release(serving_b)
+    assert [m for m, _ in loader.loads] == ["a", "b"]
+
+
+@pytest.mark.asyncio
+async def test_a_load_that_takes_too_long_is_a_503_and_still_lands() -> None:
+    loader = Loader()
+    models = pool(loader)
+    loader.gate.clear()
+    with pytest.raises(ModelLoading, match="still loading"):
+        await models.acquire("a", wait_s=0.1)
+    loader.gate.set()
+    models.release(await models.acquire("a", wait_s=5))
+    assert loader.loads == [("a", "1")]
+
+
+def test_switching_again_to_the_version_served_changes_nothing() -> None:
+    loader = Loader()
+    models = pool(loader)
+    models.load_at_start(["a"])
+    record = ModelVersion("a", "2", generation=1, source="admin", seed=7)
+    assert models.switch(record) is not None
+    serving = models.loaded("a")
+    assert models.switch(record) is None  # a retried apply
+    assert models.loaded("a") is serving and serving is not None and not serving.retired
+    assert len(loader.loads) == 2
+
+
+def test_a_version_of_an_unloaded_model_whose_weights_cannot_be_found_is_refused() -> None:
+    def check(record: ModelVersion) -> None:
+        if record.version == "missing":
+            raise FileNotFoundError("no checkpoint file")
+
+    models = ModelPool(
+        {name: config_version(spec) for name, spec in SPECS.items()},
+        Loader(),
+        lambda model: MODEL_BYTES,
+        check=check,
+    )
+    with pytest.raises(FileNotFoundError):
+        models.switch(ModelVersion("a", "missing", generation=1, source="admin", seed=1))
+    assert models.record("a").version == "1"
