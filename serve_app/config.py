@@ -221,8 +221,8 @@ class ModelPoolSettings(StrictModel):
         default=60.0,
         gt=0,
         le=3600,
-        description="How long a request for a model that is not loaded waits for room while "
-        "every loaded model is in use, before failing with 503 (seconds).",
+        description="How long a request for a model that is not loaded waits for room (while "
+        "every loaded model is in use) and for the load, before failing with 503 (seconds).",
     )
 
 

@@ -8,18 +8,24 @@ most `max_model_bytes` of weights, at once. `acquire(model)` returns the model's
 - at once when it is loaded;
 - otherwise after one load, however many requests ask for it meanwhile: the load runs in the
   pool's own worker thread (not behind generation), after room was made by evicting the least
-  recently used models that no request is using. When every loaded model is busy, the request
-  waits for one to become idle, up to `wait_s`, then `ModelLoading` (503).
+  recently used models that no request is using (nor waiting for: a fresh load is kept for
+  the requests that waited for it). When every loaded model is busy, the request waits for one
+  to become idle. Room and the load together take at most `wait_s`, then `ModelLoading` (503).
+
+A request's computation may outlive the request (a client that disconnects): it `hold`s the
+weights until it ends, so they are neither evicted nor drained under it.
 
 Pinned models are loaded at start and never evicted. Room is made for a model's measured size
-when it was loaded before, else for an estimate from its config (`weight_bytes_estimate`);
-after a load the measured size counts, and more idle models go when it was larger.
+when it was loaded before, else for an estimate from its config (`weight_bytes_estimate`,
+computed once per version); after a load the measured size counts, and more idle models go when
+it was larger.
 
 Versions: the pool keeps each model's current `ModelVersion` whether it is loaded or not.
 `switch(record)` on a loaded model loads the new weights beside the old ones, swaps them and
-retires the old (the caller drains them); on a model that is not loaded it only records the
-version, which its next load serves. A load that finishes after a newer version was recorded
-loads again, so no request is served by weights older than the version the pool knows.
+retires the old (the caller drains them); on a model that is not loaded it checks that the
+weights can be found and records the version, which its next load serves. A load that finishes
+after a newer version was recorded loads again, so no request is served by weights older than
+the version the pool knows.
 """
 
 from __future__ import annotations
