@@ -97,13 +97,10 @@ class HFCausalLM:
     ) -> HFCausalLM:
         """The checkpoint in directory `path`, in `dtype` (a key of `DTYPES`) on `device`;
         raises `UnsupportedModel` for what cannot be served exactly."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
         directory = checkpoint_dir(path)  # a directory: never a hub id, never a download
-        config = AutoConfig.from_pretrained(
-            directory, local_files_only=True, trust_remote_code=False
-        )
-        check_supported(config)
+        config = _served_config(directory)
         model = AutoModelForCausalLM.from_pretrained(
             directory,
             config=config,
@@ -121,12 +118,9 @@ class HFCausalLM:
     def estimate_bytes(path: str | Path, dtype: str = "float32") -> int:
         """The bytes `load(path, dtype)` will take, without reading the weights: the model
         built from its config on the meta device."""
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
 
-        config = AutoConfig.from_pretrained(
-            checkpoint_dir(path), local_files_only=True, trust_remote_code=False
-        )
-        check_supported(config)
+        config = _served_config(checkpoint_dir(path))
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(
                 config, dtype=DTYPES[dtype], trust_remote_code=False
@@ -238,6 +232,16 @@ def check_supported(config: Any) -> None:
             f"rotary scaling {rope_type!r} depends on the sequence's length: a suffix after a "
             "cached prefix would differ from a full prefill"
         )
+
+
+def _served_config(directory: Path) -> Any:
+    """The `transformers` config of a checkpoint directory, read from local files only and
+    without remote code; raises `UnsupportedModel` for one that cannot be served exactly."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
+    check_supported(config)
+    return config
 
 
 def checkpoint_dir(path: str | Path) -> Path:

@@ -26,6 +26,16 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def tiny_gpt_config(spec: ModelSpec) -> TinyGPTConfig:
+    """The shape a `tiny-gpt` spec declares."""
+    return TinyGPTConfig(
+        n_layers=spec.n_layers,
+        d_model=spec.d_model,
+        n_heads=spec.n_heads,
+        max_context=spec.max_context,
+    )
+
+
 def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> CausalLM:
     """The model of `spec` on `device` (default: `default_device()`).
 
@@ -37,12 +47,7 @@ def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> Cau
     if spec.kind == "hf":
         assert spec.path is not None  # the spec's validation requires it
         return HFCausalLM.load(spec.checkpoint or spec.path, spec.dtype, device)
-    config = TinyGPTConfig(
-        n_layers=spec.n_layers,
-        d_model=spec.d_model,
-        n_heads=spec.n_heads,
-        max_context=spec.max_context,
-    )
+    config = tiny_gpt_config(spec)
     if spec.checkpoint is None:
         return TinyGPT.from_seed(config, spec.seed, device=device)
     model = TinyGPT.load_checkpoint(spec.checkpoint, device=device)
@@ -70,13 +75,7 @@ def weight_bytes_estimate(spec: ModelSpec) -> int:
     if spec.kind == "hf":
         assert spec.path is not None
         return HFCausalLM.estimate_bytes(spec.checkpoint or spec.path, spec.dtype)
-    config = TinyGPTConfig(
-        n_layers=spec.n_layers,
-        d_model=spec.d_model,
-        n_heads=spec.n_heads,
-        max_context=spec.max_context,
-    )
-    return TinyGPT(config, device="meta").weight_bytes
+    return TinyGPT(tiny_gpt_config(spec), device="meta").weight_bytes
 
 
 def load_tokenizer(spec: ModelSpec) -> Tokenizer:

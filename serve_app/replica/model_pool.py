@@ -111,8 +111,8 @@ class ModelPool:
         self._loaded: OrderedDict[str, ServingModel] = OrderedDict()
         self._loading: dict[str, concurrent.futures.Future[ServingModel]] = {}
         self._awaiting: dict[str, int] = {}  # requests waiting for each model's load
+        # Measured once loaded, estimated before: loaded models always have their measured size.
         self._sizes: dict[str, int] = {}
-        self._estimates: dict[str, int] = {}
         self._changed = ChangeSignal()
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=_LOAD_WORKERS, thread_name_prefix="raycache-load"
@@ -250,7 +250,6 @@ class ModelPool:
             # this version, not the one being replaced.
             previous = self._records[model]
             self._records[model] = record
-            self._estimates.pop(model, None)
             current = self._loaded.get(model)
             if current is None:
                 self._sizes.pop(model, None)  # the old version's size; the new one may differ
@@ -267,15 +266,11 @@ class ModelPool:
         with self._lock:
             present = self._loaded.get(model)
             if present is not None and present.record.generation != record.generation:
-                self._loaded[model] = serving  # keeps its place in the LRU order
-                self._sizes[model] = serving.model_bytes
-                self._evict_over_budget(keep=model)
+                self._install(model, serving)  # keeps its place in the LRU order
             # Otherwise it was evicted meanwhile (the next load reads `record`), or reloaded
             # at `record` already: these weights are not needed.
-            stale = [
-                s for s in (current, present) if s is not None and s is not self._loaded.get(model)
-            ]
-        for old in {id(s): s for s in stale}.values():
+            stale = {current, present} - {self._loaded.get(model), None}
+        for old in stale:
             old.retire()
         self._changed.notify()
         return current
@@ -299,14 +294,7 @@ class ModelPool:
 
     def _make_room(self, model: str) -> bool:
         """Evict idle models until `model` fits; False (nothing evicted) when it cannot."""
-        idle = [
-            m
-            for m, serving in self._loaded.items()
-            if m not in self._pinned
-            and m != model
-            and serving.inflight == 0
-            and not self._awaiting.get(m)
-        ]
+        idle = [m for m, serving in self._loaded.items() if m != model and self._idle(m, serving)]
         for count in range(len(idle) + 1):
             if self._fits(model, evictable=idle[:count]):
                 for victim in idle[:count]:
@@ -328,10 +316,19 @@ class ModelPool:
         """The measured size of `model`'s weights, or its estimate before the first load."""
         size = self._sizes.get(model)
         if size is None:
-            size = self._estimates.get(model)
-        if size is None:
-            size = self._estimates[model] = self._estimate_bytes(model)
+            size = self._sizes[model] = self._estimate_bytes(model)
         return size
+
+    def _idle(self, model: str, serving: ServingModel) -> bool:
+        """Whether `serving` may be evicted: not pinned, no request using it or waiting for
+        it (a fresh load is kept for the requests that waited for it)."""
+        return model not in self._pinned and serving.inflight == 0 and not self._awaiting.get(model)
+
+    def _install(self, model: str, serving: ServingModel) -> None:
+        """Serve `model` from `serving`, counting its measured size."""
+        self._loaded[model] = serving
+        self._sizes[model] = serving.model_bytes
+        self._evict_over_budget(keep=model)
 
     def _evict(self, model: str) -> None:
         serving = self._loaded.pop(model)
@@ -348,7 +345,7 @@ class ModelPool:
             total = sum(self._sizes.get(m, 0) for m in self._loaded)
             if total <= self._max_bytes:
                 return
-            if model != keep and model not in self._pinned and serving.inflight == 0:
+            if model != keep and self._idle(model, serving):
                 self._evict(model)
 
     # -- in the loading thread ----------------------------------------------------------------
@@ -372,9 +369,7 @@ class ModelPool:
                     self._load_seconds += time.monotonic() - started
                     if self._records[model].generation != record.generation:
                         continue
-                    self._loaded[model] = serving
-                    self._sizes[model] = serving.model_bytes
-                    self._evict_over_budget(keep=model)
+                    self._install(model, serving)
                 logger.info(
                     "loaded model %s version %s in %.2f s",
                     model,
