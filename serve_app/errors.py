@@ -123,3 +123,13 @@ class ModelLoading(RaycacheError):
     grpc_status = "UNAVAILABLE"
     error_type = "server_error"
     code = "model_loading"
+
+
+class ReplicaUnavailable(RaycacheError):
+    """The replica answering the request failed or ended its stream before the answer was
+    complete; the request may be sent again."""
+
+    http_status = 503
+    grpc_status = "UNAVAILABLE"
+    error_type = "server_error"
+    code = "replica_unavailable"

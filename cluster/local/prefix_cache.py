@@ -253,12 +253,17 @@ class PrefixCache:
     # -- lookups -------------------------------------------------------------------------
 
     def longest_prefix(
-        self, hashes: Sequence[BlockHash], *, prompt_tokens: int | None = None
+        self,
+        hashes: Sequence[BlockHash],
+        *,
+        prompt_tokens: int | None = None,
+        counted: bool = True,
     ) -> PrefixMatch:
         """The cached blocks of the longest leading run of `hashes`, each now referenced.
 
         Marks them most recently used and counts the lookup: `prompt_tokens` (default: the
-        tokens of `hashes`) as queried, the match as cached. Release the match when done.
+        tokens of `hashes`) as queried, the match as cached; not when `counted` is false (a
+        lookup no request made). Release the match when done.
         """
         with self._lock:
             self._clock += 1
@@ -270,6 +275,8 @@ class PrefixCache:
                 block.refs += 1
                 block.last_access = self._clock
                 found.append(block)
+            if not counted:
+                return PrefixMatch(self, tuple(found))
             self._hit_blocks += len(found)
             self._miss_blocks += len(hashes) - len(found)
             self._cached_tokens += len(found) * self.block_size

@@ -170,13 +170,14 @@ class ForeignValue(ValueError):
 class _Flight(Generic[T]):
     """One computation in flight and what it was started for."""
 
-    __slots__ = ("invalidated", "key", "tags", "task")
+    __slots__ = ("invalidated", "key", "tags", "task", "waiters")
 
     def __init__(self, key: ResultKey, tags: EntryTags) -> None:
         self.key = key
         self.tags = tags
         self.task: asyncio.Task[tuple[T, TierName | None]] | None = None
         self.invalidated = False  # an invalidation selected it: its answer is stored nowhere
+        self.waiters = 0
 
 
 class _ErrorLog:
@@ -261,18 +262,46 @@ class TieredCache(Generic[T]):
         """
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
-        flight = self._inflight.get(key)
-        if flight is None:
+        if key not in self._inflight:
             found = await self.lookup(key, placement, tags)
             if found is not None:
                 return found
-            flight = self._inflight.get(key)  # another task may have started meanwhile
+        return await self.compute_once(key, placement, tags, compute)
+
+    async def compute_once(
+        self,
+        key: ResultKey,
+        placement: Placement,
+        tags: EntryTags,
+        compute: Callable[[], Awaitable[tuple[T, bytes]]],
+        stop_when_abandoned: bool = False,
+    ) -> tuple[T, None]:
+        """The value `compute` returns for `key`, without looking it up: the computation in
+        flight for `key` on this replica, or a new one (see `get_or_compute`).
+
+        With `stop_when_abandoned`, cancelling this call when no other call waits for the
+        computation cancels the computation too (a stream whose client left: nobody needs the
+        answer); otherwise cancelling cancels only this wait.
+        """
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        flight = self._inflight.get(key)
         if flight is None:
             flight = self._start(key, placement, tags, compute)
         else:
             self.stats.single_flight_waits += 1
-        assert flight.task is not None
-        return await asyncio.shield(flight.task)
+        task = flight.task
+        assert task is not None
+        flight.waiters += 1
+        try:
+            value, _ = await asyncio.shield(task)
+            return value, None
+        except asyncio.CancelledError:
+            if stop_when_abandoned and flight.waiters == 1:
+                task.cancel()
+            raise
+        finally:
+            flight.waiters -= 1
 
     async def lookup(
         self, key: ResultKey, placement: Placement, tags: EntryTags

@@ -1,10 +1,12 @@
 """The HTTP ingress and the Ray-handle API of raycache.
 
-HTTP routes (FastAPI, see DESIGN "Interfaces"): `POST /v1/completions`, `GET /v1/models`,
-`GET /v1/cache/stats`, `GET /healthz`, and the admin routes `POST /v1/models/{model}/version`
-and `POST /v1/cache/invalidate`. A completion's tenant comes from its API key
-(`serve_app.api.auth`); admin routes need `Authorization: Bearer <admin_token>` and are closed
-(403) until a token is configured; `/healthz` is open to probes and names no tenant. The same
+HTTP routes (FastAPI, see DESIGN "Interfaces"): `POST /v1/completions`,
+`POST /v1/chat/completions` (both streamed as server-sent events with `"stream": true`),
+`GET /v1/models`, `GET /v1/cache/stats`, `GET /healthz`, and the admin routes
+`POST /v1/models/{model}/version` and `POST /v1/cache/invalidate`. A completion's tenant comes
+from its API key (`serve_app.api.auth`); admin routes need `Authorization: Bearer
+<admin_token>` and are closed (403) until a token is configured; `/healthz` is open to probes
+and names no tenant. The same
 operations are methods of `Ingress`, for callers holding a handle (a handle is already inside
 the Ray cluster, behind its token authentication: the caller names the tenant, and admin
 methods take no token):
@@ -12,22 +14,28 @@ methods take no token):
     handle = serve.get_app_handle("raycache")
     response = await handle.complete.remote({"model": "tiny-gpt", "prompt": "Hi",
                                              "temperature": 0})
+    answer = await handle.chat.remote({"model": "tiny-gpt", "temperature": 0,
+                                       "messages": [{"role": "user", "content": "Hi"}]})
+    async for chunk in handle.options(stream=True).chat_stream.remote(body):
+        ...  # OpenAI's chunk objects, as dicts
 
 Every error a client can cause is a `RaycacheError`: over HTTP it becomes its status code and an
 OpenAI-style JSON body naming the field; over a handle it is raised as is.
 """
 
 import logging
-from typing import Any
+from collections.abc import AsyncIterator
+from dataclasses import replace
+from typing import Any, TypeVar
 
 import ray
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from cluster.keys import routing_key
+from cluster.keys import ROUTING_PREFIX_TOKENS, routing_key
 from cluster.ray_secret import shared_secret
 from cluster.sharing.directory_actor import directory_actor
 from cluster.sharing.redis_probe import RedisProbe
@@ -35,27 +43,34 @@ from cluster.versions.actor import version_actor
 from cluster.versions.records import VersionRegression
 from serve_app.api.admin import parse_invalidation, parse_version_update, publish_update
 from serve_app.api.auth import DEFAULT_TENANT, check_admin_token, load_tenant_auth
+from serve_app.api.chat import ChatRequest, chat_response, parse_chat_request
 from serve_app.api.completions import (
     CompletionJob,
     CompletionRequest,
+    SamplingFields,
     completion_response,
     parse_completion_request,
 )
 from serve_app.api.request_body import read_json_body
-from serve_app.config import AppArgs, parse_args, prompt_text
+from serve_app.api.streaming import DONE, Kind, StreamChunks, error_event, sse
+from serve_app.config import AppArgs, ModelSpec, parse_args, prompt_text
 from serve_app.errors import (
     InvalidRequest,
     ModelNotFound,
     PromptTooLong,
     RaycacheError,
+    ReplicaUnavailable,
     VersionConflict,
 )
-from serve_app.models.loading import load_tokenizer, model_context, model_vocab
+from serve_app.models.chat_template import TemplateError
+from serve_app.models.loading import load_chat_format, load_tokenizer, model_context, model_vocab
+from serve_app.replica.streaming import StreamEnd, StreamEvent, TextPiece
 from serve_app.stats import cluster_stats
 
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+RequestT = TypeVar("RequestT", bound=SamplingFields)
 DIRECTORY_TIMEOUT_S = 5.0
 
 http_app = FastAPI(title="raycache", version="0.1.0")
@@ -79,6 +94,38 @@ async def _json_body(request: Request) -> Any:
     return await read_json_body(request, MAX_BODY_BYTES)
 
 
+def _unstreamed(request: RequestT) -> RequestT:
+    """`request`, refused when it asks to be streamed (a handle's `*_stream` method does that)."""
+    if request.stream:
+        raise InvalidRequest(
+            "a streamed request goes to complete_stream / chat_stream", param="stream"
+        )
+    return request
+
+
+async def _event_stream(chunks: AsyncIterator[dict[str, Any]]) -> Response:
+    """`chunks` as server-sent events, ending with `data: [DONE]`. The first chunk is awaited
+    here, so a request refused before its answer began gets its error status; an error later
+    is sent as an event, and the stream ends."""
+    first = await anext(chunks)
+
+    async def events() -> AsyncIterator[bytes]:
+        try:
+            yield sse(first)
+            async for chunk in chunks:
+                yield sse(chunk)
+            yield DONE
+        except RaycacheError as exc:
+            yield error_event(exc)
+        except ray.exceptions.RayError as exc:
+            logger.warning("a stream failed: %s", exc)
+            yield error_event(ReplicaUnavailable("the replica failed mid-stream", param="model"))
+        finally:
+            await chunks.aclose()
+
+    return StreamingResponse(events(), media_type="text/event-stream")
+
+
 # Everything the class uses must be defined above it: `serve.ingress` serializes the class
 # when it decorates it, before the rest of this module has run.
 @serve.deployment(name="Ingress")
@@ -91,6 +138,9 @@ class Ingress:
         self._replicas = replicas
         # Read from each model's files: the ingress tokenizes, the replicas load the weights.
         self._tokenizers = {spec.id: load_tokenizer(spec) for spec in self._args.models}
+        self._chat_formats = {
+            spec.id: load_chat_format(spec, self._tokenizers[spec.id]) for spec in self._args.models
+        }
         self._contexts = {spec.id: model_context(spec) for spec in self._args.models}
         self._vocabs = {
             spec.id: model_vocab(spec, self._tokenizers[spec.id]) for spec in self._args.models
@@ -122,11 +172,38 @@ class Ingress:
     # -- handle API ---------------------------------------------------------------------------
 
     async def complete(self, body: dict[str, Any], tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
-        """Answer an OpenAI-style completion body; raises `RaycacheError` on bad input."""
-        request = parse_completion_request(body)
-        job = self._job(request, tenant)
-        outcome = await self._replicas.complete.remote(job)
+        """Answer an OpenAI completion body (not streamed: see `complete_stream`); raises
+        `RaycacheError` on bad input."""
+        request = _unstreamed(parse_completion_request(body))
+        outcome = await self._replicas.complete.remote(self._completion_job(request, tenant))
         return completion_response(request.model, outcome)
+
+    async def complete_stream(
+        self, body: dict[str, Any], tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A completion body's answer as OpenAI's stream chunks (`handle.options(stream=True)`);
+        raises `RaycacheError` on bad input, before the first chunk."""
+        request = parse_completion_request(body)
+        job = self._completion_job(request, tenant)
+        async for chunk in self._chunks("completions", request, job):
+            yield chunk
+
+    async def chat(self, body: dict[str, Any], tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
+        """Answer an OpenAI chat completion body (not streamed: see `chat_stream`); raises
+        `RaycacheError` on bad input."""
+        request = _unstreamed(parse_chat_request(body))
+        outcome = await self._replicas.complete.remote(self._chat_job(request, tenant))
+        return chat_response(request.model, outcome)
+
+    async def chat_stream(
+        self, body: dict[str, Any], tenant: str = DEFAULT_TENANT
+    ) -> AsyncIterator[dict[str, Any]]:
+        """A chat body's answer as OpenAI's `chat.completion.chunk`s
+        (`handle.options(stream=True)`); raises `RaycacheError` before the first chunk."""
+        request = parse_chat_request(body)
+        job = self._chat_job(request, tenant)
+        async for chunk in self._chunks("chat", request, job):
+            yield chunk
 
     async def models(self) -> dict[str, Any]:
         """The OpenAI model list, with each model's current `version` (the configured one
@@ -215,12 +292,24 @@ class Ingress:
     # -- HTTP routes --------------------------------------------------------------------------
 
     @http_app.post("/v1/completions")
-    async def http_completions(self, request: Request) -> JSONResponse:
-        tenant = self._auth.tenant_of(
-            request.headers.get("authorization"), request.headers.get(self._args.auth.tenant_header)
-        )
+    async def http_completions(self, request: Request) -> Response:
+        tenant = self._tenant(request)
         body = await _json_body(request)
-        return JSONResponse(await self.complete(body, tenant=tenant))
+        parsed = parse_completion_request(body)
+        if not parsed.stream:
+            return JSONResponse(await self.complete(body, tenant=tenant))
+        job = self._completion_job(parsed, tenant)
+        return await _event_stream(self._chunks("completions", parsed, job))
+
+    @http_app.post("/v1/chat/completions")
+    async def http_chat(self, request: Request) -> Response:
+        tenant = self._tenant(request)
+        body = await _json_body(request)
+        parsed = parse_chat_request(body)
+        if not parsed.stream:
+            return JSONResponse(await self.chat(body, tenant=tenant))
+        job = self._chat_job(parsed, tenant)
+        return await _event_stream(self._chunks("chat", parsed, job))
 
     @http_app.get("/v1/models")
     async def http_models(self) -> JSONResponse:
@@ -246,32 +335,49 @@ class Ingress:
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def _job(self, request: CompletionRequest, tenant: str) -> CompletionJob:
-        spec = self._args.model(request.model)
-        if spec is None:
-            raise ModelNotFound(f"model {request.model!r} does not exist", param="model")
-        limit = self._args.limits.max_completion_tokens
-        if not 1 <= request.max_tokens <= limit:
-            raise InvalidRequest(
-                f"must be between 1 and {limit}, got {request.max_tokens}", param="max_tokens"
-            )
+    def _tenant(self, request: Request) -> str:
+        return self._auth.tenant_of(
+            request.headers.get("authorization"), request.headers.get(self._args.auth.tenant_header)
+        )
+
+    async def _chunks(
+        self, kind: Kind, request: SamplingFields, job: CompletionJob
+    ) -> AsyncIterator[dict[str, Any]]:
+        """The chunks of `job`'s streamed answer. The replica's first event is awaited before
+        any chunk is yielded, so that a refusal (a model loading, say) is raised, not streamed."""
+        events = self._events(job)
+        try:
+            event = await anext(events)
+            chunks = StreamChunks(kind, request.model, request.include_usage)
+            for chunk in chunks.opening():
+                yield chunk
+            while isinstance(event, TextPiece):
+                yield chunks.piece(event.text)
+                event = await anext(events)
+            assert isinstance(event, StreamEnd)
+            for chunk in chunks.ending(event.outcome):
+                yield chunk
+        except StopAsyncIteration:
+            raise ReplicaUnavailable("the replica ended the stream early", param="model") from None
+        finally:
+            await events.aclose()
+
+    async def _events(self, job: CompletionJob) -> AsyncIterator[StreamEvent]:
+        """The replica's stream of `job`; leaving it early cancels the replica's side."""
+        stream = self._replicas.options(stream=True).stream.remote(job)
+        try:
+            async for event in stream:
+                yield event
+        finally:
+            stream.cancel()
+
+    def _completion_job(self, request: CompletionRequest, tenant: str) -> CompletionJob:
+        spec = self._spec(request.model)
         tokenizer = self._tokenizers[spec.id]
         if isinstance(request.prompt, str):
             tokens = tokenizer.encode(prompt_text(request.prompt, self._args))
         else:
             tokens = list(request.prompt)
-        if not tokens:
-            raise InvalidRequest("must not be empty", param="prompt")
-        # At least one position must remain for the first generated token.
-        longest = self._contexts[spec.id] - 1
-        if self._args.limits.max_prompt_tokens is not None:
-            longest = min(longest, self._args.limits.max_prompt_tokens)
-        if len(tokens) > longest:
-            raise PromptTooLong(
-                f"has {len(tokens)} tokens; the limit for model {spec.id!r} is {longest}",
-                param="prompt",
-            )
-        if not isinstance(request.prompt, str):
             vocab = self._vocabs[spec.id]
             bad = next((t for t in tokens if not 0 <= t < vocab), None)
             if bad is not None:
@@ -279,10 +385,73 @@ class Ingress:
                     f"token id {bad} is outside the vocabulary [0, {vocab})",
                     param="prompt",
                 )
+        return self._job(spec.id, request, tenant, tokens, "prompt")
+
+    def _chat_job(self, request: ChatRequest, tenant: str) -> CompletionJob:
+        spec = self._spec(request.model)
+        chat_format = self._chat_formats[spec.id]
+        if chat_format is None:
+            raise InvalidRequest(
+                f"model {spec.id!r} has no chat template; use /v1/completions", param="model"
+            )
+        messages = [
+            replace(m, content=prompt_text(m.content, self._args)) for m in request.chat_messages()
+        ]
+        try:
+            prompt = chat_format.prompt(messages)
+        except TemplateError as exc:
+            raise InvalidRequest(str(exc), param="messages") from None
+        # Routed by the conversation's opening, which every turn repeats: the turns meet the
+        # replica holding the conversation so far.
+        job = self._job(spec.id, request, tenant, prompt.tokens, "messages", prompt.opening)
+        return replace(job, answer_end=chat_format.answer_end)
+
+    def _spec(self, model: str) -> ModelSpec:
+        spec = self._args.model(model)
+        if spec is None:
+            raise ModelNotFound(f"model {model!r} does not exist", param="model")
+        return spec
+
+    def _job(
+        self,
+        model: str,
+        request: SamplingFields,
+        tenant: str,
+        tokens: list[int],
+        prompt_field: str,
+        routing_tokens: int = ROUTING_PREFIX_TOKENS,
+    ) -> CompletionJob:
+        """The job of a validated request whose prompt is `tokens` (from `prompt_field`),
+        placed by its first `routing_tokens` (at most `ROUTING_PREFIX_TOKENS`)."""
+        limit = self._args.limits.max_completion_tokens
+        asked = request.completion_limit()
+        max_tokens = limit if asked is None else asked
+        if not 1 <= max_tokens <= limit:
+            field = "max_completion_tokens" if isinstance(request, ChatRequest) else "max_tokens"
+            if isinstance(request, ChatRequest) and request.max_tokens is not None:
+                field = "max_tokens"
+            raise InvalidRequest(f"must be between 1 and {limit}, got {max_tokens}", param=field)
+        if not tokens:
+            raise InvalidRequest("must not be empty", param=prompt_field)
+        # At least one position must remain for the first generated token.
+        longest = self._contexts[model] - 1
+        if self._args.limits.max_prompt_tokens is not None:
+            longest = min(longest, self._args.limits.max_prompt_tokens)
+        if len(tokens) > longest:
+            raise PromptTooLong(
+                f"has {len(tokens)} tokens; the limit for model {model!r} is {longest}",
+                param=prompt_field,
+            )
         return CompletionJob(
-            model=spec.id,
+            model=model,
             tenant=tenant,
             prompt_tokens=tuple(tokens),
-            params=request.sampling_params(),
-            routing_key=routing_key(self._args.namespace, tenant, spec.id, tokens),
+            params=request.sampling_params(max_tokens),
+            routing_key=routing_key(
+                self._args.namespace,
+                tenant,
+                model,
+                tokens,
+                min(routing_tokens, ROUTING_PREFIX_TOKENS),
+            ),
         )

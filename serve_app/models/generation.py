@@ -3,11 +3,18 @@
 `generate` takes the prompt's cached prefix as `past`; given the same prompt and deterministic
 parameters it returns the same tokens with or without that prefix, which is what makes a
 prefix cache (and a result cache) safe.
+
+It also hands out the text as it grows (`on_text`), for streaming: in pieces that only ever
+extend what was handed out, so that the pieces put together are the answer's text. A piece
+leaves out the end of the text that may still change: a character whose bytes are not all
+decoded yet, trailing whitespace (a tokenizer's decoding may still join it to what follows),
+and a tail that could be the beginning of a stop string. The pieces are a function of the tokens
+alone, so an answer served from a cache can be streamed in the same pieces (`Generation.pieces`).
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -62,6 +69,13 @@ class Generation:
     finish_reason: FinishReason
     """Why it ended: "stop" at end-of-sequence or a stop string; "length" at max_tokens or a
     full context."""
+    pieces: tuple[int, ...] = ()
+    """The lengths (in characters) of the pieces `on_text` received, in order; they add up to
+    `len(text)`."""
+
+
+class GenerationStopped(Exception):
+    """`generate` was asked to stop (`should_stop`) before it finished."""
 
 
 def _sampler(seed: int | None) -> torch.Generator:
@@ -98,6 +112,8 @@ def generate(
     prompt: Sequence[int],
     params: SamplingParams,
     past: KVCache | None = None,
+    on_text: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Generation:
     """Complete `prompt` with `model`.
 
@@ -108,6 +124,10 @@ def generate(
     Stops at end-of-sequence or once the text contains a stop string (finish "stop"), or after
     `max_tokens` tokens or when prompt plus completion fill `model.max_context` (finish
     "length"). Raises `ValueError` for an empty prompt or one longer than `max_context`.
+
+    `on_text(piece)` receives the text as it grows (see the module docstring), the last piece
+    before `generate` returns. `should_stop()` is asked before each token; when it is true,
+    `GenerationStopped` is raised.
     """
     prompt = list(prompt)
     n_past = kv_length(past)
@@ -121,20 +141,67 @@ def generate(
     logits, cache = model.prefill(prompt[n_past:], past)
     next_logits = logits[-1]
     generator = _sampler(params.seed)
+    pieces = _Pieces(params.stop, on_text)
     tokens: list[int] = []
     text = ""
+    finish: FinishReason = "length"
     while len(tokens) < params.max_tokens and len(prompt) + len(tokens) < model.max_context:
+        if should_stop is not None and should_stop():
+            raise GenerationStopped(f"stopped after {len(tokens)} tokens")
         if tokens:
             next_logits, cache = model.decode_step(tokens[-1], cache)
         token = pick_token(next_logits, params, generator)
         if token in tokenizer.eos_token_ids:
-            return Generation(len(prompt), tuple(tokens), text, "stop")
+            finish = "stop"
+            break
         tokens.append(token)
         text = tokenizer.decode(tokens)
         cut = _first_stop(text, params.stop)
         if cut is not None:
-            return Generation(len(prompt), tuple(tokens), text[:cut], "stop")
-    return Generation(len(prompt), tuple(tokens), text, "length")
+            text, finish = text[:cut], "stop"
+            break
+        pieces.grow(text)
+    pieces.end(text)
+    return Generation(len(prompt), tuple(tokens), text, finish, tuple(pieces.lengths))
+
+
+class _Pieces:
+    """Hands out a growing text in pieces that never need taking back (module docstring)."""
+
+    def __init__(self, stop: tuple[str, ...], on_text: Callable[[str], None] | None) -> None:
+        self._stop = stop
+        self._on_text = on_text
+        self._sent = ""
+        self.lengths: list[int] = []
+
+    def grow(self, text: str) -> None:
+        """`text` is the whole text so far, with no stop string in it."""
+        end = len(text.rstrip().rstrip("\ufffd"))
+        end = min(end, len(text) - _stop_overlap(text, self._stop))
+        if end > len(self._sent) and text.startswith(self._sent):
+            self._send(text[len(self._sent) : end])
+
+    def end(self, text: str) -> None:
+        """`text` is the final text: send what is left of it."""
+        if len(text) > len(self._sent) and text.startswith(self._sent):
+            self._send(text[len(self._sent) :])
+
+    def _send(self, piece: str) -> None:
+        self._sent += piece
+        self.lengths.append(len(piece))
+        if self._on_text is not None:
+            self._on_text(piece)
+
+
+def _stop_overlap(text: str, stop: tuple[str, ...]) -> int:
+    """The length of the longest end of `text` that begins some stop string."""
+    longest = 0
+    for s in stop:
+        for n in range(min(len(s) - 1, len(text)), longest, -1):
+            if text.endswith(s[:n]):
+                longest = n
+                break
+    return longest
 
 
 def _first_stop(text: str, stop: tuple[str, ...]) -> int | None:

@@ -56,14 +56,14 @@ class HFTokenizer:
         self.eos_token_ids = eos_token_ids
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
 
-    def encode(self, text: str) -> list[int]:
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """The token ids of `text`, with the special tokens the tokenizer adds itself (a BOS,
-        for most), as `transformers` tokenizes a prompt by default.
+        for most) unless `add_special_tokens` is false, as `transformers` tokenizes a prompt.
 
         Raises `UnicodeEncodeError` (a `ValueError`) for a lone surrogate, as `ByteTokenizer`
         does, instead of letting the tokenizer replace it."""
         text.encode("utf-8")
-        return list(self._tokenizer.encode(text).ids)
+        return list(self._tokenizer.encode(text, add_special_tokens=add_special_tokens).ids)
 
     def decode(self, ids: Sequence[int]) -> str:
         """The text of `ids`, special tokens skipped. Raises `ValueError` for a negative id."""

@@ -9,6 +9,7 @@ import torch
 
 from serve_app.config import ModelSpec
 from serve_app.models.base import CausalLM
+from serve_app.models.chat_template import ChatFormat, hf_chat_template, render_builtin
 from serve_app.models.hf import (
     HFCausalLM,
     HFTokenizer,
@@ -85,6 +86,18 @@ def load_tokenizer(spec: ModelSpec) -> Tokenizer:
         assert spec.path is not None
         return HFTokenizer(spec.path, checkpoint_eos(spec.path))
     return ByteTokenizer()
+
+
+def load_chat_format(spec: ModelSpec, tokenizer: Tokenizer) -> ChatFormat | None:
+    """How `spec`'s model turns chat messages into a prompt: TinyGPT's built-in template, or
+    the checkpoint's own; None for a checkpoint that has no chat template."""
+    if spec.kind == "hf":
+        assert spec.path is not None
+        render = hf_chat_template(checkpoint_dir(spec.path))
+        if render is None:
+            return None
+        return ChatFormat(render, lambda text: tokenizer.encode(text, add_special_tokens=False))
+    return ChatFormat(render_builtin, tokenizer.encode)
 
 
 def model_context(spec: ModelSpec) -> int:

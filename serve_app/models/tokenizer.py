@@ -24,8 +24,9 @@ class Tokenizer(Protocol):
         """Ids run from 0 to `vocab_size - 1`."""
         ...
 
-    def encode(self, text: str) -> list[int]:
-        """The ids of `text`; `UnicodeEncodeError` for a lone surrogate."""
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The ids of `text`, with the special tokens the tokenizer adds to a prompt (a BOS)
+        unless `add_special_tokens` is false; `UnicodeEncodeError` for a lone surrogate."""
         ...
 
     def decode(self, ids: Sequence[int]) -> str:
@@ -44,8 +45,8 @@ class ByteTokenizer:
     eos_token_ids = frozenset({EOS_TOKEN_ID})
     vocab_size = EOS_TOKEN_ID + 1
 
-    def encode(self, text: str) -> list[int]:
-        """The UTF-8 bytes of `text` as token ids.
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """The UTF-8 bytes of `text` as token ids (this tokenizer adds no special tokens).
 
         Raises `UnicodeEncodeError` (a `ValueError`) for a lone surrogate, which has no UTF-8
         encoding.

@@ -36,6 +36,7 @@ _FIELDS: dict[str, type] = {
     "finish_reason": str,
     "prompt_tokens": int,
     "completion_tokens": int,
+    "pieces": list,
 }
 _META_KEYS = frozenset({"key", "tenant"})
 
@@ -107,6 +108,7 @@ def encode_answer(generation: Generation, identity: AnswerIdentity, secret: Clus
         "finish_reason": generation.finish_reason,
         "prompt_tokens": generation.prompt_tokens,
         "completion_tokens": len(generation.tokens),
+        "pieces": list(generation.pieces),
     }
     return encode(
         ANSWER_KIND,
@@ -197,6 +199,9 @@ def _outcome(envelope: Envelope, tier: CacheTier) -> CompletionOutcome:
             raise CodecError("header", f"answer field {name} is not {kind.__name__}")
     if fields["finish_reason"] not in ("stop", "length"):
         raise CodecError("header", "answer finish_reason is invalid")
+    pieces = fields["pieces"]
+    if any(type(n) is not int or n < 0 for n in pieces) or sum(pieces) > len(fields["text"]):
+        raise CodecError("header", "answer pieces are not lengths within its text")
     return CompletionOutcome(
         text=fields["text"],
         finish_reason=fields["finish_reason"],
@@ -205,4 +210,5 @@ def _outcome(envelope: Envelope, tier: CacheTier) -> CompletionOutcome:
         cached_tokens=0,
         model_version=envelope.version,
         cache_tier=tier,
+        pieces=tuple(pieces),
     )

@@ -12,6 +12,15 @@
    (`cluster.sharing.tiered_prefix`), generates in the core's own bounded thread pool, and
    stores the answer and the new blocks.
 
+`ReplicaCore.stream` answers the same job as `StreamEvent`s: the text in pieces as it is
+generated, then the whole outcome. Every computation of a cached key feeds a `TextFeed` that
+any identical request streams from; a stream whose client leaves stops its generation unless
+another request still waits for the answer, and a stopped generation stores nothing. An answer
+from a cache is streamed in the pieces it was generated in.
+
+A chat turn (`CompletionJob.answer_end`) also caches the blocks of its answer as the next turn
+will send it back, so that turn prefills only its new message.
+
 Versions: `apply_version` and `apply_rules` are what the replica's `VersionFollower` calls (in
 its thread) before it acknowledges a version or a rule; `versions_changed` is its `on_change`.
 
@@ -26,8 +35,9 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -51,8 +61,13 @@ from serve_app.replica.answers import AnswerIdentity, completion_key, decode_ans
 from serve_app.replica.change_signal import ChangeSignal
 from serve_app.replica.model_pool import LoadWeights, ModelPool
 from serve_app.replica.peer_backend import ResultPeerBackend
-from serve_app.replica.prefix_generation import generate_with_prefix_cache, warm_up_prefix
+from serve_app.replica.prefix_generation import (
+    cache_prompt_prefix,
+    generate_with_prefix_cache,
+    warm_up_prefix,
+)
 from serve_app.replica.serving import ServingModel
+from serve_app.replica.streaming import StreamEnd, StreamEvent, TextFeed, TextPiece, split_pieces
 from serve_app.stats import replica_stats
 
 logger = logging.getLogger(__name__)
@@ -200,6 +215,10 @@ class ReplicaCore:
         self._generation = concurrent.futures.ThreadPoolExecutor(
             max_workers=args.generation_threads, thread_name_prefix="raycache-generate"
         )
+        # The feed of every computation of a cached key in flight, for streams to follow.
+        self._feeds: dict[ResultKey, TextFeed] = {}
+        self._background: set[asyncio.Task[None]] = set()
+        self.generations_stopped = 0
 
     def connect(self, owners: OwnerLookup, versions: VersionView) -> None:
         """Join a cluster: the ring that names owners, and the follower of published versions
@@ -221,6 +240,14 @@ class ReplicaCore:
         the request waits (up to `version_wait_s`, then `ModelUpdating`). A model that is not
         loaded is loaded first (`ModelLoading` when that fails or finds no room in time).
         """
+        serving = await self._serving(job)
+        try:
+            return await self._answer(self._plan(job, serving))
+        finally:
+            self.pool.release(serving)
+
+    async def _serving(self, job: CompletionJob) -> ServingModel:
+        """The current weights of the job's model, taken from the pool (release them)."""
         if job.model not in self._specs:
             raise ModelNotFound(f"model {job.model!r} is not served", param="model")
         if self._versions.lagging(job.model) and not await self._caught_up(job.model):
@@ -228,11 +255,18 @@ class ReplicaCore:
                 f"model {job.model!r} is switching to a new version on this replica",
                 param="model",
             )
-        serving = self.pool.take(job.model) or await self.pool.acquire(
+        return self.pool.take(job.model) or await self.pool.acquire(
             job.model, self.args.model_pool.load_wait_s
         )
+
+    async def stream(self, job: CompletionJob) -> AsyncIterator[StreamEvent]:
+        """`complete(job)` as events: `TextPiece`s as the text is generated (or, for a cached
+        answer, in the pieces it was generated in), then one `StreamEnd`. Closing the stream
+        early stops the generation when no other request waits for the same answer."""
+        serving = await self._serving(job)
         try:
-            return await self._answer(self._plan(job, serving))
+            async for event in self._stream(self._plan(job, serving)):
+                yield event
         finally:
             self.pool.release(serving)
 
@@ -293,10 +327,76 @@ class ReplicaCore:
             return replace(outcome, cache_key=plan.key)
         return replace(outcome, cache_key=plan.key, cache_tier=tier, cached_tokens=0)
 
-    async def _compute(self, plan: RequestPlan) -> tuple[CompletionOutcome, bytes]:
-        """Generate the answer and its cached form. When another replica owns the prompt, or
-        Redis holds its prefix, the blocks past the local run are copied first, so that only
-        the rest is prefilled here."""
+    async def _stream(self, plan: RequestPlan) -> AsyncIterator[StreamEvent]:
+        answer: asyncio.Future[tuple[CompletionOutcome, object]]
+        if plan.key is None:
+            feed = TextFeed()
+            answer = asyncio.ensure_future(self._compute(plan, feed))
+        else:
+            found = await self.tiered.lookup(plan.key, plan.placement, plan.tags)
+            if found is not None:
+                outcome, tier = found
+                for piece in split_pieces(outcome.text, outcome.pieces):
+                    yield TextPiece(piece)
+                yield StreamEnd(
+                    replace(outcome, cache_key=plan.key, cache_tier=tier, cached_tokens=0)
+                )
+                return
+            # The feed of the computation in flight, or the one the computation started now
+            # will adopt (`_compute`): no await between here and the start.
+            feed = self._feeds.setdefault(plan.key, TextFeed())
+            answer = asyncio.ensure_future(
+                self.tiered.compute_once(
+                    plan.key,
+                    plan.placement,
+                    plan.tags,
+                    lambda: self._compute(plan),
+                    stop_when_abandoned=True,
+                )
+            )
+        try:
+            sent = 0
+            while True:
+                while sent < len(feed.pieces):
+                    yield TextPiece(feed.pieces[sent])
+                    sent += 1
+                if answer.done():
+                    break
+                grown = asyncio.ensure_future(feed.grown_past(sent))
+                await asyncio.wait({answer, grown}, return_when=asyncio.FIRST_COMPLETED)
+                grown.cancel()
+            outcome = answer.result()[0]
+            # What the feed did not carry (a computation that ended before this stream
+            # followed it), in the pieces it was generated in.
+            delivered = sum(len(piece) for piece in feed.pieces[:sent])
+            for piece in split_pieces(outcome.text, outcome.pieces, start=delivered):
+                yield TextPiece(piece)
+            yield StreamEnd(replace(outcome, cache_key=plan.key))
+        finally:
+            answer.cancel()
+            if plan.key is not None and self._feeds.get(plan.key) is feed and not feed.adopted:
+                del self._feeds[plan.key]
+
+    async def _compute(
+        self, plan: RequestPlan, feed: TextFeed | None = None
+    ) -> tuple[CompletionOutcome, bytes]:
+        """Generate the answer and its cached form, pushing its text to `feed` (for a cached
+        key: the key's registered feed). When another replica owns the prompt, or Redis holds
+        its prefix, the blocks past the local run are copied first, so that only the rest is
+        prefilled here. Cancelled, it stops the generation."""
+        if feed is None and plan.key is not None:
+            feed = self._feeds.setdefault(plan.key, TextFeed())
+        if feed is not None:
+            feed.adopted = True
+        try:
+            return await self._generate_answer(plan, feed)
+        finally:
+            if plan.key is not None and self._feeds.get(plan.key) is feed:
+                del self._feeds[plan.key]
+
+    async def _generate_answer(
+        self, plan: RequestPlan, feed: TextFeed | None
+    ) -> tuple[CompletionOutcome, bytes]:
         model = plan.serving.model
         # Hashed here, once per computation: a hit needs no block hashes.
         chain = None
@@ -313,12 +413,22 @@ class ReplicaCore:
             await self.tiered_prefix.fetch(chain, layout, owner)
         # The computation holds the weights until its thread ends, not until its request
         # does: a cancelled request must not let the model be evicted or drained under it.
+        stop = threading.Event()
         plan.serving.hold()
-        running = self._generation.submit(self._generate, plan, chain)
+        running = self._generation.submit(self._generate, plan, chain, feed, stop)
         running.add_done_callback(lambda _: self.pool.release(plan.serving))
-        generation, cached_tokens = await asyncio.wrap_future(running)
+        try:
+            generation, cached_tokens = await asyncio.wrap_future(running)
+        except asyncio.CancelledError:
+            stop.set()
+            self.generations_stopped += 1
+            raise
         if chain is not None and self.tiered_prefix is not None:
             self.tiered_prefix.share(chain, cached_tokens)
+            if plan.job.answer_end is not None:
+                self._in_background(
+                    self._cache_answer(plan, chain, generation.text), "caching a chat answer"
+                )
         outcome = CompletionOutcome(
             text=generation.text,
             finish_reason=generation.finish_reason,
@@ -327,6 +437,7 @@ class ReplicaCore:
             cached_tokens=cached_tokens,
             model_version=plan.serving.version,
             cache_tier=None,
+            pieces=generation.pieces,
         )
         if plan.key is None:
             return outcome, b""
@@ -335,12 +446,27 @@ class ReplicaCore:
         )
         return outcome, encode_answer(generation, identity, self._secret)
 
-    def _generate(self, plan: RequestPlan, chain: PromptChain | None) -> tuple[Generation, int]:
+    def _generate(
+        self,
+        plan: RequestPlan,
+        chain: PromptChain | None,
+        feed: TextFeed | None,
+        stop: threading.Event,
+    ) -> tuple[Generation, int]:
         """Generate (in a generation thread); the generation and its prefix-cached tokens."""
         job, model = plan.job, plan.serving.model
         tokenizer = self._tokenizers[job.model]
+        on_text = feed.push_threadsafe if feed is not None else None
         if self.prefix is None or chain is None:
-            return generate(model, tokenizer, job.prompt_tokens, job.params), 0
+            generation = generate(
+                model,
+                tokenizer,
+                job.prompt_tokens,
+                job.params,
+                on_text=on_text,
+                should_stop=stop.is_set,
+            )
+            return generation, 0
         return generate_with_prefix_cache(
             model,
             tokenizer,
@@ -350,7 +476,46 @@ class ReplicaCore:
             chain.scope,
             hash_fn=self._block_hash,
             hashes=chain.hashes,
+            on_text=on_text,
+            should_stop=stop.is_set,
         )
+
+    async def _cache_answer(self, plan: RequestPlan, prompt: PromptChain, answer: str) -> None:
+        """Cache the blocks of a chat turn's prompt followed by its answer as the next turn
+        sends it back (`answer_end`), and share them, in a generation thread."""
+        assert self.prefix is not None and self.tiered_prefix is not None
+        assert plan.job.answer_end is not None
+        tokenizer = self._tokenizers[plan.job.model]
+        tokens = list(plan.job.prompt_tokens)
+        tokens += tokenizer.encode(answer + plan.job.answer_end, add_special_tokens=False)
+        tokens = tokens[: plan.serving.model.max_context]
+        chain = PromptChain.of(tokens, self.prefix.block_size, prompt.scope, self._block_hash)
+        if len(chain.hashes) == len(prompt.hashes):
+            return  # the answer completes no block
+        plan.serving.hold()
+        running = self._generation.submit(
+            cache_prompt_prefix,
+            plan.serving.model,
+            tokens,
+            self.prefix,
+            chain.scope,
+            chain.hashes,
+        )
+        running.add_done_callback(lambda _: self.pool.release(plan.serving))
+        await asyncio.wrap_future(running)
+        self.tiered_prefix.share(chain, len(prompt.hashes) * self.prefix.block_size)
+
+    def _in_background(self, work: Any, what: str) -> None:
+        """Run a coroutine that answers no request; its failure is logged as `what` failing."""
+        task: asyncio.Task[None] = asyncio.ensure_future(work)
+        self._background.add(task)
+
+        def landed(task: asyncio.Task[None]) -> None:
+            self._background.discard(task)
+            if not task.cancelled() and task.exception() is not None:
+                logger.warning("%s failed", what, exc_info=task.exception())
+
+        task.add_done_callback(landed)
 
     # -- versions and rules (the follower's thread) -------------------------------------------
 
@@ -454,6 +619,7 @@ class ReplicaCore:
             "stale_values": tiers.peer.stale + tiers.redis.stale,
             "single_flight_waits": tiers.single_flight_waits,
             "stores_dropped": tiers.stores_dropped,
+            "generations_stopped": self.generations_stopped,
             "prefix_blocks_from_peers": blocks.from_peers if blocks else 0,
             "prefix_blocks_from_redis": blocks.from_redis if blocks else 0,
         }
@@ -468,6 +634,8 @@ class ReplicaCore:
 
     async def close(self) -> None:
         """Stop the background work: stores, model loads, generation threads."""
+        for task in list(self._background):
+            task.cancel()
         await self.tiered.close()
         self.pool.close()
         self._generation.shutdown(wait=False, cancel_futures=True)

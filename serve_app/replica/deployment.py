@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -43,6 +44,7 @@ from serve_app.models.loading import (
 )
 from serve_app.replica.core import ReplicaCore
 from serve_app.replica.serving import config_version, weights_spec
+from serve_app.replica.streaming import StreamEvent
 
 logger = logging.getLogger(__name__)
 
@@ -129,6 +131,12 @@ class ModelReplica:
     async def complete(self, job: CompletionJob) -> CompletionOutcome:
         """Answer `job` (see `ReplicaCore.complete`)."""
         return await self._core.complete(job)
+
+    async def stream(self, job: CompletionJob) -> AsyncIterator[StreamEvent]:
+        """Answer `job` as events (see `ReplicaCore.stream`); call through
+        `handle.options(stream=True)`. Cancelling the call stops what only it waits for."""
+        async for event in self._core.stream(job):
+            yield event
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve's `user_config` hook: publish each listed version through the version actor

@@ -27,7 +27,12 @@ from cluster.block_hashes import BlockHash, HashFn, blake2b_256, prompt_block_ha
 from cluster.local.prefix_cache import PrefixCache, PrefixMatch, kv_blocks
 from serve_app.models import CausalLM, Generation, KVCache, SamplingParams, Tokenizer, generate
 
-__all__ = ["generate_with_prefix_cache", "lookup_prompt_prefix", "warm_up_prefix"]
+__all__ = [
+    "cache_prompt_prefix",
+    "generate_with_prefix_cache",
+    "lookup_prompt_prefix",
+    "warm_up_prefix",
+]
 
 
 def lookup_prompt_prefix(
@@ -64,8 +69,11 @@ def generate_with_prefix_cache(
     extra: object | None,
     hash_fn: HashFn = blake2b_256,
     hashes: Sequence[BlockHash] | None = None,
+    on_text: Callable[[str], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> tuple[Generation, int]:
-    """`generate(model, tokenizer, prompt_tokens, params)`, reusing and filling `cache`.
+    """`generate(model, tokenizer, prompt_tokens, params, on_text=..., should_stop=...)`,
+    reusing and filling `cache`.
 
     `extra` is the chain's scope, normally a `PrefixScope` (tenant, model, version, generation):
     prompts share blocks only under equal `extra`. `hashes`: the prompt's block hashes, when
@@ -78,8 +86,43 @@ def generate_with_prefix_cache(
     with match:
         store = _PromptBlockStore(cache, hashes, match, extra)
         past = match.kv_cache(model.device)
-        generation = generate(_OnPromptPrefill(model, store), tokenizer, prompt, params, past)
+        generation = generate(
+            _OnPromptPrefill(model, store),
+            tokenizer,
+            prompt,
+            params,
+            past,
+            on_text=on_text,
+            should_stop=should_stop,
+        )
         return generation, match.num_tokens
+
+
+def cache_prompt_prefix(
+    model: CausalLM,
+    tokens: Sequence[int],
+    cache: PrefixCache,
+    extra: object | None,
+    hashes: Sequence[BlockHash],
+) -> int:
+    """Cache the full blocks of `tokens` (their `hashes`, under `extra`), prefilling only what
+    follows their longest cached run, as a prompt of these tokens would. Returns how many
+    tokens were cached now (0 when every full block already was, or none fits in the cache).
+
+    For a chat turn: its prompt's blocks are cached, and this adds the answer's, as the next
+    turn sends them. Like prompt blocks, they come from a prefill, never from decode steps.
+    """
+    size = cache.block_size
+    match = cache.longest_prefix(list(hashes), counted=False)
+    with match:
+        start = match.num_blocks
+        if start == len(hashes):
+            return 0
+        end = len(hashes) * size
+        _, kv = model.prefill(list(tokens[start * size : end]), match.kv_cache(model.device))
+        blocks = kv_blocks(kv, start * size, end, size)
+        parent = hashes[start - 1] if start else None
+        return cache.insert(list(hashes[start:]), blocks, parent=parent, extra=extra) * size
 
 
 def warm_up_prefix(

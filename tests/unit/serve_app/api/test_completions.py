@@ -41,7 +41,17 @@ def test_minimal_body_gets_openai_defaults():
         ({"model": "m", "prompt": "hi", "stop": ["a"] * 5}, "stop"),
         ({"model": "m", "prompt": "hi", "stop": [""]}, "stop"),
         ({"model": "m", "prompt": "hi", "n": 2}, "n"),
-        ({"model": "m", "prompt": "hi", "stream": True}, "stream"),
+        ({"model": "m", "prompt": "hi", "stream": "yes"}, "stream"),
+        (
+            {"model": "m", "prompt": "hi", "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
+        (
+            {"model": "m", "prompt": "hi", "stream": True, "stream_options": {"x": 1}},
+            "stream_options.x",
+        ),
+        ({"model": "m", "prompt": "hi", "frequency_penalty": 0.5}, "frequency_penalty"),
+        ({"model": "m", "prompt": "hi", "echo": True}, "echo"),
         ({"model": "m", "prompt": "hi", "logprobs": 3}, "logprobs"),
         # What a JSON parser accepts but no later step could use.
         ({"model": "m", "prompt": "\ud800"}, "prompt"),

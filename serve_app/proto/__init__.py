@@ -1,0 +1,1 @@
+"""The application's public gRPC API (`raycache.proto`) and the modules generated from it."""
