@@ -58,10 +58,12 @@ class ModelSpec(StrictModel):
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._\-]*$",
         description="Version of the weights; answers are cached under it.",
     )
-    kind: Literal["tiny-gpt", "hf"] = Field(
+    kind: Literal["tiny-gpt", "hf", "tiny-encoder", "hf-encoder"] = Field(
         default="tiny-gpt",
         description="Model family: `tiny-gpt`, the built-in byte-level GPT; `hf`, a Hugging Face "
-        "causal LM in a local directory (`path`).",
+        "causal LM in a local directory (`path`); `tiny-encoder`, the built-in byte-level "
+        "sentence encoder; `hf-encoder`, a Hugging Face encoder (BERT-like) in a local directory, "
+        "mean-pooled. Encoders answer `/v1/embeddings`, the others completions and chat.",
     )
     path: str | None = Field(
         default=None,
@@ -96,9 +98,9 @@ class ModelSpec(StrictModel):
 
     @model_validator(mode="after")
     def _fields_of_the_kind(self) -> ModelSpec:
-        if self.kind == "hf":
+        if self.is_hf:
             if self.path is None:
-                raise ValueError("a model of kind `hf` needs `path`, its checkpoint directory")
+                raise ValueError(f"a model of kind `{self.kind}` needs `path`, its directory")
             if not os.path.isabs(self.path):
                 raise ValueError(
                     "`path` must be absolute: each replica reads it on its own node, from its "
@@ -112,17 +114,29 @@ class ModelSpec(StrictModel):
             }
             if shaped:
                 raise ValueError(
-                    f"{sorted(shaped)} describe a tiny-gpt; an `hf` model takes its shape "
-                    "from its config.json"
+                    f"{sorted(shaped)} describe a built-in model; a `{self.kind}` model takes "
+                    "its shape from its config.json"
                 )
             return self
         if self.path is not None or self.dtype != "float32":
-            raise ValueError("`path` and `dtype` are for models of kind `hf`")
+            raise ValueError("`path` and `dtype` are for Hugging Face models")
+        if self.kind == "tiny-encoder" and self.checkpoint is not None:
+            raise ValueError("a tiny-encoder is built from its `seed`; it takes no checkpoint")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
             )
         return self
+
+    @property
+    def is_hf(self) -> bool:
+        """Whether the model is a Hugging Face checkpoint directory (`path`)."""
+        return self.kind in ("hf", "hf-encoder")
+
+    @property
+    def is_encoder(self) -> bool:
+        """Whether the model embeds (`/v1/embeddings`) rather than generates."""
+        return self.kind in ("tiny-encoder", "hf-encoder")
 
 
 _TINY_GPT_FIELDS = frozenset(
@@ -353,6 +367,10 @@ class AppArgs(StrictModel):
         unknown = sorted({p.model for p in self.prefix_cache.pinned} - set(ids))
         if unknown:
             raise ValueError(f"prefix_cache.pinned: unknown model(s) {unknown}")
+        encoder_ids = {m.id for m in self.models if m.is_encoder}
+        encoders = sorted({p.model for p in self.prefix_cache.pinned} & encoder_ids)
+        if encoders:
+            raise ValueError(f"prefix_cache.pinned: {encoders} embed, they have no prefix cache")
         pinned = [m.id for m in self.models if m.pinned]
         room = self.model_pool.max_loaded_models
         if room is not None and len(pinned) > room:

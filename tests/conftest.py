@@ -18,7 +18,13 @@ import httpx
 import pytest
 import yaml
 
-from tests.support.processes import RedisServer, ServeRun, serve_http_port, wait_until
+from tests.support.processes import (
+    RedisServer,
+    ServeRun,
+    serve_grpc_options,
+    serve_http_port,
+    wait_until,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CLUSTER_YAML = ROOT / "configs" / "cluster.yaml"
@@ -72,6 +78,12 @@ class RunningApp:
         """Headers that carry the operator's admin token."""
         return {"authorization": f"Bearer {ADMIN_TOKEN}"}
 
+    def grpc_channel(self):
+        """A gRPC channel to Serve's gRPC proxy."""
+        import grpc
+
+        return grpc.insecure_channel(f"127.0.0.1:{self.config['grpc_options']['port']}")
+
     def replica_count(self) -> int:
         deployments = self.config["applications"][0]["deployments"]
         return next(d["num_replicas"] for d in deployments if d["name"] == "ModelReplica")
@@ -94,6 +106,11 @@ def running_app(
     config = yaml.safe_load(CLUSTER_YAML.read_text())
     config["http_options"]["port"] = serve_http_port()
     config["http_options"]["host"] = "127.0.0.1"
+    assert (
+        config["grpc_options"]["grpc_servicer_functions"]
+        == (serve_grpc_options()["grpc_servicer_functions"])
+    )
+    config["grpc_options"]["port"] = serve_grpc_options()["port"]
     args = config["applications"][0]["args"]
     args["redis_url"] = redis_server.url
     args["auth"] = {"api_keys_file": str(keys_file)}

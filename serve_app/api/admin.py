@@ -85,12 +85,12 @@ def parse_version_update(
         except CheckpointRefused as exc:
             raise InvalidRequest(str(exc), param="checkpoint") from None
         # Checked here so that a typo fails the request instead of every replica's reload.
-        if kind == "hf" and not os.path.isfile(os.path.join(path, "config.json")):
+        if kind in ("hf", "hf-encoder") and not os.path.isfile(os.path.join(path, "config.json")):
             raise InvalidRequest(
                 "no checkpoint directory (with a config.json) there on the ingress node",
                 param="checkpoint",
             )
-        if kind != "hf" and not os.path.isfile(path):
+        if kind == "tiny-gpt" and not os.path.isfile(path):
             raise InvalidRequest("no such file on the ingress node", param="checkpoint")
     return update
 

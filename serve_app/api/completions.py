@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from serve_app.api.openai_fields import drop_neutral_fields
+from serve_app.api.openai_fields import Endpoint, drop_neutral_fields
 from serve_app.errors import InvalidRequest
 from serve_app.models import SamplingParams
 
@@ -70,7 +70,7 @@ class SamplingFields(BaseModel):
     @field_validator("model", "stop", "user")
     @classmethod
     def _encodable(cls, value: Any) -> Any:
-        _check_unicode(value)
+        check_unicode(value)
         return value
 
     @field_validator("stop")
@@ -133,7 +133,7 @@ class CompletionRequest(SamplingFields):
     @field_validator("prompt")
     @classmethod
     def _encodable_prompt(cls, value: Any) -> Any:
-        _check_unicode(value)
+        check_unicode(value)
         return value
 
 
@@ -150,12 +150,10 @@ def parse_completion_request(body: object) -> CompletionRequest:
     return parse_body(CompletionRequest, body, "completions")
 
 
-RequestT = TypeVar("RequestT", bound=SamplingFields)
+RequestT = TypeVar("RequestT", bound=BaseModel)
 
 
-def parse_body(
-    kind: type[RequestT], body: object, endpoint: Literal["completions", "chat"]
-) -> RequestT:
+def parse_body(kind: type[RequestT], body: object, endpoint: Endpoint) -> RequestT:
     """`body` validated as `kind`; raises `InvalidRequest` naming the first bad field."""
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object", param="body")
@@ -197,7 +195,7 @@ def _field_path(location: tuple[int | str, ...]) -> str:
 _TYPE_NAMES = frozenset({"str", "int", "float", "bool", "list", "dict"})
 
 
-def _check_unicode(value: Any) -> None:
+def check_unicode(value: Any) -> None:
     texts = value if isinstance(value, list) else [value]
     for text in texts:
         if isinstance(text, str) and not _is_unicode(text):

@@ -2,7 +2,7 @@
 
 HTTP routes (FastAPI, see DESIGN "Interfaces"): `POST /v1/completions`,
 `POST /v1/chat/completions` (both streamed as server-sent events with `"stream": true`),
-`GET /v1/models`, `GET /v1/cache/stats`, `GET /healthz`, and the admin routes
+`POST /v1/embeddings`, `GET /v1/models`, `GET /v1/cache/stats`, `GET /healthz`, and the admin routes
 `POST /v1/models/{model}/version` and `POST /v1/cache/invalidate`. A completion's tenant comes
 from its API key (`serve_app.api.auth`); admin routes need `Authorization: Bearer
 <admin_token>` and are closed (403) until a token is configured; `/healthz` is open to probes
@@ -33,6 +33,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
 from cluster.keys import ROUTING_PREFIX_TOKENS, routing_key
@@ -51,6 +52,14 @@ from serve_app.api.completions import (
     completion_response,
     parse_completion_request,
 )
+from serve_app.api.embeddings import (
+    EmbeddingJob,
+    EmbeddingRequest,
+    embedding_response,
+    parse_embedding_request,
+)
+from serve_app.api.grpc_messages import api_key
+from serve_app.api.grpc_service import GrpcMethods
 from serve_app.api.request_body import read_json_body
 from serve_app.api.streaming import DONE, Kind, StreamChunks, error_event, sse
 from serve_app.config import AppArgs, ModelSpec, parse_args, prompt_text
@@ -63,7 +72,13 @@ from serve_app.errors import (
     VersionConflict,
 )
 from serve_app.models.chat_template import TemplateError
-from serve_app.models.loading import load_chat_format, load_tokenizer, model_context, model_vocab
+from serve_app.models.loading import (
+    load_chat_format,
+    load_tokenizer,
+    model_context,
+    model_dimensions,
+    model_vocab,
+)
 from serve_app.replica.streaming import StreamEnd, StreamEvent, TextPiece
 from serve_app.stats import cluster_stats
 
@@ -130,8 +145,9 @@ async def _event_stream(chunks: AsyncIterator[dict[str, Any]]) -> Response:
 # when it decorates it, before the rest of this module has run.
 @serve.deployment(name="Ingress")
 @serve.ingress(http_app)
-class Ingress:
-    """Parses, validates and routes requests to the `ModelReplica` deployment."""
+class Ingress(GrpcMethods):
+    """Parses, validates and routes requests to the `ModelReplica` deployment; its gRPC
+    methods are `GrpcMethods`'."""
 
     def __init__(self, replicas: DeploymentHandle, args: dict[str, Any]) -> None:
         self._args: AppArgs = parse_args(args).with_environment()
@@ -142,6 +158,9 @@ class Ingress:
             spec.id: load_chat_format(spec, self._tokenizers[spec.id]) for spec in self._args.models
         }
         self._contexts = {spec.id: model_context(spec) for spec in self._args.models}
+        self._dimensions = {
+            spec.id: model_dimensions(spec) for spec in self._args.models if spec.is_encoder
+        }
         self._vocabs = {
             spec.id: model_vocab(spec, self._tokenizers[spec.id]) for spec in self._args.models
         }
@@ -205,6 +224,15 @@ class Ingress:
         async for chunk in self._chunks("chat", request, job):
             yield chunk
 
+    async def embeddings(
+        self, body: dict[str, Any], tenant: str = DEFAULT_TENANT
+    ) -> dict[str, Any]:
+        """Embed an OpenAI embeddings body's inputs, each cached on its own; raises
+        `RaycacheError` on bad input."""
+        request = parse_embedding_request(body)
+        outcomes = await self._replicas.embed.remote(self._embedding_job(request, tenant))
+        return embedding_response(request.model, outcomes, request.encoding_format)
+
     async def models(self) -> dict[str, Any]:
         """The OpenAI model list, with each model's current `version` (the configured one
         until a version is published)."""
@@ -233,11 +261,13 @@ class Ingress:
         if spec is None:
             raise ModelNotFound(f"model {model!r} does not exist", param="model")
         update = parse_version_update(body, self._args.checkpoint_dir, spec.kind)
-        if spec.kind == "hf" and update.seed is not None:
+        if spec.is_hf and update.seed is not None:
             raise InvalidRequest(
                 "a Hugging Face model's versions are checkpoint directories, not seeds",
                 param="seed",
             )
+        if spec.kind == "tiny-encoder" and update.checkpoint is not None:
+            raise InvalidRequest("a tiny-encoder's versions are seeds", param="checkpoint")
         try:
             outcome = await publish_update(
                 self._versions, model, update, source="admin", timeout_s=update.timeout_s
@@ -311,6 +341,11 @@ class Ingress:
         job = self._chat_job(parsed, tenant)
         return await _event_stream(self._chunks("chat", parsed, job))
 
+    @http_app.post("/v1/embeddings")
+    async def http_embeddings(self, request: Request) -> JSONResponse:
+        tenant = self._tenant(request)
+        return JSONResponse(await self.embeddings(await _json_body(request), tenant=tenant))
+
     @http_app.get("/v1/models")
     async def http_models(self) -> JSONResponse:
         return JSONResponse(await self.models())
@@ -339,6 +374,12 @@ class Ingress:
         return self._auth.tenant_of(
             request.headers.get("authorization"), request.headers.get(self._args.auth.tenant_header)
         )
+
+    def _grpc_tenant(self, context: RayServegRPCContext) -> str:
+        metadata = context.invocation_metadata()
+        header = self._args.auth.tenant_header.lower()
+        claimed = next((value for key, value in metadata if key.lower() == header), None)
+        return self._auth.tenant_of(api_key(metadata), claimed)
 
     async def _chunks(
         self, kind: Kind, request: SamplingFields, job: CompletionJob
@@ -406,10 +447,50 @@ class Ingress:
         job = self._job(spec.id, request, tenant, prompt.tokens, "messages", prompt.opening)
         return replace(job, answer_end=chat_format.answer_end)
 
-    def _spec(self, model: str) -> ModelSpec:
+    def _embedding_job(self, request: EmbeddingRequest, tenant: str) -> EmbeddingJob:
+        spec = self._spec(request.model, embeds=True)
+        if request.dimensions is not None and request.dimensions != self._dimensions[spec.id]:
+            raise InvalidRequest(
+                f"model {spec.id!r} embeds in {self._dimensions[spec.id]} dimensions only",
+                param="dimensions",
+            )
+        tokenizer, vocab = self._tokenizers[spec.id], self._vocabs[spec.id]
+        longest = self._contexts[spec.id]
+        given_inputs = request.inputs()
+        single = isinstance(request.input, str) or isinstance(request.input[0], int)
+        inputs: list[tuple[int, ...]] = []
+        for i, given in enumerate(given_inputs):
+            field = "input" if single else f"input[{i}]"
+            if isinstance(given, str):
+                tokens = tokenizer.encode(prompt_text(given, self._args))
+            else:
+                tokens = given
+            bad = next((t for t in tokens if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InvalidRequest(
+                    f"token id {bad} is outside the vocabulary [0, {vocab})", param=field
+                )
+            if len(tokens) > longest:
+                raise PromptTooLong(
+                    f"has {len(tokens)} tokens; the limit for model {spec.id!r} is {longest}",
+                    param=field,
+                )
+            inputs.append(tuple(tokens))
+        keys = tuple(
+            routing_key(self._args.namespace, tenant, spec.id, tokens) for tokens in inputs
+        )
+        return EmbeddingJob(spec.id, tenant, tuple(inputs), keys, routing_key=keys[0])
+
+    def _spec(self, model: str, embeds: bool = False) -> ModelSpec:
         spec = self._args.model(model)
         if spec is None:
             raise ModelNotFound(f"model {model!r} does not exist", param="model")
+        if spec.is_encoder and not embeds:
+            raise InvalidRequest(
+                f"model {model!r} is an encoder; ask /v1/embeddings", param="model"
+            )
+        if embeds and not spec.is_encoder:
+            raise InvalidRequest(f"model {model!r} does not embed", param="model")
         return spec
 
     def _job(

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from serve_app.errors import InvalidRequest
 
-Endpoint = Literal["completions", "chat"]
+Endpoint = Literal["completions", "chat", "embeddings"]
 
 _SHARED_NEUTRAL: dict[str, tuple[object, ...]] = {
     "frequency_penalty": (0,),
@@ -21,6 +21,7 @@ _SHARED_NEUTRAL: dict[str, tuple[object, ...]] = {
     "logprobs": (None, False),
 }
 NEUTRAL: dict[Endpoint, dict[str, tuple[object, ...]]] = {
+    "embeddings": {},
     "completions": {**_SHARED_NEUTRAL, "best_of": (None, 1), "echo": (False,), "suffix": (None,)},
     "chat": {
         **_SHARED_NEUTRAL,
@@ -41,6 +42,7 @@ NEUTRAL: dict[Endpoint, dict[str, tuple[object, ...]]] = {
 """Per endpoint: each unimplemented field and the values that mean "not used"."""
 
 IGNORED: dict[Endpoint, frozenset[str]] = {
+    "embeddings": frozenset(),
     "completions": frozenset(),
     "chat": frozenset(
         {

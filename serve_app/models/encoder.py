@@ -12,6 +12,7 @@ floats an uncached request would compute, whichever inputs shared its request.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -222,6 +223,16 @@ class TinyEncoder(nn.Module):
         for block in self.blocks:
             x = block(x)
         return _pooled(self.ln_f(x)[None])
+
+
+def checkpoint_encoder_context(path: str | Path) -> int:
+    """Most tokens of one input of the encoder checkpoint in `path`, read from its config
+    without the weights (`HFEncoder.max_context`)."""
+    config = json.loads((checkpoint_dir(path) / "config.json").read_text())
+    positions = int(config["max_position_embeddings"])
+    if config.get("model_type") in _POSITIONS_AFTER_PADDING:
+        return positions - int(config.get("pad_token_id", 1)) - 1
+    return positions
 
 
 class HFEncoder:

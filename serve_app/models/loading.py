@@ -3,6 +3,7 @@ checkpoint file or its seed, or a Hugging Face checkpoint directory."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -10,6 +11,13 @@ import torch
 from serve_app.config import ModelSpec
 from serve_app.models.base import CausalLM
 from serve_app.models.chat_template import ChatFormat, hf_chat_template, render_builtin
+from serve_app.models.encoder import (
+    HFEncoder,
+    SentenceEncoder,
+    TinyEncoder,
+    TinyEncoderConfig,
+    checkpoint_encoder_context,
+)
 from serve_app.models.hf import (
     HFCausalLM,
     HFTokenizer,
@@ -37,7 +45,21 @@ def tiny_gpt_config(spec: ModelSpec) -> TinyGPTConfig:
     )
 
 
-def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> CausalLM:
+def tiny_encoder_config(spec: ModelSpec) -> TinyEncoderConfig:
+    """The shape a `tiny-encoder` spec declares."""
+    return TinyEncoderConfig(
+        n_layers=spec.n_layers,
+        d_model=spec.d_model,
+        n_heads=spec.n_heads,
+        max_context=spec.max_context,
+    )
+
+
+Weights = CausalLM | SentenceEncoder
+"""What a model pool holds: a generating model or an encoder."""
+
+
+def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> Weights:
     """The model of `spec` on `device` (default: `default_device()`).
 
     A TinyGPT checkpoint wins over the seed; its stored shape must match the spec's, so a config
@@ -45,9 +67,14 @@ def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> Cau
     from its published checkpoint directory, or else from `path`.
     """
     device = default_device() if device is None else torch.device(device)
-    if spec.kind == "hf":
+    if spec.kind == "hf-encoder":
         assert spec.path is not None  # the spec's validation requires it
+        return HFEncoder.load(spec.checkpoint or spec.path, spec.dtype, device)
+    if spec.is_hf:
+        assert spec.path is not None
         return HFCausalLM.load(spec.checkpoint or spec.path, spec.dtype, device)
+    if spec.kind == "tiny-encoder":
+        return TinyEncoder.from_seed(tiny_encoder_config(spec), spec.seed, device=device)
     config = tiny_gpt_config(spec)
     if spec.checkpoint is None:
         return TinyGPT.from_seed(config, spec.seed, device=device)
@@ -63,7 +90,7 @@ def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> Cau
 def check_weights(spec: ModelSpec) -> None:
     """Raise when `spec`'s weights cannot be found, without reading them: a TinyGPT checkpoint
     that is no file, or a Hugging Face directory without `config.json`."""
-    if spec.kind == "hf":
+    if spec.is_hf:
         assert spec.path is not None
         checkpoint_dir(spec.checkpoint or spec.path)
     elif spec.checkpoint is not None and not Path(spec.checkpoint).is_file():
@@ -73,16 +100,21 @@ def check_weights(spec: ModelSpec) -> None:
 def weight_bytes_estimate(spec: ModelSpec) -> int:
     """The bytes `load_model(spec)` will take, computed without loading the weights (the
     model's modules built on the meta device)."""
-    if spec.kind == "hf":
+    if spec.kind == "hf-encoder":
+        assert spec.path is not None
+        return HFEncoder.estimate_bytes(spec.checkpoint or spec.path, spec.dtype)
+    if spec.is_hf:
         assert spec.path is not None
         return HFCausalLM.estimate_bytes(spec.checkpoint or spec.path, spec.dtype)
+    if spec.kind == "tiny-encoder":
+        return TinyEncoder(tiny_encoder_config(spec), device="meta").weight_bytes
     return TinyGPT(tiny_gpt_config(spec), device="meta").weight_bytes
 
 
 def load_tokenizer(spec: ModelSpec) -> Tokenizer:
     """The tokenizer of `spec`'s model: bytes for TinyGPT, the checkpoint's own otherwise
     (read from the configured `path`; a published version keeps its model's tokenizer)."""
-    if spec.kind == "hf":
+    if spec.is_hf:
         assert spec.path is not None
         return HFTokenizer(spec.path, checkpoint_eos(spec.path))
     return ByteTokenizer()
@@ -90,8 +122,10 @@ def load_tokenizer(spec: ModelSpec) -> Tokenizer:
 
 def load_chat_format(spec: ModelSpec, tokenizer: Tokenizer) -> ChatFormat | None:
     """How `spec`'s model turns chat messages into a prompt: TinyGPT's built-in template, or
-    the checkpoint's own; None for a checkpoint that has no chat template."""
-    if spec.kind == "hf":
+    the checkpoint's own; None for a checkpoint that has no chat template, and for encoders."""
+    if spec.is_encoder:
+        return None
+    if spec.is_hf:
         assert spec.path is not None
         render = hf_chat_template(checkpoint_dir(spec.path))
         if render is None:
@@ -101,17 +135,31 @@ def load_chat_format(spec: ModelSpec, tokenizer: Tokenizer) -> ChatFormat | None
 
 
 def model_context(spec: ModelSpec) -> int:
-    """The longest sequence (prompt and completion) `spec`'s model takes, read without it."""
-    if spec.kind == "hf":
+    """The longest sequence (prompt and completion; an encoder's input) `spec`'s model takes,
+    read without it."""
+    if spec.kind == "hf-encoder":
+        assert spec.path is not None
+        return checkpoint_encoder_context(spec.path)
+    if spec.is_hf:
         assert spec.path is not None
         return checkpoint_context(spec.path)
     return spec.max_context
 
 
+def model_dimensions(spec: ModelSpec) -> int:
+    """The length of an encoder's embeddings, read without loading it."""
+    if spec.kind == "hf-encoder":
+        assert spec.path is not None
+        return int(
+            json.loads((checkpoint_dir(spec.path) / "config.json").read_text())["hidden_size"]
+        )
+    return spec.d_model
+
+
 def model_vocab(spec: ModelSpec, tokenizer: Tokenizer) -> int:
     """How many token ids `spec`'s model takes in a prompt: those both its `tokenizer` and its
     embeddings know."""
-    if spec.kind == "hf":
+    if spec.is_hf:
         assert spec.path is not None
         return min(tokenizer.vocab_size, checkpoint_vocab(spec.path))
     return tokenizer.vocab_size

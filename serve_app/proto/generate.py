@@ -3,23 +3,24 @@
 Writes `raycache_pb2.py`, `raycache_pb2.pyi` and `raycache_pb2_grpc.py` next to the `.proto` (or
 into `--out`), with grpcio-tools (the `test` extra). The generated code is committed and never
 edited by hand; `tests/unit/serve_app/test_api_proto.py` fails when it differs from what this
-writes. The same steps as `cluster.sharing.proto.generate`, whose directory is fixed.
+writes.
+
+The `.proto` is compiled under its path from the repository root, so that its messages belong
+to the module `serve_app.proto.raycache_pb2`: Ray Serve pickles them between its gRPC proxy and
+the ingress, and unpickling imports their module by that name.
 """
 
 from __future__ import annotations
 
 import argparse
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Final
 
 PROTO_DIR: Final = Path(__file__).resolve().parent
+ROOT: Final = PROTO_DIR.parents[1]
+PACKAGE_DIR: Final = PROTO_DIR.relative_to(ROOT)
 PROTOS: Final = ("raycache.proto",)
-
-# protoc writes `import raycache_pb2 as raycache__pb2`, which only works with serve_app/proto on
-# sys.path; Ray Serve's proxy imports the servicer function as `serve_app.proto.raycache_pb2_grpc`.
-_ABSOLUTE_IMPORT: Final = re.compile(r"^import (\w+_pb2) as (\w+)$", re.M)
 
 
 def generated_names(proto: str) -> tuple[str, str, str]:
@@ -30,29 +31,30 @@ def generated_names(proto: str) -> tuple[str, str, str]:
 
 def generate(out_dir: Path = PROTO_DIR) -> list[Path]:
     """Compile every proto of PROTOS into `out_dir`; returns the files written."""
+    import tempfile
+
     from grpc_tools import protoc  # the test extra: not a runtime dependency
 
-    out = str(out_dir)
-    status = protoc.main(
-        [
-            "grpc_tools.protoc",
-            f"-I{PROTO_DIR}",
-            f"--python_out={out}",
-            f"--pyi_out={out}",
-            f"--grpc_python_out={out}",
-            *PROTOS,
-        ]
-    )
-    if status != 0:
-        raise RuntimeError(f"protoc failed with status {status} on {', '.join(PROTOS)}")
-    written: list[Path] = []
-    for proto in PROTOS:
-        names = generated_names(proto)
-        grpc_module = out_dir / names[2]
-        grpc_module.write_text(
-            _ABSOLUTE_IMPORT.sub(r"from . import \1 as \2", grpc_module.read_text())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as scratch:
+        status = protoc.main(
+            [
+                "grpc_tools.protoc",
+                f"-I{ROOT}",
+                f"--python_out={scratch}",
+                f"--pyi_out={scratch}",
+                f"--grpc_python_out={scratch}",
+                *(str(PACKAGE_DIR / proto) for proto in PROTOS),
+            ]
         )
-        written.extend(out_dir / name for name in names)
+        if status != 0:
+            raise RuntimeError(f"protoc failed with status {status} on {', '.join(PROTOS)}")
+        written: list[Path] = []
+        for proto in PROTOS:
+            for name in generated_names(proto):
+                target = out_dir / name
+                target.write_text((Path(scratch) / PACKAGE_DIR / name).read_text())
+                written.append(target)
     return written
 
 

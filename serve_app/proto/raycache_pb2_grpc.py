@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from . import raycache_pb2 as raycache__pb2
+from serve_app.proto import raycache_pb2 as serve__app_dot_proto_dot_raycache__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in raycache_pb2_grpc.py depends on'
+        + ' but the generated code in serve_app/proto/raycache_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,38 +36,38 @@ class RayCacheStub:
         """
         self.Complete = channel.unary_unary(
                 '/raycache.v1.RayCache/Complete',
-                request_serializer=raycache__pb2.CompletionRequest.SerializeToString,
-                response_deserializer=raycache__pb2.CompletionResponse.FromString,
+                request_serializer=serve__app_dot_proto_dot_raycache__pb2.CompletionRequest.SerializeToString,
+                response_deserializer=serve__app_dot_proto_dot_raycache__pb2.CompletionResponse.FromString,
                 _registered_method=True)
         self.CompleteStream = channel.unary_stream(
                 '/raycache.v1.RayCache/CompleteStream',
-                request_serializer=raycache__pb2.CompletionRequest.SerializeToString,
-                response_deserializer=raycache__pb2.CompletionChunk.FromString,
+                request_serializer=serve__app_dot_proto_dot_raycache__pb2.CompletionRequest.SerializeToString,
+                response_deserializer=serve__app_dot_proto_dot_raycache__pb2.CompletionChunk.FromString,
                 _registered_method=True)
         self.Chat = channel.unary_unary(
                 '/raycache.v1.RayCache/Chat',
-                request_serializer=raycache__pb2.ChatRequest.SerializeToString,
-                response_deserializer=raycache__pb2.ChatResponse.FromString,
+                request_serializer=serve__app_dot_proto_dot_raycache__pb2.ChatRequest.SerializeToString,
+                response_deserializer=serve__app_dot_proto_dot_raycache__pb2.ChatResponse.FromString,
                 _registered_method=True)
         self.ChatStream = channel.unary_stream(
                 '/raycache.v1.RayCache/ChatStream',
-                request_serializer=raycache__pb2.ChatRequest.SerializeToString,
-                response_deserializer=raycache__pb2.ChatChunk.FromString,
+                request_serializer=serve__app_dot_proto_dot_raycache__pb2.ChatRequest.SerializeToString,
+                response_deserializer=serve__app_dot_proto_dot_raycache__pb2.ChatChunk.FromString,
                 _registered_method=True)
         self.Embed = channel.unary_unary(
                 '/raycache.v1.RayCache/Embed',
-                request_serializer=raycache__pb2.EmbeddingRequest.SerializeToString,
-                response_deserializer=raycache__pb2.EmbeddingResponse.FromString,
+                request_serializer=serve__app_dot_proto_dot_raycache__pb2.EmbeddingRequest.SerializeToString,
+                response_deserializer=serve__app_dot_proto_dot_raycache__pb2.EmbeddingResponse.FromString,
                 _registered_method=True)
         self.Models = channel.unary_unary(
                 '/raycache.v1.RayCache/Models',
-                request_serializer=raycache__pb2.ModelsRequest.SerializeToString,
-                response_deserializer=raycache__pb2.ModelsResponse.FromString,
+                request_serializer=serve__app_dot_proto_dot_raycache__pb2.ModelsRequest.SerializeToString,
+                response_deserializer=serve__app_dot_proto_dot_raycache__pb2.ModelsResponse.FromString,
                 _registered_method=True)
         self.Stats = channel.unary_unary(
                 '/raycache.v1.RayCache/Stats',
-                request_serializer=raycache__pb2.StatsRequest.SerializeToString,
-                response_deserializer=raycache__pb2.StatsResponse.FromString,
+                request_serializer=serve__app_dot_proto_dot_raycache__pb2.StatsRequest.SerializeToString,
+                response_deserializer=serve__app_dot_proto_dot_raycache__pb2.StatsResponse.FromString,
                 _registered_method=True)
 
 
@@ -128,38 +128,38 @@ def add_RayCacheServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Complete': grpc.unary_unary_rpc_method_handler(
                     servicer.Complete,
-                    request_deserializer=raycache__pb2.CompletionRequest.FromString,
-                    response_serializer=raycache__pb2.CompletionResponse.SerializeToString,
+                    request_deserializer=serve__app_dot_proto_dot_raycache__pb2.CompletionRequest.FromString,
+                    response_serializer=serve__app_dot_proto_dot_raycache__pb2.CompletionResponse.SerializeToString,
             ),
             'CompleteStream': grpc.unary_stream_rpc_method_handler(
                     servicer.CompleteStream,
-                    request_deserializer=raycache__pb2.CompletionRequest.FromString,
-                    response_serializer=raycache__pb2.CompletionChunk.SerializeToString,
+                    request_deserializer=serve__app_dot_proto_dot_raycache__pb2.CompletionRequest.FromString,
+                    response_serializer=serve__app_dot_proto_dot_raycache__pb2.CompletionChunk.SerializeToString,
             ),
             'Chat': grpc.unary_unary_rpc_method_handler(
                     servicer.Chat,
-                    request_deserializer=raycache__pb2.ChatRequest.FromString,
-                    response_serializer=raycache__pb2.ChatResponse.SerializeToString,
+                    request_deserializer=serve__app_dot_proto_dot_raycache__pb2.ChatRequest.FromString,
+                    response_serializer=serve__app_dot_proto_dot_raycache__pb2.ChatResponse.SerializeToString,
             ),
             'ChatStream': grpc.unary_stream_rpc_method_handler(
                     servicer.ChatStream,
-                    request_deserializer=raycache__pb2.ChatRequest.FromString,
-                    response_serializer=raycache__pb2.ChatChunk.SerializeToString,
+                    request_deserializer=serve__app_dot_proto_dot_raycache__pb2.ChatRequest.FromString,
+                    response_serializer=serve__app_dot_proto_dot_raycache__pb2.ChatChunk.SerializeToString,
             ),
             'Embed': grpc.unary_unary_rpc_method_handler(
                     servicer.Embed,
-                    request_deserializer=raycache__pb2.EmbeddingRequest.FromString,
-                    response_serializer=raycache__pb2.EmbeddingResponse.SerializeToString,
+                    request_deserializer=serve__app_dot_proto_dot_raycache__pb2.EmbeddingRequest.FromString,
+                    response_serializer=serve__app_dot_proto_dot_raycache__pb2.EmbeddingResponse.SerializeToString,
             ),
             'Models': grpc.unary_unary_rpc_method_handler(
                     servicer.Models,
-                    request_deserializer=raycache__pb2.ModelsRequest.FromString,
-                    response_serializer=raycache__pb2.ModelsResponse.SerializeToString,
+                    request_deserializer=serve__app_dot_proto_dot_raycache__pb2.ModelsRequest.FromString,
+                    response_serializer=serve__app_dot_proto_dot_raycache__pb2.ModelsResponse.SerializeToString,
             ),
             'Stats': grpc.unary_unary_rpc_method_handler(
                     servicer.Stats,
-                    request_deserializer=raycache__pb2.StatsRequest.FromString,
-                    response_serializer=raycache__pb2.StatsResponse.SerializeToString,
+                    request_deserializer=serve__app_dot_proto_dot_raycache__pb2.StatsRequest.FromString,
+                    response_serializer=serve__app_dot_proto_dot_raycache__pb2.StatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -187,8 +187,8 @@ class RayCache:
             request,
             target,
             '/raycache.v1.RayCache/Complete',
-            raycache__pb2.CompletionRequest.SerializeToString,
-            raycache__pb2.CompletionResponse.FromString,
+            serve__app_dot_proto_dot_raycache__pb2.CompletionRequest.SerializeToString,
+            serve__app_dot_proto_dot_raycache__pb2.CompletionResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -214,8 +214,8 @@ class RayCache:
             request,
             target,
             '/raycache.v1.RayCache/CompleteStream',
-            raycache__pb2.CompletionRequest.SerializeToString,
-            raycache__pb2.CompletionChunk.FromString,
+            serve__app_dot_proto_dot_raycache__pb2.CompletionRequest.SerializeToString,
+            serve__app_dot_proto_dot_raycache__pb2.CompletionChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -241,8 +241,8 @@ class RayCache:
             request,
             target,
             '/raycache.v1.RayCache/Chat',
-            raycache__pb2.ChatRequest.SerializeToString,
-            raycache__pb2.ChatResponse.FromString,
+            serve__app_dot_proto_dot_raycache__pb2.ChatRequest.SerializeToString,
+            serve__app_dot_proto_dot_raycache__pb2.ChatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -268,8 +268,8 @@ class RayCache:
             request,
             target,
             '/raycache.v1.RayCache/ChatStream',
-            raycache__pb2.ChatRequest.SerializeToString,
-            raycache__pb2.ChatChunk.FromString,
+            serve__app_dot_proto_dot_raycache__pb2.ChatRequest.SerializeToString,
+            serve__app_dot_proto_dot_raycache__pb2.ChatChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -295,8 +295,8 @@ class RayCache:
             request,
             target,
             '/raycache.v1.RayCache/Embed',
-            raycache__pb2.EmbeddingRequest.SerializeToString,
-            raycache__pb2.EmbeddingResponse.FromString,
+            serve__app_dot_proto_dot_raycache__pb2.EmbeddingRequest.SerializeToString,
+            serve__app_dot_proto_dot_raycache__pb2.EmbeddingResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -322,8 +322,8 @@ class RayCache:
             request,
             target,
             '/raycache.v1.RayCache/Models',
-            raycache__pb2.ModelsRequest.SerializeToString,
-            raycache__pb2.ModelsResponse.FromString,
+            serve__app_dot_proto_dot_raycache__pb2.ModelsRequest.SerializeToString,
+            serve__app_dot_proto_dot_raycache__pb2.ModelsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -349,8 +349,8 @@ class RayCache:
             request,
             target,
             '/raycache.v1.RayCache/Stats',
-            raycache__pb2.StatsRequest.SerializeToString,
-            raycache__pb2.StatsResponse.FromString,
+            serve__app_dot_proto_dot_raycache__pb2.StatsRequest.SerializeToString,
+            serve__app_dot_proto_dot_raycache__pb2.StatsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,5 +1,5 @@
-"""What a completion answer is cached under (`completion_key`), and its cached form: a codec
-envelope around a small msgpack map.
+"""What an answer is cached under (`completion_key`, `embedding_key`), and its cached form: a
+codec envelope around a small msgpack map (a completion's text, or one input's embedding).
 
 The same bytes live in the local result cache and travel to peers and Redis, so decoding treats
 them as untrusted: the envelope's MAC is verified, the map is read with msgpack's limits, and
@@ -26,10 +26,14 @@ from cluster.sharing.tiered import ForeignValue, StaleValue
 from cluster.versions.invalidation import InvalidationRules
 from cluster.versions.records import ModelVersion
 from serve_app.api.completions import CacheTier, CompletionJob, CompletionOutcome
+from serve_app.api.embeddings import EmbeddingOutcome
 from serve_app.models import Generation, SamplingParams
 
 ANSWER_KIND = "completion"
 COMPLETION_KIND = "completion"
+EMBEDDING_KIND = "embedding"
+_KINDS = frozenset({ANSWER_KIND, EMBEDDING_KIND})
+MAX_EMBEDDING_DIMENSIONS = 65536
 MAX_ANSWER_BYTES = 4 * 1024 * 1024
 _FIELDS: dict[str, type] = {
     "text": str,
@@ -80,6 +84,26 @@ def completion_key(
     return result_key(identity, tokens, cache_params(job.params), secret.keys)
 
 
+def embedding_key(
+    namespace: str,
+    secret: ClusterSecret,
+    tenant_salt: str,
+    model: str,
+    weights: ModelVersion,
+    tokens: tuple[int, ...],
+) -> ResultKey:
+    """The result key of one input's embedding by `weights`, keyed like a completion's."""
+    identity = RequestIdentity(
+        namespace=namespace,
+        tenant=tenant_salt,
+        model_id=model,
+        model_version=weights.version,
+        model_generation=weights.generation,
+        kind=EMBEDDING_KIND,
+    )
+    return result_key(identity, token_ids_bytes(tokens), {}, secret.keys)
+
+
 @dataclass(frozen=True)
 class AnswerIdentity:
     """What an answer answers: its result key (hex), and the tenant, model and version whose
@@ -121,6 +145,21 @@ def encode_answer(generation: Generation, identity: AnswerIdentity, secret: Clus
     )
 
 
+def encode_embedding(
+    vector: bytes, tokens: int, identity: AnswerIdentity, secret: ClusterSecret
+) -> bytes:
+    """The envelope of one input's embedding (`vector`: little-endian float32), signed."""
+    return encode(
+        EMBEDDING_KIND,
+        identity.model,
+        identity.version,
+        created_at=time.time(),
+        blob=msgpack.packb({"vector": vector, "tokens": tokens}),
+        meta={"tenant": identity.tenant, "key": identity.key},
+        secret=secret,
+    )
+
+
 def answer_tags(
     blob: bytes, secret: ClusterSecret, key: str, rules: InvalidationRules | None = None
 ) -> EntryTags:
@@ -133,7 +172,7 @@ def answer_tags(
     envelope, identity = _open(blob, secret)
     if identity.key != key:
         raise CodecError("identity", "answer was recorded under another key")
-    _outcome(envelope, "peer")  # the whole answer must be valid too
+    _value(envelope, "peer")  # the whole answer must be valid too
     _check_rules(envelope, identity, rules)
     return identity.tags()
 
@@ -145,8 +184,9 @@ def decode_answer(
     rules: InvalidationRules | None = None,
     *,
     expect: AnswerIdentity,
-) -> CompletionOutcome:
-    """The outcome stored by `encode_answer` for the request `expect`, as served from `tier`.
+) -> CompletionOutcome | EmbeddingOutcome:
+    """The outcome stored by `encode_answer` (or `encode_embedding`) for the request `expect`,
+    as served from `tier`; the key in `expect` says which of the two it is.
 
     Raises `CodecError` for a malformed value or one recorded for another identity than
     `expect` (reason "identity"), `ForeignValue` for one signed under another cluster secret,
@@ -161,7 +201,7 @@ def decode_answer(
     if identity != expect:
         raise CodecError("identity", "answer was recorded for another key, tenant or version")
     _check_rules(envelope, identity, rules)
-    return _outcome(envelope, tier)
+    return _value(envelope, tier)
 
 
 def _check_rules(
@@ -174,7 +214,9 @@ def _check_rules(
 
 def _open(blob: bytes, secret: ClusterSecret) -> tuple[Envelope, AnswerIdentity]:
     """The verified envelope of an answer and the identity it records; raises CodecError."""
-    envelope = decode(blob, secret=secret, max_bytes=MAX_ANSWER_BYTES, expect_kind=ANSWER_KIND)
+    envelope = decode(blob, secret=secret, max_bytes=MAX_ANSWER_BYTES)
+    if envelope.kind not in _KINDS:
+        raise CodecError("header", f"not an answer: kind {envelope.kind!r}")
     meta = envelope.meta
     if meta.keys() != _META_KEYS or not all(isinstance(meta[name], str) for name in _META_KEYS):
         raise CodecError("header", "answer metadata must be exactly a str key and tenant")
@@ -184,14 +226,20 @@ def _open(blob: bytes, secret: ClusterSecret) -> tuple[Envelope, AnswerIdentity]
     return envelope, identity
 
 
-def _outcome(envelope: Envelope, tier: CacheTier) -> CompletionOutcome:
+def _value(envelope: Envelope, tier: CacheTier) -> CompletionOutcome | EmbeddingOutcome:
     """The answer inside a verified envelope, type-checked field by field."""
     try:
         fields: Any = msgpack.unpackb(
-            envelope.blob, raw=False, strict_map_key=True, max_str_len=MAX_ANSWER_BYTES
+            envelope.blob,
+            raw=False,
+            strict_map_key=True,
+            max_str_len=MAX_ANSWER_BYTES,
+            max_bin_len=MAX_ANSWER_BYTES,
         )
     except (ValueError, msgpack.UnpackException) as exc:
         raise CodecError("header", f"answer is not valid msgpack: {exc}") from None
+    if envelope.kind == EMBEDDING_KIND:
+        return _embedding(fields, envelope, tier)
     if not isinstance(fields, dict) or set(fields) != set(_FIELDS):
         raise CodecError("header", "answer fields are not the expected ones")
     for name, kind in _FIELDS.items():
@@ -211,4 +259,17 @@ def _outcome(envelope: Envelope, tier: CacheTier) -> CompletionOutcome:
         model_version=envelope.version,
         cache_tier=tier,
         pieces=tuple(pieces),
+    )
+
+
+def _embedding(fields: Any, envelope: Envelope, tier: CacheTier) -> EmbeddingOutcome:
+    if not isinstance(fields, dict) or set(fields) != {"vector", "tokens"}:
+        raise CodecError("header", "embedding fields are not the expected ones")
+    vector, tokens = fields["vector"], fields["tokens"]
+    if type(vector) is not bytes or len(vector) % 4 or len(vector) > 4 * MAX_EMBEDDING_DIMENSIONS:
+        raise CodecError("header", "embedding vector is not float32 values")
+    if type(tokens) is not int or tokens < 1:
+        raise CodecError("header", "embedding token count is invalid")
+    return EmbeddingOutcome(
+        vector=vector, tokens=tokens, model_version=envelope.version, cache_tier=tier
     )

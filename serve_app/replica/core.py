@@ -12,6 +12,9 @@
    (`cluster.sharing.tiered_prefix`), generates in the core's own bounded thread pool, and
    stores the answer and the new blocks.
 
+`ReplicaCore.embed` answers an `EmbeddingJob`: each input's embedding is looked up and, on a
+miss, computed on its own (tiers, single flight and versions as for completions).
+
 `ReplicaCore.stream` answers the same job as `StreamEvent`s: the text in pieces as it is
 generated, then the whole outcome. Every computation of a cached key feeds a `TextFeed` that
 any identical request streams from; a stream whose client leaves stops its generation unless
@@ -54,10 +57,18 @@ from cluster.sharing.tiered_prefix import BlockLayout, PromptChain, TieredPrefix
 from cluster.versions.invalidation import InvalidationRule, InvalidationRules
 from cluster.versions.records import ModelVersion
 from serve_app.api.completions import CompletionJob, CompletionOutcome
+from serve_app.api.embeddings import EmbeddingJob, EmbeddingOutcome, float32_bytes
 from serve_app.config import AppArgs, prompt_text
-from serve_app.errors import ModelNotFound, ModelUpdating
+from serve_app.errors import InvalidRequest, ModelNotFound, ModelUpdating
 from serve_app.models import Generation, Tokenizer, generate
-from serve_app.replica.answers import AnswerIdentity, completion_key, decode_answer, encode_answer
+from serve_app.replica.answers import (
+    AnswerIdentity,
+    completion_key,
+    decode_answer,
+    embedding_key,
+    encode_answer,
+    encode_embedding,
+)
 from serve_app.replica.change_signal import ChangeSignal
 from serve_app.replica.model_pool import LoadWeights, ModelPool
 from serve_app.replica.peer_backend import ResultPeerBackend
@@ -169,7 +180,7 @@ class ReplicaCore:
         )
         self._peer = peer
         self._redis = redis
-        self.tiered: TieredCache[CompletionOutcome] = TieredCache(
+        self.tiered: TieredCache[CompletionOutcome | EmbeddingOutcome] = TieredCache(
             self.cache,
             decode=lambda blob, key, tags: decode_answer(
                 blob, "local", secret, expect=AnswerIdentity.of(key, tags)
@@ -240,30 +251,47 @@ class ReplicaCore:
         the request waits (up to `version_wait_s`, then `ModelUpdating`). A model that is not
         loaded is loaded first (`ModelLoading` when that fails or finds no room in time).
         """
-        serving = await self._serving(job)
+        serving = await self._serving(job.model, embeds=False)
         try:
             return await self._answer(self._plan(job, serving))
         finally:
             self.pool.release(serving)
 
-    async def _serving(self, job: CompletionJob) -> ServingModel:
-        """The current weights of the job's model, taken from the pool (release them)."""
-        if job.model not in self._specs:
-            raise ModelNotFound(f"model {job.model!r} is not served", param="model")
-        if self._versions.lagging(job.model) and not await self._caught_up(job.model):
-            raise ModelUpdating(
-                f"model {job.model!r} is switching to a new version on this replica",
-                param="model",
+    async def embed(self, job: EmbeddingJob) -> list[EmbeddingOutcome]:
+        """The embedding of each input of `job`, in order: from a cache tier when computed
+        before by these weights, otherwise computed (each input on its own, the misses at once
+        in the generation threads)."""
+        serving = await self._serving(job.model, embeds=True)
+        try:
+            return list(
+                await asyncio.gather(
+                    *(self._embedding(job, serving, i) for i in range(len(job.inputs)))
+                )
             )
-        return self.pool.take(job.model) or await self.pool.acquire(
-            job.model, self.args.model_pool.load_wait_s
+        finally:
+            self.pool.release(serving)
+
+    async def _serving(self, model: str, embeds: bool) -> ServingModel:
+        """The current weights of `model`, taken from the pool (release them)."""
+        spec = self._specs.get(model)
+        if spec is None:
+            raise ModelNotFound(f"model {model!r} is not served", param="model")
+        if spec.is_encoder != embeds:
+            kind = "an encoder: ask /v1/embeddings" if spec.is_encoder else "not an encoder"
+            raise InvalidRequest(f"model {model!r} is {kind}", param="model")
+        if self._versions.lagging(model) and not await self._caught_up(model):
+            raise ModelUpdating(
+                f"model {model!r} is switching to a new version on this replica", param="model"
+            )
+        return self.pool.take(model) or await self.pool.acquire(
+            model, self.args.model_pool.load_wait_s
         )
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[StreamEvent]:
         """`complete(job)` as events: `TextPiece`s as the text is generated (or, for a cached
         answer, in the pieces it was generated in), then one `StreamEnd`. Closing the stream
         early stops the generation when no other request waits for the same answer."""
-        serving = await self._serving(job)
+        serving = await self._serving(job.model, embeds=False)
         try:
             async for event in self._stream(self._plan(job, serving)):
                 yield event
@@ -309,10 +337,52 @@ class ReplicaCore:
         )
         return RequestPlan(job, serving, key, tags, owner, placement, salt)
 
+    async def _embedding(
+        self, job: EmbeddingJob, serving: ServingModel, index: int
+    ) -> EmbeddingOutcome:
+        tokens = job.inputs[index]
+        if not self._versions.in_contact():  # as for completions: trust and store nothing
+            return (await self._compute_embedding(serving, tokens, None))[0]
+        salt = self._tenant_salt(job.tenant)
+        key = embedding_key(
+            self.args.namespace, self._secret, salt, job.model, serving.record, tokens
+        )
+        tags = EntryTags(model=job.model, version=serving.version, tenant=job.tenant)
+        identity = AnswerIdentity.of(key, tags)
+        owner = self._owner_of(job.input_keys[index])
+        placement = result_placement(
+            key,
+            tags,
+            owner.peer_address if owner else None,
+            self.args.namespace if self._redis is not None else None,
+        )
+        outcome, tier = await self.tiered.get_or_compute(
+            key, placement, tags, lambda: self._compute_embedding(serving, tokens, identity)
+        )
+        assert isinstance(outcome, EmbeddingOutcome)  # the key's kind decides the value's
+        if tier is None:
+            return replace(outcome, cache_key=key)
+        return replace(outcome, cache_key=key, cache_tier=tier)
+
+    async def _compute_embedding(
+        self, serving: ServingModel, tokens: tuple[int, ...], identity: AnswerIdentity | None
+    ) -> tuple[EmbeddingOutcome, bytes]:
+        serving.hold()
+        running = self._generation.submit(serving.model.embed, tokens)
+        running.add_done_callback(lambda _: self.pool.release(serving))
+        vector = float32_bytes(await asyncio.wrap_future(running))
+        outcome = EmbeddingOutcome(vector, len(tokens), serving.version, cache_tier=None)
+        if identity is None:
+            return outcome, b""
+        return outcome, encode_embedding(vector, len(tokens), identity, self._secret)
+
     def _owner(self, job: CompletionJob) -> Member | None:
-        if self._peer is None or not job.routing_key:
+        return self._owner_of(job.routing_key)
+
+    def _owner_of(self, routing_key: str | None) -> Member | None:
+        if self._peer is None or not routing_key:
             return None
-        owner = self._owners.owner(job.routing_key)
+        owner = self._owners.owner(routing_key)
         if owner is None or owner.replica_id == self.replica_id:
             return None
         return owner

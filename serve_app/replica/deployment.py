@@ -34,6 +34,7 @@ from cluster.versions.records import ModelVersion, VersionRegression
 from cluster.versions.store import VersionStore
 from serve_app.api.admin import publish_update
 from serve_app.api.completions import CompletionJob, CompletionOutcome
+from serve_app.api.embeddings import EmbeddingJob, EmbeddingOutcome
 from serve_app.config import AppArgs, ModelSpec, parse_args, parse_user_config
 from serve_app.models import CausalLM
 from serve_app.models.loading import (
@@ -131,6 +132,10 @@ class ModelReplica:
     async def complete(self, job: CompletionJob) -> CompletionOutcome:
         """Answer `job` (see `ReplicaCore.complete`)."""
         return await self._core.complete(job)
+
+    async def embed(self, job: EmbeddingJob) -> list[EmbeddingOutcome]:
+        """Embed each input of `job` (see `ReplicaCore.embed`)."""
+        return await self._core.embed(job)
 
     async def stream(self, job: CompletionJob) -> AsyncIterator[StreamEvent]:
         """Answer `job` as events (see `ReplicaCore.stream`); call through

@@ -110,7 +110,7 @@ def weights_spec(
     version record, wherever it came from, cannot make a replica read any other file.
     """
     if record.seed is not None:
-        if spec.kind == "hf":
+        if spec.is_hf:
             raise CheckpointRefused(
                 f"model {spec.id!r} is a Hugging Face checkpoint: its versions are checkpoint "
                 "directories, not seeds"
@@ -134,6 +134,6 @@ def config_version(spec: ModelSpec) -> ModelVersion:
         generation=0,
         source="config",
         # A Hugging Face model is its configured directory: neither seed nor checkpoint.
-        seed=spec.seed if spec.kind == "tiny-gpt" and spec.checkpoint is None else None,
+        seed=spec.seed if not spec.is_hf and spec.checkpoint is None else None,
         checkpoint=spec.checkpoint,
     )

@@ -12,7 +12,7 @@ from cluster.sharing.directory_actor import directory_actor
 from serve_app.api.ingress import Ingress
 from serve_app.config import parse_args
 from serve_app.replica.deployment import ModelReplica
-from tests.support.processes import serve_http_port, wait_until
+from tests.support.processes import serve_grpc_options, serve_http_port, wait_until
 
 
 def deploy(
@@ -21,7 +21,10 @@ def deploy(
     """The application with `replicas` model replicas, as configs/cluster.yaml deploys it,
     under app name and route prefix `name`; returns once every replica is in the directory."""
     if not _serve_running():
-        serve.start(http_options={"host": "127.0.0.1", "port": serve_http_port()})
+        serve.start(
+            http_options={"host": "127.0.0.1", "port": serve_http_port()},
+            grpc_options=serve_grpc_options(),
+        )
     validated = parse_args(args).model_dump(mode="json")
     options: dict[str, Any] = {
         "num_replicas": replicas,

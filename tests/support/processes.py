@@ -25,6 +25,9 @@ def free_port() -> int:
 _serve_port: int | None = None
 
 
+_grpc_port: int | None = None
+
+
 def serve_http_port() -> int:
     """The HTTP port of the Serve instance this test process starts, whichever test starts it.
 
@@ -36,6 +39,20 @@ def serve_http_port() -> int:
     if _serve_port is None:
         _serve_port = free_port()
     return _serve_port
+
+
+def serve_grpc_options() -> dict[str, object]:
+    """The gRPC options of the Serve instance this test process starts (the same for every
+    starter, as `serve_http_port`): the app's servicer on a free port chosen once."""
+    global _grpc_port
+    if _grpc_port is None:
+        _grpc_port = free_port()
+    return {
+        "port": _grpc_port,
+        "grpc_servicer_functions": [
+            "serve_app.proto.raycache_pb2_grpc.add_RayCacheServicer_to_server"
+        ],
+    }
 
 
 def wait_until(condition: Callable[[], bool], timeout_s: float, what: str, step_s: float = 0.1):

@@ -187,5 +187,5 @@ def test_a_spec_of_kind_hf_needs_a_path_and_takes_no_tiny_gpt_shape() -> None:
         ModelSpec(id="m", kind="hf", path="models/m")
     with pytest.raises(ValueError, match="n_layers"):
         ModelSpec(id="m", kind="hf", path="/m", n_layers=2)
-    with pytest.raises(ValueError, match="kind `hf`"):
+    with pytest.raises(ValueError, match="Hugging Face models"):
         ModelSpec(id="m", path="/m")

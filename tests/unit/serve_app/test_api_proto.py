@@ -1,5 +1,6 @@
 """The committed modules of serve_app/proto are what grpcio-tools makes of raycache.proto."""
 
+import pickle
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -20,10 +21,14 @@ def test_regenerating_gives_the_committed_files(tmp_path: Path) -> None:
         assert committed.read_text() == path.read_text(), f"{committed.name} {STALE}"
 
 
-def test_the_grpc_module_imports_its_messages_from_the_package() -> None:
+def test_the_messages_belong_to_the_importable_module() -> None:
+    """Ray Serve pickles the messages; unpickling imports the module they name."""
     source = (generate.PROTO_DIR / "raycache_pb2_grpc.py").read_text()
-    assert "from . import raycache_pb2 as raycache__pb2" in source
+    assert "from serve_app.proto import raycache_pb2 as" in source
     assert "\nimport raycache_pb2" not in source
+    assert raycache_pb2.CompletionRequest.__module__ == "serve_app.proto.raycache_pb2"
+    message = raycache_pb2.CompletionRequest(model="m", text="hi")
+    assert pickle.loads(pickle.dumps(message)) == message
 
 
 def test_the_servicer_function_serve_is_configured_with_exists() -> None:
@@ -37,8 +42,8 @@ def test_the_loaded_descriptor_is_the_protos(tmp_path: Path) -> None:
     from grpc_tools import protoc
 
     descriptor_set = tmp_path / "raycache.pb"
-    argv = ["protoc", f"-I{generate.PROTO_DIR}", f"--descriptor_set_out={descriptor_set}"]
-    assert protoc.main([*argv, "raycache.proto"]) == 0
+    argv = ["protoc", f"-I{generate.ROOT}", f"--descriptor_set_out={descriptor_set}"]
+    assert protoc.main([*argv, str(generate.PACKAGE_DIR / "raycache.proto")]) == 0
     (compiled,) = descriptor_pb2.FileDescriptorSet.FromString(descriptor_set.read_bytes()).file
     _drop_json_names(compiled.message_type)  # protoc adds them here, not to generated code
     loaded = descriptor_pb2.FileDescriptorProto.FromString(raycache_pb2.DESCRIPTOR.serialized_pb)
