@@ -13,6 +13,7 @@ import pytest
 from openai import BadRequestError, OpenAI
 
 from serve_app.config import parse_args
+from serve_app.errors import InvalidRequest
 from serve_app.models import ByteTokenizer
 from serve_app.models.chat_template import ChatFormat, ChatMessage, render_builtin
 from tests.conftest import API_KEYS
@@ -210,3 +211,25 @@ def test_sse_ends_with_done_and_an_error_before_the_stream_is_a_status(running_a
             json={"model": "nope", "messages": [{"role": "user", "content": "x"}], "stream": True},
         )
         assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+
+
+def test_handles_offer_chat_streams_and_embeddings(app_handle, client):
+    messages = [{"role": "user", "content": unique("Asked over a handle")}]
+    body = {"model": MODEL, "messages": messages, "max_tokens": 16, "temperature": 0}
+    answer = app_handle.chat.remote(body, tenant="alice").result(timeout_s=60)
+    stream = app_handle.options(stream=True).chat_stream.remote(
+        {**body, "stream": True}, tenant="alice"
+    )
+    chunks = list(stream)
+    streamed = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)
+    assert streamed == answer["choices"][0]["message"]["content"]
+    assert chunks[-1]["cache"]["hit"] is True
+    over_http = client.chat.completions.create(**body)
+    assert over_http.choices[0].message.content == streamed
+    embedded = app_handle.embeddings.remote(
+        {"model": "tiny-embed", "input": ["a", "b"]}, tenant="alice"
+    ).result(timeout_s=60)
+    assert len(embedded["data"]) == 2
+    with pytest.raises(InvalidRequest) as invalid:
+        app_handle.chat.remote({**body, "stream": True}).result(timeout_s=60)
+    assert invalid.value.param == "stream"

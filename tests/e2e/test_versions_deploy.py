@@ -48,7 +48,8 @@ def test_admin_routes_reject_bad_input_naming_the_field(running_app, route, body
         assert response.status_code == status, response.text
         assert response.json()["error"]["param"] == param
         models = http.get("/v1/models").json()["data"]
-    assert {m["id"]: m["version"] for m in models} == {MODEL: "1"}  # nothing changed
+    versions = {m["id"]: m["version"] for m in models}
+    assert versions[MODEL] == "1"  # nothing changed
 
 
 def test_invalidate_over_http_answers_who_acknowledged(running_app):

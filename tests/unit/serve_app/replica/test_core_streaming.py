@@ -8,15 +8,33 @@ identical request still waits; a chat turn leaves its answer's blocks for the ne
 from __future__ import annotations
 
 import asyncio
+import json
 from dataclasses import replace
 
 import pytest
 
+from cluster.sharing.directory import ReplicaId
+from serve_app.api.completions import CompletionJob
+from serve_app.config import parse_args
 from serve_app.models import SamplingParams
 from serve_app.models.chat_template import ChatFormat, ChatMessage, render_builtin
+from serve_app.models.loading import (
+    load_chat_format,
+    load_model,
+    load_tokenizer,
+    weight_bytes_estimate,
+)
 from serve_app.replica.core import ReplicaCore
+from serve_app.replica.serving import config_version, weights_spec
 from serve_app.replica.streaming import StreamEnd, TextPiece
-from tests.unit.serve_app.replica.test_core import TOKENIZER, app_args, job, make_core
+from tests.support.hf_checkpoints import reference_greedy, write_checkpoint
+from tests.unit.serve_app.replica.test_core import (
+    SECRET,
+    TOKENIZER,
+    app_args,
+    job,
+    make_core,
+)
 
 LONG = SamplingParams(max_tokens=200, temperature=0.0)
 
@@ -116,4 +134,59 @@ async def test_a_chat_turn_caches_its_answer_for_the_next_turn() -> None:
     second = await core.complete(second_turn)
     earlier = len(first_turn.prompt_tokens) + len(TOKENIZER.encode(answer.text + "\n"))
     assert second.cached_tokens == earlier // 4 * 4  # every full block of the earlier turn
+    await core.close()
+
+
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+@pytest.mark.asyncio
+async def test_a_hugging_face_chat_turn_reuses_the_last_turn_and_matches_transformers(
+    tmp_path,
+) -> None:
+    reference = write_checkpoint("llama", tmp_path)
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": CHATML}))
+    args = parse_args(
+        {
+            "namespace": "unit",
+            "models": [{"id": "llama", "kind": "hf", "path": str(tmp_path)}],
+            "prefix_cache": {"block_size": 4},
+        }
+    )
+    (spec,) = args.models
+    tokenizer = load_tokenizer(spec)
+    chat = load_chat_format(spec, tokenizer)
+    assert chat is not None and chat.answer_end == "<|im_end|>\n"
+    core = ReplicaCore(
+        args,
+        SECRET,
+        ReplicaId("r1"),
+        {"llama": tokenizer},
+        {"llama": config_version(spec)},
+        load_weights=lambda record: load_model(weights_spec(spec, record)),
+        estimate_bytes=lambda model: weight_bytes_estimate(spec),
+    )
+    await core.start()
+    conversation = [ChatMessage("user", "What does the cache keep?")]
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    earlier = 0
+    for turn in range(2):
+        tokens = chat.prompt_tokens(conversation)
+        request = CompletionJob(
+            "llama", "default", tuple(tokens), params, answer_end=chat.answer_end
+        )
+        answer = await core.complete(request)
+        expected = reference_greedy(reference, tokens, params.max_tokens)
+        assert answer.completion_tokens == len(expected)
+        assert answer.text == tokenizer.decode(expected)
+        if turn:
+            assert answer.cached_tokens >= earlier // 4 * 4 - 4
+        earlier = len(tokens) + len(
+            tokenizer.encode(answer.text + chat.answer_end, add_special_tokens=False)
+        )
+        await asyncio.sleep(0.3)  # the answer's blocks are cached in the background
+        conversation += [ChatMessage("assistant", answer.text), ChatMessage("user", "More?")]
     await core.close()
