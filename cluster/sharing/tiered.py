@@ -299,9 +299,18 @@ class TieredCache(Generic[T]):
         except asyncio.CancelledError:
             if stop_when_abandoned and flight.waiters == 1:
                 task.cancel()
+                # Until the task runs again it is still "in flight": a request arriving now
+                # must start afresh, not join a computation that is being cancelled.
+                if self._inflight.get(key) is flight:
+                    del self._inflight[key]
             raise
         finally:
             flight.waiters -= 1
+
+    def in_flight(self, key: ResultKey) -> bool:
+        """Whether a computation of `key` is in flight on this replica (one a new call of
+        `compute_once` would join)."""
+        return key in self._inflight
 
     async def lookup(
         self, key: ResultKey, placement: Placement, tags: EntryTags

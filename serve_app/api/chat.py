@@ -28,7 +28,8 @@ from serve_app.api.completions import (
 )
 from serve_app.models.chat_template import ChatMessage
 
-MAX_MESSAGES = 1024
+MAX_MESSAGES = 256
+"""Most messages of one request: its template is rendered once per message."""
 
 
 class TextPart(BaseModel):

@@ -136,6 +136,10 @@ class CompletionRequest(SamplingFields):
         check_unicode(value)
         return value
 
+    def completion_limit(self) -> int:
+        # An explicit null is OpenAI's default too.
+        return DEFAULT_COMPLETION_TOKENS if self.max_tokens is None else self.max_tokens
+
 
 class FieldError(ValueError):
     """A failed check across fields (raised by a model validator) naming the field at fault."""

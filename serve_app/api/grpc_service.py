@@ -15,10 +15,11 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
+import ray
 from ray.serve.grpc_util import RayServegRPCContext
 
 from serve_app.api import grpc_messages as messages
-from serve_app.errors import RaycacheError
+from serve_app.errors import RaycacheError, ReplicaUnavailable
 from serve_app.proto import raycache_pb2 as pb
 
 Message = TypeVar("Message")
@@ -63,8 +64,8 @@ class GrpcMethods:
             chunks = self.complete_stream(body, self._grpc_tenant(grpc_context))
             async for chunk in chunks:
                 yield messages.completion_chunk_message(chunk)
-        except RaycacheError as error:
-            _fail(grpc_context, error)
+        except (RaycacheError, ray.exceptions.RayError) as error:
+            _fail(grpc_context, _client_error(error))
             raise  # a stream's status is the one set before its exception
 
     async def Chat(
@@ -83,8 +84,8 @@ class GrpcMethods:
             body = messages.chat_body(request, stream=True)
             async for chunk in self.chat_stream(body, self._grpc_tenant(grpc_context)):
                 yield messages.chat_chunk_message(chunk)
-        except RaycacheError as error:
-            _fail(grpc_context, error)
+        except (RaycacheError, ray.exceptions.RayError) as error:
+            _fail(grpc_context, _client_error(error))
             raise
 
     async def Embed(
@@ -112,6 +113,14 @@ class GrpcMethods:
             return messages.stats_message(await self.cache_stats())
 
         return await _unary(answer, grpc_context, pb.StatsResponse)
+
+
+def _client_error(error: Exception) -> RaycacheError:
+    """What the client is told: a replica that failed mid-stream is `UNAVAILABLE`, as over
+    HTTP."""
+    if isinstance(error, RaycacheError):
+        return error
+    return ReplicaUnavailable("the replica failed mid-stream", param="model")
 
 
 async def _unary(

@@ -23,6 +23,7 @@ Every error a client can cause is a `RaycacheError`: over HTTP it becomes its st
 OpenAI-style JSON body naming the field; over a handle it is raised as is.
 """
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import replace
@@ -211,7 +212,7 @@ class Ingress(GrpcMethods):
         """Answer an OpenAI chat completion body (not streamed: see `chat_stream`); raises
         `RaycacheError` on bad input."""
         request = _unstreamed(parse_chat_request(body))
-        outcome = await self._replicas.complete.remote(self._chat_job(request, tenant))
+        outcome = await self._replicas.complete.remote(await self._chat_job(request, tenant))
         return chat_response(request.model, outcome)
 
     async def chat_stream(
@@ -220,7 +221,7 @@ class Ingress(GrpcMethods):
         """A chat body's answer as OpenAI's `chat.completion.chunk`s
         (`handle.options(stream=True)`); raises `RaycacheError` before the first chunk."""
         request = parse_chat_request(body)
-        job = self._chat_job(request, tenant)
+        job = await self._chat_job(request, tenant)
         async for chunk in self._chunks("chat", request, job):
             yield chunk
 
@@ -338,7 +339,7 @@ class Ingress(GrpcMethods):
         parsed = parse_chat_request(body)
         if not parsed.stream:
             return JSONResponse(await self.chat(body, tenant=tenant))
-        job = self._chat_job(parsed, tenant)
+        job = await self._chat_job(parsed, tenant)
         return await _event_stream(self._chunks("chat", parsed, job))
 
     @http_app.post("/v1/embeddings")
@@ -428,7 +429,7 @@ class Ingress(GrpcMethods):
                 )
         return self._job(spec.id, request, tenant, tokens, "prompt")
 
-    def _chat_job(self, request: ChatRequest, tenant: str) -> CompletionJob:
+    async def _chat_job(self, request: ChatRequest, tenant: str) -> CompletionJob:
         spec = self._spec(request.model)
         chat_format = self._chat_formats[spec.id]
         if chat_format is None:
@@ -439,7 +440,8 @@ class Ingress(GrpcMethods):
             replace(m, content=prompt_text(m.content, self._args)) for m in request.chat_messages()
         ]
         try:
-            prompt = chat_format.prompt(messages)
+            # Rendering runs the template once per message: off the ingress's event loop.
+            prompt = await asyncio.to_thread(chat_format.prompt, messages)
         except TemplateError as exc:
             raise InvalidRequest(str(exc), param="messages") from None
         # Routed by the conversation's opening, which every turn repeats: the turns meet the
@@ -465,6 +467,8 @@ class Ingress(GrpcMethods):
                 tokens = tokenizer.encode(prompt_text(given, self._args))
             else:
                 tokens = given
+            if not tokens:
+                raise InvalidRequest("must not be empty", param=field)
             bad = next((t for t in tokens if not 0 <= t < vocab), None)
             if bad is not None:
                 raise InvalidRequest(

@@ -14,6 +14,7 @@ alone, so an answer served from a cache can be streamed in the same pieces (`Gen
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -22,6 +23,8 @@ import torch
 
 from serve_app.models.base import CausalLM, KVCache, kv_length
 from serve_app.models.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 
@@ -176,14 +179,19 @@ class _Pieces:
 
     def grow(self, text: str) -> None:
         """`text` is the whole text so far, with no stop string in it."""
-        end = len(text.rstrip().rstrip("\ufffd"))
-        end = min(end, len(text) - _stop_overlap(text, self._stop))
+        stable = text
+        while stable != (shorter := stable.rstrip().rstrip("\ufffd")):
+            stable = shorter
+        # Past the unstable end: what a stop string could still begin with is held back too.
+        end = len(stable) - _stop_overlap(stable, self._stop)
         if end > len(self._sent) and text.startswith(self._sent):
             self._send(text[len(self._sent) : end])
 
     def end(self, text: str) -> None:
         """`text` is the final text: send what is left of it."""
-        if len(text) > len(self._sent) and text.startswith(self._sent):
+        if not text.startswith(self._sent):
+            logger.warning("a tokenizer rewrote text it had decoded; the stream differs from it")
+        elif len(text) > len(self._sent):
             self._send(text[len(self._sent) :])
 
     def _send(self, piece: str) -> None:

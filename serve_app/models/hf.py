@@ -53,6 +53,10 @@ class HFTokenizer:
         if not file.is_file():
             raise UnsupportedModel(f"{path} holds no tokenizer.json (a fast tokenizer)")
         self._tokenizer = Tokenizer.from_file(str(file))
+        # A prompt is what the client sent: never cut to a length, never padded (an encoder
+        # would pool the padding).
+        self._tokenizer.no_truncation()
+        self._tokenizer.no_padding()
         self.eos_token_ids = eos_token_ids
         self.vocab_size = self._tokenizer.get_vocab_size(with_added_tokens=True)
 

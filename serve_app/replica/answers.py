@@ -40,8 +40,10 @@ _FIELDS: dict[str, type] = {
     "finish_reason": str,
     "prompt_tokens": int,
     "completion_tokens": int,
-    "pieces": list,
 }
+# Written since streaming: an answer stored before it has none (read as no pieces).
+_OPTIONAL_FIELDS: dict[str, type] = {"pieces": list}
+_ALL_FIELDS = frozenset(_FIELDS) | frozenset(_OPTIONAL_FIELDS)
 _META_KEYS = frozenset({"key", "tenant"})
 
 
@@ -132,7 +134,9 @@ def encode_answer(generation: Generation, identity: AnswerIdentity, secret: Clus
         "finish_reason": generation.finish_reason,
         "prompt_tokens": generation.prompt_tokens,
         "completion_tokens": len(generation.tokens),
-        "pieces": list(generation.pieces),
+        # Pieces that do not spell the text (a tokenizer that rewrote what it had decoded)
+        # are not kept: the answer then streams from the cache in one piece.
+        "pieces": list(generation.pieces) if sum(generation.pieces) == len(generation.text) else [],
     }
     return encode(
         ANSWER_KIND,
@@ -240,14 +244,16 @@ def _value(envelope: Envelope, tier: CacheTier) -> CompletionOutcome | Embedding
         raise CodecError("header", f"answer is not valid msgpack: {exc}") from None
     if envelope.kind == EMBEDDING_KIND:
         return _embedding(fields, envelope, tier)
-    if not isinstance(fields, dict) or set(fields) != set(_FIELDS):
+    if not isinstance(fields, dict) or not set(_FIELDS) <= set(fields) <= _ALL_FIELDS:
         raise CodecError("header", "answer fields are not the expected ones")
+    pieces = fields.get("pieces", [])
+    if type(pieces) is not list:
+        raise CodecError("header", "answer pieces are not a list")
     for name, kind in _FIELDS.items():
         if type(fields[name]) is not kind:
             raise CodecError("header", f"answer field {name} is not {kind.__name__}")
     if fields["finish_reason"] not in ("stop", "length"):
         raise CodecError("header", "answer finish_reason is invalid")
-    pieces = fields["pieces"]
     if any(type(n) is not int or n < 0 for n in pieces) or sum(pieces) > len(fields["text"]):
         raise CodecError("header", "answer pieces are not lengths within its text")
     return CompletionOutcome(

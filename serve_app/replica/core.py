@@ -413,8 +413,12 @@ class ReplicaCore:
                 )
                 return
             # The feed of the computation in flight, or the one the computation started now
-            # will adopt (`_compute`): no await between here and the start.
-            feed = self._feeds.setdefault(plan.key, TextFeed())
+            # will adopt (`_compute`): no await between here and the start. A feed whose
+            # computation left the flight (invalidated) is not followed.
+            feed = self._feeds.get(plan.key) or TextFeed()
+            if feed.adopted and not self.tiered.in_flight(plan.key):
+                feed = TextFeed()
+            self._feeds[plan.key] = feed
             answer = asyncio.ensure_future(
                 self.tiered.compute_once(
                     plan.key,
@@ -455,7 +459,11 @@ class ReplicaCore:
         its prefix, the blocks past the local run are copied first, so that only the rest is
         prefilled here. Cancelled, it stops the generation."""
         if feed is None and plan.key is not None:
-            feed = self._feeds.setdefault(plan.key, TextFeed())
+            # A feed another computation adopted belongs to that one (it left the flight when
+            # an invalidation selected it): this computation gets its own.
+            feed = self._feeds.get(plan.key)
+            if feed is None or feed.adopted:
+                feed = self._feeds[plan.key] = TextFeed()
         if feed is not None:
             feed.adopted = True
         try:
@@ -496,6 +504,9 @@ class ReplicaCore:
         if chain is not None and self.tiered_prefix is not None:
             self.tiered_prefix.share(chain, cached_tokens)
             if plan.job.answer_end is not None:
+                # Held from now, not from when the background task runs: the weights must not
+                # be evicted or drained between the answer and its blocks.
+                plan.serving.hold()
                 self._in_background(
                     self._cache_answer(plan, chain, generation.text), "caching a chat answer"
                 )
@@ -552,28 +563,37 @@ class ReplicaCore:
 
     async def _cache_answer(self, plan: RequestPlan, prompt: PromptChain, answer: str) -> None:
         """Cache the blocks of a chat turn's prompt followed by its answer as the next turn
-        sends it back (`answer_end`), and share them, in a generation thread."""
+        sends it back (`answer_end`), and share them, in a generation thread. Releases the
+        hold `_generate_answer` took on the weights; does nothing once they are retired (a
+        version switch drops what they computed)."""
         assert self.prefix is not None and self.tiered_prefix is not None
         assert plan.job.answer_end is not None
-        tokenizer = self._tokenizers[plan.job.model]
-        tokens = list(plan.job.prompt_tokens)
-        tokens += tokenizer.encode(answer + plan.job.answer_end, add_special_tokens=False)
-        tokens = tokens[: plan.serving.model.max_context]
-        chain = PromptChain.of(tokens, self.prefix.block_size, prompt.scope, self._block_hash)
-        if len(chain.hashes) == len(prompt.hashes):
-            return  # the answer completes no block
-        plan.serving.hold()
-        running = self._generation.submit(
-            cache_prompt_prefix,
-            plan.serving.model,
-            tokens,
-            self.prefix,
-            chain.scope,
-            chain.hashes,
-        )
-        running.add_done_callback(lambda _: self.pool.release(plan.serving))
-        await asyncio.wrap_future(running)
-        self.tiered_prefix.share(chain, len(prompt.hashes) * self.prefix.block_size)
+        try:
+            if plan.serving.retired:
+                return
+            tokenizer = self._tokenizers[plan.job.model]
+            continuation = prompt_text(answer, self.args) + plan.job.answer_end
+            tokens = list(plan.job.prompt_tokens)
+            tokens += tokenizer.encode(continuation, add_special_tokens=False)
+            tokens = tokens[: plan.serving.model.max_context]
+            chain = PromptChain.of(tokens, self.prefix.block_size, prompt.scope, self._block_hash)
+            if len(chain.hashes) == len(prompt.hashes):
+                return  # the answer completes no block
+            plan.serving.hold()  # for the thread, which may outlive this task
+            running = self._generation.submit(
+                cache_prompt_prefix,
+                plan.serving.model,
+                tokens,
+                self.prefix,
+                chain.scope,
+                chain.hashes,
+            )
+            running.add_done_callback(lambda _: self.pool.release(plan.serving))
+            await asyncio.wrap_future(running)
+            if not plan.serving.retired:
+                self.tiered_prefix.share(chain, len(prompt.hashes) * self.prefix.block_size)
+        finally:
+            self.pool.release(plan.serving)
 
     def _in_background(self, work: Any, what: str) -> None:
         """Run a coroutine that answers no request; its failure is logged as `what` failing."""

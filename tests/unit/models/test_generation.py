@@ -24,6 +24,7 @@ from serve_app.models import (
     kv_length,
     pick_token,
 )
+from serve_app.models.generation import GenerationStopped
 
 TOKENIZER = ByteTokenizer()
 SMALL = TinyGPTConfig(n_layers=2, d_model=64, n_heads=4, max_context=128)
@@ -264,3 +265,48 @@ def test_real_model_stops_when_the_context_is_full(model: TinyGPT) -> None:
     prompt = list(range(100, 220))
     result = generate(model, TOKENIZER, prompt, SamplingParams(max_tokens=50))
     assert (len(result.tokens), result.finish_reason) == (SMALL.max_context - 120, "length")
+
+
+def streamed(script: bytes, params: SamplingParams) -> tuple[list[str], Generation]:
+    """Generate the bytes of `script` (a scripted model) and collect the streamed pieces."""
+    pieces: list[str] = []
+    prompt = TOKENIZER.encode("p")
+    lm = ScriptedLM(len(prompt), list(script), max_context=256)
+    generation = generate(lm, TOKENIZER, prompt, params, on_text=pieces.append)
+    return pieces, generation
+
+
+@pytest.mark.parametrize(
+    ("script", "stop"),
+    [
+        ("x.é tail".encode(), (".é",)),  # the stop's second character arrives in two bytes
+        ("a \u7528\u6237".encode(), (" \u7528",)),  # a space held back, then a stop takes it
+        (b"hello world, stop here", ("stop",)),
+        ("caf\u00e9 \u00e9t\u00e9".encode(), ()),
+    ],
+)
+def test_streamed_pieces_spell_the_answer_and_are_never_taken_back(script, stop) -> None:
+    params = SamplingParams(max_tokens=64, temperature=0.0, stop=stop)
+    pieces, generation = streamed(script, params)
+    assert "".join(pieces) == generation.text
+    assert list(generation.pieces) == [len(p) for p in pieces]
+
+
+def test_random_streams_spell_their_answers() -> None:
+    rng = random.Random(7)
+    alphabet = "ab .\n\u00e9\u7528"
+    for _ in range(2000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 12)))
+        stop = tuple(
+            "".join(rng.choice(alphabet) for _ in range(rng.randrange(1, 4)))
+            for _ in range(rng.randrange(0, 3))
+        )
+        pieces, generation = streamed(text.encode(), SamplingParams(max_tokens=64, stop=stop))
+        assert "".join(pieces) == generation.text, (text, stop)
+
+
+def test_a_generation_asked_to_stop_raises() -> None:
+    prompt = TOKENIZER.encode("p")
+    lm = ScriptedLM(len(prompt), list(b"abcdefgh"), max_context=256)
+    with pytest.raises(GenerationStopped):
+        generate(lm, TOKENIZER, prompt, SamplingParams(max_tokens=8), should_stop=lambda: True)

@@ -405,3 +405,46 @@ def test_an_invalidation_without_a_running_loop_acts_at_once():
     cache.local.put(ResultKey("k"), b"ok:v", TAGS)
     assert cache.invalidate(selecting(ResultKey("k"))) == 1
     assert ResultKey("k") not in cache.local
+
+
+@pytest.mark.asyncio
+async def test_a_computation_its_last_waiter_abandons_stops_and_stores_nothing():
+    cache = tiered()
+    calls: list[int] = []
+    leaver = asyncio.ensure_future(
+        cache.compute_once(
+            ResultKey("k"), Placement(), TAGS, computing("v", calls, 0.05), stop_when_abandoned=True
+        )
+    )
+    await asyncio.sleep(0.01)
+    leaver.cancel()
+    await asyncio.sleep(0)  # the leaver leaves; the computation has not run since
+    # Arriving before the cancelled computation ran again: it computes afresh, it does not
+    # join (and share the cancellation of) the abandoned one.
+    assert not cache.in_flight(ResultKey("k"))
+    value, tier = await cache.get_or_compute(
+        ResultKey("k"), Placement(), TAGS, computing("w", calls)
+    )
+    assert (value, tier) == ("w", None)
+    with pytest.raises(asyncio.CancelledError):
+        await leaver
+    assert calls == [1, 1]
+    assert cache.local.get(ResultKey("k")) == b"ok:w"
+    await cache.close()
+
+
+@pytest.mark.asyncio
+async def test_a_computation_another_request_waits_for_survives_an_abandoning_stream():
+    cache = tiered()
+    calls: list[int] = []
+    compute = computing("v", calls, 0.05)
+    leaver = asyncio.ensure_future(
+        cache.compute_once(ResultKey("k"), Placement(), TAGS, compute, stop_when_abandoned=True)
+    )
+    await asyncio.sleep(0.01)
+    stayer = asyncio.ensure_future(cache.get_or_compute(ResultKey("k"), Placement(), TAGS, compute))
+    await asyncio.sleep(0.01)
+    leaver.cancel()
+    assert await stayer == ("v", None)
+    assert calls == [1]
+    await cache.close()

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from dataclasses import replace
 
 import pytest
 
 from cluster.sharing.directory import ReplicaId
+from cluster.versions.invalidation import InvalidationRule
 from serve_app.api.completions import CompletionJob
 from serve_app.config import parse_args
 from serve_app.models import SamplingParams
@@ -189,4 +191,18 @@ async def test_a_hugging_face_chat_turn_reuses_the_last_turn_and_matches_transfo
         )
         await asyncio.sleep(0.3)  # the answer's blocks are cached in the background
         conversation += [ChatMessage("assistant", answer.text), ChatMessage("user", "More?")]
+    await core.close()
+
+
+@pytest.mark.asyncio
+async def test_a_stream_after_an_invalidation_follows_only_its_own_computation() -> None:
+    core = await make_core(app_args())
+    request = job("Invalidated while it is computed", params=LONG)
+    first = asyncio.ensure_future(core.complete(request))
+    await asyncio.sleep(0.05)
+    # The computation in flight leaves the flight: its answer is stored nowhere.
+    core.apply_rules([InvalidationRule(seq=1, issued_at=time.time(), model="tiny")])
+    pieces, end = await collect(core, request)
+    assert "".join(pieces) == end.outcome.text == (await first).text
+    assert core._feeds == {}
     await core.close()
