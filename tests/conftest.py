@@ -21,6 +21,7 @@ import yaml
 from tests.support.processes import (
     RedisServer,
     ServeRun,
+    metrics_export_port,
     serve_grpc_options,
     serve_http_port,
     wait_until,
@@ -50,9 +51,22 @@ def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     if ray.is_initialized():  # started by someone else: use it, leave it running
         yield ray.get_runtime_context().gcs_address
         return
-    context = ray.init(include_dashboard=False, namespace="raycache-tests", log_to_driver=False)
+    context = ray.init(
+        include_dashboard=False,
+        namespace="raycache-tests",
+        log_to_driver=False,
+        # Metrics are exported here (`metrics_url`), reported every second instead of ten.
+        _metrics_export_port=metrics_export_port(),
+        _system_config={"metrics_report_interval_ms": 1000},
+    )
     yield context.address_info["gcs_address"]
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(ray_cluster: str) -> str:
+    """Where the test cluster's node exports its Prometheus metrics."""
+    return f"http://127.0.0.1:{metrics_export_port()}/metrics"
 
 
 @dataclass

@@ -17,8 +17,12 @@ Single-flight: concurrent identical misses on one replica wait for one computati
 as a task of its own, so that it belongs to none of its callers. Cancelling a waiter (the first
 one included: Serve cancels the request of a client that disconnects) ends that wait only; the
 others get the answer. The computation runs to its end even when every waiter has left, and its
-answer is stored: the work is spent anyway (generation runs in a worker thread, which a
-cancellation does not stop), and the client's retry is then a hit.
+answer is stored (the client's retry is then a hit), except when the last waiter to leave asked
+for it to stop (`compute_once(stop_when_abandoned=True)`: a stream, whose client is gone): then
+it is cancelled, and stores nothing.
+
+`on_lookup(tier, hit, tags)`, when given, hears of every tier asked and whether it answered
+(the replica's metrics).
 
 `invalidate` drops matching local entries and marks matching computations in flight: their
 answers still reach their waiters but are stored nowhere, and later requests for those keys
@@ -227,6 +231,7 @@ class TieredCache(Generic[T]):
         timer: Callable[[], float] = time.perf_counter,
         decode_remote: Decoder[T] | None = None,
         error_log_interval_s: float = ERROR_LOG_INTERVAL_S,
+        on_lookup: Callable[[TierName, bool, EntryTags], None] | None = None,
     ) -> None:
         self.local = local
         self._decode = decode
@@ -237,6 +242,7 @@ class TieredCache(Generic[T]):
         self._redis_ttl_s = redis_ttl_s
         self._timer = timer
         self._errors = _ErrorLog(timer, error_log_interval_s)
+        self._on_lookup = on_lookup
         self._inflight: dict[ResultKey, _Flight[T]] = {}
         # Every flight's task until it ends, invalidated ones included: the event loop keeps
         # only weak references to tasks.
@@ -319,21 +325,31 @@ class TieredCache(Generic[T]):
         blob = self.local.get(key)
         if blob is not None:
             try:
-                return self._decode(blob, key, tags), "local"
+                value = self._decode(blob, key, tags)
             except Exception as exc:  # our own bytes: a decoder that refuses them is a bug
                 self._errors.report("decoding a local entry", exc)
                 self.local.pop(key)
+            else:
+                self._heard("local", True, tags)
+                return value, "local"
+        self._heard("local", False, tags)
         if self._peer is not None and placement.owner_address is not None:
             found = await self._from_peer(key, tags, placement.owner_address)
+            self._heard("peer", found is not None, tags)
             if found is not None:
                 self.local.put(key, found[1], tags)
                 return found[0], "peer"
         if self._redis is not None and placement.redis_key is not None:
             found = await self._from_redis(key, tags, placement.redis_key)
+            self._heard("redis", found is not None, tags)
             if found is not None:
                 self.local.put(key, found[1], tags)
                 return found[0], "redis"
         return None
+
+    def _heard(self, tier: TierName, hit: bool, tags: EntryTags) -> None:
+        if self._on_lookup is not None:
+            self._on_lookup(tier, hit, tags)
 
     def store(self, key: ResultKey, encoded: bytes, placement: Placement, tags: EntryTags) -> None:
         """Store locally now; to the owner and to Redis in the background (may be dropped)."""

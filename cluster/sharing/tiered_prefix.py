@@ -388,11 +388,13 @@ class TieredPrefix:
 
     async def fetch(
         self, chain: PromptChain, layout: BlockLayout, owner_blocks_address: str | None
-    ) -> None:
+    ) -> PrefixTierCounters:
         """Copy into the cache what the owner (at its block stream's address, when another
-        replica owns the prompt), then Redis, hold of `chain` past the local run."""
+        replica owns the prompt), then Redis, hold of `chain` past the local run; returns how
+        many blocks came from each."""
+        fetched = PrefixTierCounters()
         if owner_blocks_address and self._peer is not None:
-            self.counters.from_peers += await fetch_prefix_from_owner(
+            fetched.from_peers = await fetch_prefix_from_owner(
                 self.cache,
                 chain.hashes,
                 usable=chain.usable,
@@ -406,7 +408,7 @@ class TieredPrefix:
                 secret=self._secret,
             )
         if self._redis is not None:
-            self.counters.from_redis += await fetch_prefix_from_redis(
+            fetched.from_redis = await fetch_prefix_from_redis(
                 self._redis,
                 self.cache,
                 chain.hashes,
@@ -419,6 +421,9 @@ class TieredPrefix:
                 device=layout.device,
                 secret=self._secret,
             )
+        self.counters.from_peers += fetched.from_peers
+        self.counters.from_redis += fetched.from_redis
+        return fetched
 
     def share(self, chain: PromptChain, cached_tokens: int) -> None:
         """Write the chunks of `chain` past its first `cached_tokens` (which came from a

@@ -25,6 +25,7 @@ OpenAI-style JSON body naming the field; over a handle it is raised as is.
 
 import asyncio
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -34,6 +35,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
+from ray.serve import metrics as serve_metrics
 from ray.serve.grpc_util import RayServegRPCContext
 from ray.serve.handle import DeploymentHandle
 
@@ -62,6 +64,7 @@ from serve_app.api.embeddings import (
 from serve_app.api.grpc_messages import api_key
 from serve_app.api.grpc_service import GrpcMethods
 from serve_app.api.request_body import read_json_body
+from serve_app.api.request_metrics import Endpoint, RequestMetrics, cache_outcome
 from serve_app.api.streaming import DONE, Kind, StreamChunks, error_event, sse
 from serve_app.config import AppArgs, ModelSpec, parse_args, prompt_text
 from serve_app.errors import (
@@ -166,6 +169,7 @@ class Ingress(GrpcMethods):
             spec.id: model_vocab(spec, self._tokenizers[spec.id]) for spec in self._args.models
         }
         self._redis = RedisProbe(self._args.redis_url)
+        self._metrics = RequestMetrics(serve_metrics)
         # Before the first request is served: blocking here holds up no request.
         secret = shared_secret(self._args.namespace, self._args.configured_secret())
         self._versions = version_actor(self._args.namespace, self._args.redis_url, secret.records)
@@ -194,9 +198,10 @@ class Ingress(GrpcMethods):
     async def complete(self, body: dict[str, Any], tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
         """Answer an OpenAI completion body (not streamed: see `complete_stream`); raises
         `RaycacheError` on bad input."""
+        started = time.perf_counter()
         request = _unstreamed(parse_completion_request(body))
         outcome = await self._replicas.complete.remote(self._completion_job(request, tenant))
-        return completion_response(request.model, outcome)
+        return self._answered("completions", completion_response(request.model, outcome), started)
 
     async def complete_stream(
         self, body: dict[str, Any], tenant: str = DEFAULT_TENANT
@@ -211,9 +216,10 @@ class Ingress(GrpcMethods):
     async def chat(self, body: dict[str, Any], tenant: str = DEFAULT_TENANT) -> dict[str, Any]:
         """Answer an OpenAI chat completion body (not streamed: see `chat_stream`); raises
         `RaycacheError` on bad input."""
+        started = time.perf_counter()
         request = _unstreamed(parse_chat_request(body))
         outcome = await self._replicas.complete.remote(await self._chat_job(request, tenant))
-        return chat_response(request.model, outcome)
+        return self._answered("chat", chat_response(request.model, outcome), started)
 
     async def chat_stream(
         self, body: dict[str, Any], tenant: str = DEFAULT_TENANT
@@ -230,9 +236,11 @@ class Ingress(GrpcMethods):
     ) -> dict[str, Any]:
         """Embed an OpenAI embeddings body's inputs, each cached on its own; raises
         `RaycacheError` on bad input."""
+        started = time.perf_counter()
         request = parse_embedding_request(body)
         outcomes = await self._replicas.embed.remote(self._embedding_job(request, tenant))
-        return embedding_response(request.model, outcomes, request.encoding_format)
+        response = embedding_response(request.model, outcomes, request.encoding_format)
+        return self._answered("embeddings", response, started)
 
     async def models(self) -> dict[str, Any]:
         """The OpenAI model list, with each model's current `version` (the configured one
@@ -371,6 +379,14 @@ class Ingress(GrpcMethods):
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def _answered(
+        self, endpoint: Endpoint, response: dict[str, Any], started: float
+    ) -> dict[str, Any]:
+        """`response`, its latency recorded."""
+        cache = cache_outcome(response["cache"])
+        self._metrics.answered(response["model"], endpoint, cache, time.perf_counter() - started)
+        return response
+
     def _tenant(self, request: Request) -> str:
         return self._auth.tenant_of(
             request.headers.get("authorization"), request.headers.get(self._args.auth.tenant_header)
@@ -387,18 +403,26 @@ class Ingress(GrpcMethods):
     ) -> AsyncIterator[dict[str, Any]]:
         """The chunks of `job`'s streamed answer. The replica's first event is awaited before
         any chunk is yielded, so that a refusal (a model loading, say) is raised, not streamed."""
+        started = time.perf_counter()
         events = self._events(job)
         try:
             event = await anext(events)
             chunks = StreamChunks(kind, request.model, request.include_usage)
             for chunk in chunks.opening():
                 yield chunk
+            first = True
             while isinstance(event, TextPiece):
+                if first:
+                    self._metrics.first_token(job.model, kind, time.perf_counter() - started)
+                    first = False
                 yield chunks.piece(event.text)
                 event = await anext(events)
             assert isinstance(event, StreamEnd)
             for chunk in chunks.ending(event.outcome):
                 yield chunk
+            tier = event.outcome.cache_tier
+            seconds = time.perf_counter() - started
+            self._metrics.answered(job.model, kind, tier or "miss", seconds)
         except StopAsyncIteration:
             raise ReplicaUnavailable("the replica ended the stream early", param="model") from None
         finally:

@@ -53,7 +53,12 @@ from cluster.sharing.directory import Member, ReplicaId
 from cluster.sharing.peer import PeerClient
 from cluster.sharing.redis_store import RedisStore
 from cluster.sharing.tiered import Placement, TieredCache, result_placement
-from cluster.sharing.tiered_prefix import BlockLayout, PromptChain, TieredPrefix
+from cluster.sharing.tiered_prefix import (
+    BlockLayout,
+    PrefixTierCounters,
+    PromptChain,
+    TieredPrefix,
+)
 from cluster.versions.invalidation import InvalidationRule, InvalidationRules
 from cluster.versions.records import ModelVersion
 from serve_app.api.completions import CompletionJob, CompletionOutcome
@@ -98,6 +103,39 @@ class VersionView(Protocol):
     def lagging(self, model: str) -> bool: ...
 
     def in_contact(self) -> bool: ...
+
+
+class ReplicaObserver(Protocol):
+    """Hears what the replica does, for its metrics (`serve_app.replica.metrics`)."""
+
+    def lookup(self, tier: str, hit: bool, model: str) -> None: ...
+
+    def computed(self, model: str) -> None: ...
+
+    def prefix(
+        self,
+        model: str,
+        prompt_tokens: int,
+        cached: Mapping[str, int],
+        fetched_bytes: Mapping[str, int],
+    ) -> None: ...
+
+
+class _Unobserved:
+    def lookup(self, tier: str, hit: bool, model: str) -> None:
+        pass
+
+    def computed(self, model: str) -> None:
+        pass
+
+    def prefix(
+        self,
+        model: str,
+        prompt_tokens: int,
+        cached: Mapping[str, int],
+        fetched_bytes: Mapping[str, int],
+    ) -> None:
+        pass
 
 
 class _NoRing:
@@ -149,6 +187,7 @@ class ReplicaCore:
         check_weights: Callable[[ModelVersion], None] | None = None,
         peer: PeerClient | None = None,
         redis: RedisStore | None = None,
+        observer: ReplicaObserver | None = None,
     ) -> None:
         """Must be built on the event loop that will use it. `versions`: the version of every
         configured model to serve first; `load_weights(record)` builds a version's weights;
@@ -164,6 +203,8 @@ class ReplicaCore:
         self._versions: VersionView = _Current()
         self._version_changed = ChangeSignal()
         self.rules = InvalidationRules()
+        self._observer: ReplicaObserver = observer or _Unobserved()
+        self.version_drops = 0
         settings = args.result_cache
         self.cache = ResultCache(
             max_bytes=settings.max_bytes,
@@ -192,6 +233,7 @@ class ReplicaCore:
             redis=redis,
             peer_timeout_s=args.peer.timeout_s,
             redis_ttl_s=settings.ttl_s,
+            on_lookup=lambda tier, hit, tags: self._observer.lookup(tier, hit, tags.model),
         )
         self.tiered_prefix = (
             TieredPrefix(
@@ -361,6 +403,7 @@ class ReplicaCore:
         )
         assert isinstance(outcome, EmbeddingOutcome)  # the key's kind decides the value's
         if tier is None:
+            self._observer.computed(job.model)
             return replace(outcome, cache_key=key)
         return replace(outcome, cache_key=key, cache_tier=tier)
 
@@ -394,6 +437,7 @@ class ReplicaCore:
             plan.key, plan.placement, plan.tags, lambda: self._compute(plan)
         )
         if tier is None:
+            self._observer.computed(plan.job.model)
             return replace(outcome, cache_key=plan.key)
         return replace(outcome, cache_key=plan.key, cache_tier=tier, cached_tokens=0)
 
@@ -412,6 +456,7 @@ class ReplicaCore:
                     replace(outcome, cache_key=plan.key, cache_tier=tier, cached_tokens=0)
                 )
                 return
+            self._observer.computed(plan.job.model)
             # The feed of the computation in flight, or the one the computation started now
             # will adopt (`_compute`): no await between here and the start. A feed whose
             # computation left the flight (invalidated) is not followed.
@@ -488,7 +533,7 @@ class ReplicaCore:
             )
             layout = BlockLayout(model.kv_block_shape(block_size), model.dtype, model.device)
             owner = plan.owner.blocks_address if plan.owner is not None else None
-            await self.tiered_prefix.fetch(chain, layout, owner)
+            fetched = await self.tiered_prefix.fetch(chain, layout, owner)
         # The computation holds the weights until its thread ends, not until its request
         # does: a cancelled request must not let the model be evicted or drained under it.
         stop = threading.Event()
@@ -502,6 +547,7 @@ class ReplicaCore:
             self.generations_stopped += 1
             raise
         if chain is not None and self.tiered_prefix is not None:
+            self._observe_prefix(plan, cached_tokens, fetched, layout)
             self.tiered_prefix.share(chain, cached_tokens)
             if plan.job.answer_end is not None:
                 # Held from now, not from when the background task runs: the weights must not
@@ -526,6 +572,30 @@ class ReplicaCore:
             key=plan.key, tenant=plan.job.tenant, model=plan.job.model, version=plan.tags.version
         )
         return outcome, encode_answer(generation, identity, self._secret)
+
+    def _observe_prefix(
+        self,
+        plan: RequestPlan,
+        cached_tokens: int,
+        fetched: PrefixTierCounters,
+        layout: BlockLayout,
+    ) -> None:
+        """The prompt's tokens, and where its cached ones came from: blocks fetched from the
+        owner and Redis for this computation, the rest from the local cache."""
+        size = self.args.prefix_cache.block_size
+        peer, redis = fetched.from_peers * size, fetched.from_redis * size
+        cached = {
+            "local": max(cached_tokens - peer - redis, 0),
+            "peer": min(peer, cached_tokens),
+            "redis": min(redis, max(cached_tokens - peer, 0)),
+        }
+        block_bytes = layout.shape.numel() * layout.dtype.itemsize
+        self._observer.prefix(
+            plan.job.model,
+            len(plan.job.prompt_tokens),
+            cached,
+            {"peer": fetched.from_peers * block_bytes, "redis": fetched.from_redis * block_bytes},
+        )
 
     def _generate(
         self,
@@ -628,6 +698,7 @@ class ReplicaCore:
         stored (their weights are being retired)."""
         model = record.model
         dropped = self.tiered.invalidate(lambda _key, tags: tags.model == model)
+        self.version_drops += dropped
         if self.prefix is not None:
             # The new weights' pinned prompts were warmed before the switch: they stay.
             dropped += self.prefix.invalidate(
@@ -681,6 +752,7 @@ class ReplicaCore:
         """This replica's cache statistics in the `/v1/cache/stats` shape, but for what only
         the replica's shell knows (the ring, the follower's failures, refused peer calls)."""
         prefix = self.prefix.stats() if self.prefix is not None else None
+        local = self.cache.stats()
         tiers = self.tiered.stats
         redis = self._redis.stats() if self._redis is not None else None
         blocks = self.tiered_prefix.counters if self.tiered_prefix is not None else None
@@ -710,16 +782,24 @@ class ReplicaCore:
             "single_flight_waits": tiers.single_flight_waits,
             "stores_dropped": tiers.stores_dropped,
             "generations_stopped": self.generations_stopped,
+            "expirations": local.expirations,
+            # Entries dropped by invalidation rules; those of a version switch are apart.
+            "invalidations": max(local.invalidations - self.version_drops, 0),
+            "version_drops": self.version_drops,
             "prefix_blocks_from_peers": blocks.from_peers if blocks else 0,
             "prefix_blocks_from_redis": blocks.from_redis if blocks else 0,
         }
         counters = replica_stats(
-            local=self.cache.stats(),
+            local=local,
             peer=tiers.peer.as_cache_stats(),
             redis=tiers.redis.as_cache_stats(),
             prefix_queried_tokens=prefix.queried_tokens if prefix else 0,
             prefix_cached_tokens=prefix.cached_tokens if prefix else 0,
         )
+        if prefix is not None:
+            counters["prefix"].update(
+                blocks=prefix.blocks, bytes=prefix.bytes, pinned_blocks=prefix.pinned_blocks
+            )
         return {**counters, "cluster": cluster}
 
     async def close(self) -> None:

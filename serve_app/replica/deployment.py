@@ -22,6 +22,7 @@ from typing import Any
 import ray
 import torch
 from ray import serve
+from ray.serve import metrics as serve_metrics
 
 from cluster.ray_secret import shared_secret
 from cluster.sharing.directory import Member, ReplicaId
@@ -44,6 +45,7 @@ from serve_app.models.loading import (
     weight_bytes_estimate,
 )
 from serve_app.replica.core import ReplicaCore
+from serve_app.replica.metrics import ReplicaMetrics
 from serve_app.replica.serving import config_version, weights_spec
 from serve_app.replica.streaming import StreamEvent
 
@@ -79,6 +81,7 @@ class ModelReplica:
         current = await self._startup_versions()
         self._redis = RedisStore(self._args.redis_url) if self._args.redis_url else None
         self._peer_client = PeerClient(secret.peer) if self._args.peer.enabled else None
+        self._metrics = ReplicaMetrics(serve_metrics)
         self._core = ReplicaCore(
             self._args,
             secret,
@@ -90,6 +93,7 @@ class ModelReplica:
             check_weights=lambda record: check_weights(self._weights_spec(record)),
             peer=self._peer_client,
             redis=self._redis,
+            observer=self._metrics,
         )
         await self._core.start()
         self._peer_server = PeerServer(self._core.peer_backend, secret.peer)
@@ -103,7 +107,7 @@ class ModelReplica:
                 peer_address=peer_address,
                 blocks_address=self._peer_server.blocks_address or "",
             ),
-            stats=self.stats,
+            stats=self._report,
             interval_s=self._args.stats_interval_s,
         )
         self._membership.start()
@@ -185,6 +189,13 @@ class ModelReplica:
                 else 0,
             }
         )
+        return stats
+
+    def _report(self) -> dict[str, Any]:
+        """The statistics the replica reports to the directory, exported as metrics too."""
+        stats = self.stats()
+        if stats:
+            self._metrics.report(stats)
         return stats
 
     async def _startup_versions(self) -> dict[str, ModelVersion]:

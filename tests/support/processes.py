@@ -41,6 +41,17 @@ def serve_http_port() -> int:
     return _serve_port
 
 
+_metrics_port: int | None = None
+
+
+def metrics_export_port() -> int:
+    """The port this test process's Ray cluster exports Prometheus metrics on (chosen once)."""
+    global _metrics_port
+    if _metrics_port is None:
+        _metrics_port = free_port()
+    return _metrics_port
+
+
 def serve_grpc_options() -> dict[str, object]:
     """The gRPC options of the Serve instance this test process starts (the same for every
     starter, as `serve_http_port`): the app's servicer on a free port chosen once."""

@@ -1,0 +1,51 @@
+"""The ingress's metrics of the path a user sees: how long each request took, by endpoint and
+by where its answer came from, and the time to the first token of a stream
+(`ray_raycache_request_duration_seconds`, `ray_raycache_time_to_first_token_seconds`).
+
+`cache` is the answer's tier (`local`, `peer`, `redis`), `miss` when it was computed, and for
+embeddings `partial` when some inputs were cached and some not. Labels are bounded: `model` by
+the configuration, `endpoint` and `cache` by these sets.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Final, Literal
+
+from serve_app.replica.metrics import PREFIX, MetricsBackend
+
+Endpoint = Literal["completions", "chat", "embeddings"]
+SECONDS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
+def cache_outcome(cache: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str:
+    """The `cache` label of a response's `cache` field (one entry, or one per input)."""
+    entries = [cache] if isinstance(cache, Mapping) else list(cache)
+    tiers = {entry.get("tier") if entry.get("hit") else "miss" for entry in entries}
+    if len(tiers) == 1:
+        return str(tiers.pop())
+    return "partial" if "miss" in tiers else "mixed"
+
+
+class RequestMetrics:
+    """Latency histograms of the ingress."""
+
+    def __init__(self, backend: MetricsBackend) -> None:
+        self._duration = backend.Histogram(
+            PREFIX + "request_duration_seconds",
+            description="Seconds from a request's arrival to its whole answer, by cache outcome.",
+            boundaries=list(SECONDS),
+            tag_keys=("model", "endpoint", "cache"),
+        )
+        self._first_token = backend.Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            description="Seconds from a streamed request's arrival to its first text.",
+            boundaries=list(SECONDS),
+            tag_keys=("model", "endpoint"),
+        )
+
+    def answered(self, model: str, endpoint: Endpoint, cache: str, seconds: float) -> None:
+        self._duration.observe(seconds, {"model": model, "endpoint": endpoint, "cache": cache})
+
+    def first_token(self, model: str, endpoint: Endpoint, seconds: float) -> None:
+        self._first_token.observe(seconds, {"model": model, "endpoint": endpoint})
