@@ -75,6 +75,7 @@ from serve_app.replica.answers import (
     encode_embedding,
 )
 from serve_app.replica.change_signal import ChangeSignal
+from serve_app.replica.metrics import ReplicaMetrics
 from serve_app.replica.model_pool import LoadWeights, ModelPool
 from serve_app.replica.peer_backend import ResultPeerBackend
 from serve_app.replica.prefix_generation import (
@@ -103,39 +104,6 @@ class VersionView(Protocol):
     def lagging(self, model: str) -> bool: ...
 
     def in_contact(self) -> bool: ...
-
-
-class ReplicaObserver(Protocol):
-    """Hears what the replica does, for its metrics (`serve_app.replica.metrics`)."""
-
-    def lookup(self, tier: str, hit: bool, model: str) -> None: ...
-
-    def computed(self, model: str) -> None: ...
-
-    def prefix(
-        self,
-        model: str,
-        prompt_tokens: int,
-        cached: Mapping[str, int],
-        fetched_bytes: Mapping[str, int],
-    ) -> None: ...
-
-
-class _Unobserved:
-    def lookup(self, tier: str, hit: bool, model: str) -> None:
-        pass
-
-    def computed(self, model: str) -> None:
-        pass
-
-    def prefix(
-        self,
-        model: str,
-        prompt_tokens: int,
-        cached: Mapping[str, int],
-        fetched_bytes: Mapping[str, int],
-    ) -> None:
-        pass
 
 
 class _NoRing:
@@ -187,7 +155,7 @@ class ReplicaCore:
         check_weights: Callable[[ModelVersion], None] | None = None,
         peer: PeerClient | None = None,
         redis: RedisStore | None = None,
-        observer: ReplicaObserver | None = None,
+        metrics: ReplicaMetrics | None = None,
     ) -> None:
         """Must be built on the event loop that will use it. `versions`: the version of every
         configured model to serve first; `load_weights(record)` builds a version's weights;
@@ -203,7 +171,7 @@ class ReplicaCore:
         self._versions: VersionView = _Current()
         self._version_changed = ChangeSignal()
         self.rules = InvalidationRules()
-        self._observer: ReplicaObserver = observer or _Unobserved()
+        self._metrics = metrics
         self.version_drops = 0
         settings = args.result_cache
         self.cache = ResultCache(
@@ -233,7 +201,11 @@ class ReplicaCore:
             redis=redis,
             peer_timeout_s=args.peer.timeout_s,
             redis_ttl_s=settings.ttl_s,
-            on_lookup=lambda tier, hit, tags: self._observer.lookup(tier, hit, tags.model),
+            on_lookup=(
+                (lambda tier, hit, tags: metrics.lookup(tier, hit, tags.model))
+                if metrics is not None
+                else None
+            ),
         )
         self.tiered_prefix = (
             TieredPrefix(
@@ -403,7 +375,7 @@ class ReplicaCore:
         )
         assert isinstance(outcome, EmbeddingOutcome)  # the key's kind decides the value's
         if tier is None:
-            self._observer.computed(job.model)
+            self._computed(job.model)
             return replace(outcome, cache_key=key)
         return replace(outcome, cache_key=key, cache_tier=tier)
 
@@ -437,7 +409,7 @@ class ReplicaCore:
             plan.key, plan.placement, plan.tags, lambda: self._compute(plan)
         )
         if tier is None:
-            self._observer.computed(plan.job.model)
+            self._computed(plan.job.model)
             return replace(outcome, cache_key=plan.key)
         return replace(outcome, cache_key=plan.key, cache_tier=tier, cached_tokens=0)
 
@@ -456,7 +428,7 @@ class ReplicaCore:
                     replace(outcome, cache_key=plan.key, cache_tier=tier, cached_tokens=0)
                 )
                 return
-            self._observer.computed(plan.job.model)
+            self._computed(plan.job.model)
             # The feed of the computation in flight, or the one the computation started now
             # will adopt (`_compute`): no await between here and the start. A feed whose
             # computation left the flight (invalidated) is not followed.
@@ -582,6 +554,8 @@ class ReplicaCore:
     ) -> None:
         """The prompt's tokens, and where its cached ones came from: blocks fetched from the
         owner and Redis for this computation, the rest from the local cache."""
+        if self._metrics is None:
+            return
         size = self.args.prefix_cache.block_size
         peer, redis = fetched.from_peers * size, fetched.from_redis * size
         cached = {
@@ -590,12 +564,16 @@ class ReplicaCore:
             "redis": min(redis, max(cached_tokens - peer, 0)),
         }
         block_bytes = layout.shape.numel() * layout.dtype.itemsize
-        self._observer.prefix(
+        self._metrics.prefix(
             plan.job.model,
             len(plan.job.prompt_tokens),
             cached,
             {"peer": fetched.from_peers * block_bytes, "redis": fetched.from_redis * block_bytes},
         )
+
+    def _computed(self, model: str) -> None:
+        if self._metrics is not None:
+            self._metrics.computed(model)
 
     def _generate(
         self,

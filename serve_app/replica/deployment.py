@@ -93,7 +93,7 @@ class ModelReplica:
             check_weights=lambda record: check_weights(self._weights_spec(record)),
             peer=self._peer_client,
             redis=self._redis,
-            observer=self._metrics,
+            metrics=self._metrics,
         )
         await self._core.start()
         self._peer_server = PeerServer(self._core.peer_backend, secret.peer)

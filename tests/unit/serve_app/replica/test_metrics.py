@@ -4,8 +4,15 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+import pytest
+
+from cluster.sharing.directory import ReplicaId
 from serve_app.api.request_metrics import RequestMetrics, cache_outcome
+from serve_app.models.loading import load_model, weight_bytes_estimate
+from serve_app.replica.core import ReplicaCore
 from serve_app.replica.metrics import PREFIX, ReplicaMetrics
+from serve_app.replica.serving import config_version, weights_spec
+from tests.unit.serve_app.replica.test_core import SECRET, TOKENIZER, app_args, job
 
 
 class Recorded:
@@ -123,3 +130,31 @@ def test_request_latency_by_cache_outcome() -> None:
     inputs = [{"hit": True, "tier": "local"}, {"hit": False, "tier": None}]
     assert cache_outcome(inputs) == "partial"
     assert cache_outcome(inputs[:1] * 2) == "local"
+
+
+@pytest.mark.asyncio
+async def test_a_replica_core_reports_its_lookups_and_prefix_tokens() -> None:
+    backend = Recorded()
+    args = app_args()
+    specs = {spec.id: spec for spec in args.models}
+    core = ReplicaCore(
+        args,
+        SECRET,
+        ReplicaId("r1"),
+        {spec.id: TOKENIZER for spec in args.models},
+        {spec.id: config_version(spec) for spec in args.models},
+        load_weights=lambda record: load_model(weights_spec(specs[record.model], record)),
+        estimate_bytes=lambda model: weight_bytes_estimate(specs[model]),
+        metrics=ReplicaMetrics(backend),
+    )
+    await core.start()
+    request = job("Counted by the core, twice over")
+    await core.complete(request)
+    await core.complete(request)
+    assert backend.value("result_cache_lookups", model="tiny", tier="local") == 2
+    assert backend.value("result_cache_hits", model="tiny", tier="local") == 1
+    assert backend.value("result_cache_misses", model="tiny") == 1
+    assert backend.value("prefix_cache_queries", model="tiny") == len(request.prompt_tokens)
+    ReplicaMetrics(backend).report(core.stats())  # the core's statistics have what it reads
+    assert backend.value("prefix_cache_blocks") > 0
+    await core.close()
