@@ -9,6 +9,7 @@ may be shared by concurrent requests).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from typing import Protocol, TypeAlias, runtime_checkable
 
 import torch
@@ -30,43 +31,73 @@ def module_bytes(module: torch.nn.Module) -> int:
     return sum(seen.values())
 
 
+@dataclass(frozen=True)
+class TransformerShape:
+    """The shape of a built-in transformer (TinyGPT, TinyEncoder): every field a positive int,
+    `d_model` a multiple of `n_heads`."""
+
+    vocab_size: int
+    n_layers: int
+    d_model: int
+    n_heads: int
+    max_context: int
+    mlp_ratio: int
+
+    def __post_init__(self) -> None:
+        kind = type(self).__name__
+        for name, value in asdict(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{kind}.{name} must be a positive int, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(
+                f"{kind}.d_model ({self.d_model}) must be a multiple of n_heads ({self.n_heads})"
+            )
+
+
 def kv_length(past: KVCache | None) -> int:
     """How many tokens `past` covers (0 for None or an empty cache)."""
     return past[0][0].shape[1] if past else 0
 
 
 @runtime_checkable
-class CausalLM(Protocol):
-    """A decoder-only language model that computes one sequence incrementally."""
+class ModelWeights(Protocol):
+    """What every served model tells about itself: its vocabulary and context, and where and
+    how large its weights are (what a model pool accounts for)."""
 
     @property
     def vocab_size(self) -> int:
-        """Length of each logits vector."""
+        """Token ids run from 0 to `vocab_size - 1` (a causal LM's logits have this length)."""
         ...
 
     @property
     def max_context(self) -> int:
-        """Most tokens a sequence may hold: past plus new tokens."""
-        ...
-
-    @property
-    def n_layers(self) -> int:
-        """Number of (key, value) pairs in a `KVCache` of this model."""
+        """Most tokens of one sequence (for a causal LM: past plus new tokens)."""
         ...
 
     @property
     def device(self) -> torch.device:
-        """Where the weights, logits and returned `KVCache` tensors live."""
+        """Where the weights live and the model computes."""
         ...
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the `KVCache` tensors (logits are always float32)."""
+        """The dtype of the weights (of a causal LM's `KVCache` tensors too)."""
         ...
 
     @property
     def weight_bytes(self) -> int:
         """Bytes the weights (parameters and buffers) take on `device`."""
+        ...
+
+
+@runtime_checkable
+class CausalLM(ModelWeights, Protocol):
+    """A decoder-only language model that computes one sequence incrementally; its logits are
+    always float32."""
+
+    @property
+    def n_layers(self) -> int:
+        """Number of (key, value) pairs in a `KVCache` of this model."""
         ...
 
     def kv_block_shape(self, block_size: int) -> torch.Size:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Protocol, runtime_checkable
 
@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serve_app.models.base import module_bytes
+from serve_app.models.base import ModelWeights, TransformerShape, module_bytes
 from serve_app.models.hf import DTYPES, checkpoint_dir
 from serve_app.models.tokenizer import ByteTokenizer
 
@@ -32,37 +32,13 @@ _POSITIONS_AFTER_PADDING: Final = frozenset({"roberta", "xlm-roberta", "camember
 
 
 @runtime_checkable
-class SentenceEncoder(Protocol):
-    """An encoder that embeds one input at a time."""
+class SentenceEncoder(ModelWeights, Protocol):
+    """An encoder that embeds one input at a time (`max_context`: most tokens of one input;
+    embeddings are float32 values whatever `dtype`)."""
 
     @property
     def dimensions(self) -> int:
         """Length of each embedding."""
-        ...
-
-    @property
-    def max_context(self) -> int:
-        """Most tokens of one input."""
-        ...
-
-    @property
-    def vocab_size(self) -> int:
-        """Token ids run from 0 to `vocab_size - 1`."""
-        ...
-
-    @property
-    def device(self) -> torch.device:
-        """Where the weights live and the embedding is computed."""
-        ...
-
-    @property
-    def dtype(self) -> torch.dtype:
-        """The dtype of the weights (embeddings are always returned as float32 values)."""
-        ...
-
-    @property
-    def weight_bytes(self) -> int:
-        """Bytes the weights (parameters and buffers) take on `device`."""
         ...
 
     def embed(self, tokens: Sequence[int]) -> list[float]:
@@ -95,7 +71,7 @@ def _pooled(hidden: torch.Tensor) -> list[float]:
 
 
 @dataclass(frozen=True)
-class TinyEncoderConfig:
+class TinyEncoderConfig(TransformerShape):
     """Shape of a TinyEncoder; `d_model` is the embedding's length."""
 
     vocab_size: int = ByteTokenizer.vocab_size
@@ -104,16 +80,6 @@ class TinyEncoderConfig:
     n_heads: int = 4
     max_context: int = 512
     mlp_ratio: int = 4
-
-    def __post_init__(self) -> None:
-        for name, value in asdict(self).items():
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"TinyEncoderConfig.{name} must be a positive int, got {value!r}")
-        if self.d_model % self.n_heads:
-            raise ValueError(
-                f"TinyEncoderConfig.d_model ({self.d_model}) must be a multiple of "
-                f"n_heads ({self.n_heads})"
-            )
 
 
 class _Block(nn.Module):
