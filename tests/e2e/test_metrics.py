@@ -12,6 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from tests.support.processes import wait_until
+from tests.unit.test_grafana_dashboard import dashboard_metrics
 
 pytestmark = pytest.mark.e2e
 
@@ -153,3 +154,18 @@ def test_every_series_has_bounded_labels_and_the_board_has_its_metrics(metrics_u
 def _looks_like_data(value: str) -> bool:
     """A key (hex), or free text: what a label must never hold."""
     return bool(re.fullmatch(r"[0-9a-f]{32,}", value)) or " " in value or len(value) > 64
+
+
+# Counters Ray exports only once they counted something: evictions, refused values and fetched
+# prefix bytes need a full cache, a forged value or another tier's blocks.
+AFTER_AN_EVENT = {
+    "ray_raycache_result_cache_evictions_total",
+    "ray_raycache_rejected_values_total",
+    "ray_raycache_prefix_fetch_bytes_total",
+}
+
+
+def test_the_grafana_board_queries_metrics_the_cluster_exports(metrics_url):
+    seen = {name for name, _, _ in scrape(metrics_url)}
+    assert dashboard_metrics() - AFTER_AN_EVENT <= seen
+    assert dashboard_metrics() >= AFTER_AN_EVENT
