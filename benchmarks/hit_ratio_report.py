@@ -33,9 +33,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from benchmarks import traces
-from benchmarks.simulate import DEFAULT_ALIAS, simulate
 from cluster.local.policies import DEFAULT_POLICY
+from cluster.simulation import traces
+from cluster.simulation.simulate import DEFAULT_ALIAS, simulate
 
 TRACES_DIR = Path(__file__).resolve().parents[2] / "shared" / "traces"
 RESULTS = Path(__file__).resolve().parent / "results"

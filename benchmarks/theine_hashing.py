@@ -27,9 +27,9 @@ from typing import Any
 import numpy as np
 import theine_core
 
-from benchmarks import traces
 from benchmarks.hit_ratio_report import RESULTS, THEINE, TRACES_DIR, parse_readme, trace_spec
-from benchmarks.simulate import DEFAULT_ALIAS, capacities_arg, simulate
+from cluster.simulation import traces
+from cluster.simulation.simulate import DEFAULT_ALIAS, capacities_arg, simulate
 
 HASHES: dict[str, Callable[[int], int]] = {
     "identity": lambda key: key & (2**64 - 1),

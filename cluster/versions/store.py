@@ -269,7 +269,7 @@ class VersionStore:
         while not stopped.is_set():
             pubsub = None
             try:
-                pubsub = self._listener.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call]
+                pubsub = self._listener.pubsub(ignore_subscribe_messages=True)  # type: ignore[no-untyped-call, unused-ignore]
                 pubsub.subscribe(self._channel)
                 # Subscribe first, then read: a version published in between is seen twice,
                 # never missed.

@@ -4,7 +4,7 @@ A trace spec is a path or a generator spec; `iter_chunks(spec)` yields the keys 
 chunks (never one Python object per request) and `load(spec)` concatenates them once, for
 simulators that replay a trace at several capacities.
 
-File formats, chosen by file name (see /work/shared/traces/README.md):
+File formats of the public cache traces, chosen by file name:
 
 | name ends with             | format                                                        |
 |----------------------------|---------------------------------------------------------------|
@@ -30,7 +30,7 @@ import gzip
 import lzma
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Protocol
 
 import numpy as np
 
@@ -88,7 +88,11 @@ def load(spec: str) -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros(0, dtype=np.int64)
 
 
-def _lines(stream: BinaryIO) -> Iterator[list[bytes]]:
+class _Readable(Protocol):
+    def read(self, size: int, /) -> bytes: ...
+
+
+def _lines(stream: _Readable) -> Iterator[list[bytes]]:
     """Complete lines of a binary stream, in batches, without the trailing newline."""
     rest = b""
     while True:
@@ -102,14 +106,14 @@ def _lines(stream: BinaryIO) -> Iterator[list[bytes]]:
         yield [rest]
 
 
-def _integer_lines(stream: BinaryIO) -> Iterator[np.ndarray]:
+def _integer_lines(stream: _Readable) -> Iterator[np.ndarray]:
     for lines in _lines(stream):
         values = [int(line) for line in lines if line.strip() and not line.startswith(b"*")]
         if values:
             yield np.array(values, dtype=np.int64)
 
 
-def _text_keys(stream: BinaryIO) -> Iterator[np.ndarray]:
+def _text_keys(stream: _Readable) -> Iterator[np.ndarray]:
     ids: dict[bytes, int] = {}
     for lines in _lines(stream):
         keys = []
@@ -137,7 +141,7 @@ def _arc(path: Path) -> Iterator[np.ndarray]:
             yield from _arc_records(stream)
 
 
-def _arc_records(stream: BinaryIO) -> Iterator[np.ndarray]:
+def _arc_records(stream: _Readable) -> Iterator[np.ndarray]:
     for lines in _lines(stream):
         fields = np.array(b" ".join(lines).split(), dtype=np.int64).reshape(-1, 4)
         starts, counts = fields[:, 0], fields[:, 1]
@@ -149,7 +153,7 @@ def _arc_records(stream: BinaryIO) -> Iterator[np.ndarray]:
             yield keys[begin : begin + CHUNK]
 
 
-def _fixed_records_raw(stream: BinaryIO, dtype: np.dtype) -> Iterator[np.ndarray]:
+def _fixed_records_raw(stream: _Readable, dtype: np.dtype) -> Iterator[np.ndarray]:
     size = dtype.itemsize
     rest = b""
     while True:
@@ -163,7 +167,7 @@ def _fixed_records_raw(stream: BinaryIO, dtype: np.dtype) -> Iterator[np.ndarray
             yield np.frombuffer(data[:whole], dtype=dtype)
 
 
-def _fixed_records(stream: BinaryIO, dtype: np.dtype) -> Iterator[np.ndarray]:
+def _fixed_records(stream: _Readable, dtype: np.dtype) -> Iterator[np.ndarray]:
     for records in _fixed_records_raw(stream, dtype):
         yield records.astype(np.int64)
 

@@ -18,7 +18,7 @@ from array import array
 
 import numpy as np
 
-from benchmarks.traces import CHUNK
+from cluster.simulation.traces import CHUNK
 
 
 def next_uses(keys: np.ndarray) -> np.ndarray:

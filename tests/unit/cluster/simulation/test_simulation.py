@@ -1,6 +1,6 @@
 """The simulator that measures the policies: trace readers, Belady's OPT, the command line.
 
-(These cover `benchmarks/`, which only exists to evaluate `cluster.local.policies`.)
+(`cluster.simulation` and `benchmarks.hit_ratio_report` evaluate `cluster.local.policies`.)
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks import simulate, traces
 from benchmarks.hit_ratio_report import evaluate, parse_readme
-from benchmarks.opt import next_uses, opt_hits
+from cluster.simulation import simulate, traces
+from cluster.simulation.opt import next_uses, opt_hits
 
 
 def brute_force_opt(keys: list[int], capacity: int) -> int:
