@@ -40,6 +40,9 @@ err = Console(stderr=True)
 
 Url = Annotated[str, typer.Option("--url", envvar=URL_ENV, help="The cluster's HTTP address.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document for scripts.")]
+Timeout = Annotated[
+    float, typer.Option(help="Seconds to wait for every replica's acknowledgement.")
+]
 Command = TypeVar("Command", bound=Callable[..., Any])
 
 
@@ -102,9 +105,7 @@ def publish(
     force: Annotated[
         bool, typer.Option(help="Allow going back to an older version or label.")
     ] = False,
-    timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for every replica's acknowledgement.")
-    ] = 30.0,
+    timeout: Timeout = 30.0,
     url: Url = DEFAULT_URL,
     as_json: Json = False,
 ) -> None:
@@ -123,9 +124,7 @@ def invalidate(
     version: Annotated[str | None, typer.Option(help="Answers of this version.")] = None,
     tenant: Annotated[str | None, typer.Option(help="Answers of this tenant.")] = None,
     key: Annotated[str | None, typer.Option(help="The answer with this `cache.key`.")] = None,
-    timeout: Annotated[
-        float, typer.Option(help="Seconds to wait for every replica's acknowledgement.")
-    ] = 30.0,
+    timeout: Timeout = 30.0,
     url: Url = DEFAULT_URL,
     as_json: Json = False,
 ) -> None:
