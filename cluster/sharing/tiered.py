@@ -21,8 +21,10 @@ answer is stored (the client's retry is then a hit), except when the last waiter
 for it to stop (`compute_once(stop_when_abandoned=True)`: a stream, whose client is gone): then
 it is cancelled, and stores nothing.
 
-`on_lookup(tier, hit, tags)`, when given, hears of every tier asked and whether it answered
-(the replica's metrics).
+A caller that passes `on_lookup` to `lookup` or `get_or_compute` hears of every tier that call
+asked, as a `TierLookup`: whether it answered and, for the peer and Redis, the seconds of the
+fetch (the replica's metrics). Per call, so that the caller labels each with what it knows of
+the request.
 
 `invalidate` drops matching local entries and marks matching computations in flight: their
 answers still reach their waiters but are stored nowhere, and later requests for those keys
@@ -86,6 +88,20 @@ class RedisTier(Protocol):
     ) -> bool: ...
 
     async def delete_many(self, keys: Sequence[str]) -> int: ...
+
+
+@dataclass(frozen=True)
+class TierLookup:
+    """One tier asked for one key."""
+
+    tier: TierName
+    hit: bool
+    """Whether it answered with a value that decoded (and that no rule covers)."""
+    seconds: float | None = None
+    """How long the fetch took, failures included, before decoding; None for the local tier."""
+
+
+LookupObserver = Callable[[TierLookup], None]
 
 
 @dataclass(frozen=True)
@@ -231,7 +247,6 @@ class TieredCache(Generic[T]):
         timer: Callable[[], float] = time.perf_counter,
         decode_remote: Decoder[T] | None = None,
         error_log_interval_s: float = ERROR_LOG_INTERVAL_S,
-        on_lookup: Callable[[TierName, bool, EntryTags], None] | None = None,
     ) -> None:
         self.local = local
         self._decode = decode
@@ -242,7 +257,6 @@ class TieredCache(Generic[T]):
         self._redis_ttl_s = redis_ttl_s
         self._timer = timer
         self._errors = _ErrorLog(timer, error_log_interval_s)
-        self._on_lookup = on_lookup
         self._inflight: dict[ResultKey, _Flight[T]] = {}
         # Every flight's task until it ends, invalidated ones included: the event loop keeps
         # only weak references to tasks.
@@ -258,18 +272,19 @@ class TieredCache(Generic[T]):
         placement: Placement,
         tags: EntryTags,
         compute: Callable[[], Awaitable[tuple[T, bytes]]],
+        on_lookup: LookupObserver | None = None,
     ) -> tuple[T, TierName | None]:
         """The value of `key` and the tier it came from (None: computed now).
 
         `compute` returns the value and its encoded bytes; it runs at most once at a time per
         key on this replica, in a task of its own (see the module docstring). Its exceptions
         propagate to every waiter, and nothing is stored. Cancelling this call cancels only
-        this wait.
+        this wait. `on_lookup` hears of each tier asked (none when joining a computation).
         """
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         if key not in self._inflight:
-            found = await self.lookup(key, placement, tags)
+            found = await self.lookup(key, placement, tags, on_lookup)
             if found is not None:
                 return found
         return await self.compute_once(key, placement, tags, compute)
@@ -319,9 +334,15 @@ class TieredCache(Generic[T]):
         return key in self._inflight
 
     async def lookup(
-        self, key: ResultKey, placement: Placement, tags: EntryTags
+        self,
+        key: ResultKey,
+        placement: Placement,
+        tags: EntryTags,
+        on_lookup: LookupObserver | None = None,
     ) -> tuple[T, TierName] | None:
-        """The value of `key` from the first tier that has a valid one, or None."""
+        """The value of `key` from the first tier that has a valid one, or None; `on_lookup`
+        hears of each tier asked."""
+        heard = on_lookup or _ignore
         blob = self.local.get(key)
         if blob is not None:
             try:
@@ -330,26 +351,22 @@ class TieredCache(Generic[T]):
                 self._errors.report("decoding a local entry", exc)
                 self.local.pop(key)
             else:
-                self._heard("local", True, tags)
+                heard(TierLookup("local", True))
                 return value, "local"
-        self._heard("local", False, tags)
+        heard(TierLookup("local", False))
         if self._peer is not None and placement.owner_address is not None:
-            found = await self._from_peer(key, tags, placement.owner_address)
-            self._heard("peer", found is not None, tags)
+            found, seconds = await self._from_peer(key, tags, placement.owner_address)
+            heard(TierLookup("peer", found is not None, seconds))
             if found is not None:
                 self.local.put(key, found[1], tags)
                 return found[0], "peer"
         if self._redis is not None and placement.redis_key is not None:
-            found = await self._from_redis(key, tags, placement.redis_key)
-            self._heard("redis", found is not None, tags)
+            found, seconds = await self._from_redis(key, tags, placement.redis_key)
+            heard(TierLookup("redis", found is not None, seconds))
             if found is not None:
                 self.local.put(key, found[1], tags)
                 return found[0], "redis"
         return None
-
-    def _heard(self, tier: TierName, hit: bool, tags: EntryTags) -> None:
-        if self._on_lookup is not None:
-            self._on_lookup(tier, hit, tags)
 
     def store(self, key: ResultKey, encoded: bytes, placement: Placement, tags: EntryTags) -> None:
         """Store locally now; to the owner and to Redis in the background (may be dropped)."""
@@ -460,41 +477,47 @@ class TieredCache(Generic[T]):
 
     async def _from_peer(
         self, key: ResultKey, tags: EntryTags, address: str
-    ) -> tuple[T, bytes] | None:
+    ) -> tuple[tuple[T, bytes] | None, float]:
+        """The owner's value of `key` (None: none usable), and the seconds of the fetch."""
         assert self._peer is not None
         started = self._timer()
         try:
             (blob,) = await self._peer.get_results(address, [key], self._peer_timeout_s)
         except Exception as exc:
-            self._failed(self.stats.peer, "peer fetch", exc, started)
-            return None
-        found = self._accept(self.stats.peer, blob, key, tags, started)
-        return found if isinstance(found, tuple) else None
+            seconds = self._timer() - started
+            self._failed(self.stats.peer, "peer fetch", exc, seconds)
+            return None, seconds
+        seconds = self._timer() - started
+        found = self._accept(self.stats.peer, blob, key, tags, seconds)
+        return (found if isinstance(found, tuple) else None), seconds
 
     async def _from_redis(
         self, key: ResultKey, tags: EntryTags, redis_key: str
-    ) -> tuple[T, bytes] | None:
+    ) -> tuple[tuple[T, bytes] | None, float]:
+        """Redis's value of `key` (None: none usable), and the seconds of the fetch."""
         assert self._redis is not None
         started = self._timer()
         try:
             (blob,) = await self._redis.get_many([redis_key])
         except Exception as exc:
-            self._failed(self.stats.redis, "Redis fetch", exc, started)
-            return None
-        found = self._accept(self.stats.redis, blob, key, tags, started)
+            seconds = self._timer() - started
+            self._failed(self.stats.redis, "Redis fetch", exc, seconds)
+            return None, seconds
+        seconds = self._timer() - started
+        found = self._accept(self.stats.redis, blob, key, tags, seconds)
         if isinstance(found, tuple):
-            return found
+            return found, seconds
         if found in _DELETABLE:
             try:
                 await self._redis.delete_many([redis_key])
             except Exception as exc:
                 self.stats.redis.errors += 1
                 self._errors.report("Redis delete", exc)
-        return None
+        return None, seconds
 
-    def _failed(self, counters: TierCounters, call: str, exc: Exception, started: float) -> None:
+    def _failed(self, counters: TierCounters, call: str, exc: Exception, seconds: float) -> None:
         counters.fetches += 1
-        counters.fetch_seconds += self._timer() - started
+        counters.fetch_seconds += seconds
         counters.errors += 1
         counters.misses += 1
         self._errors.report(call, exc)
@@ -505,10 +528,10 @@ class TieredCache(Generic[T]):
         blob: bytes | None,
         key: ResultKey,
         tags: EntryTags,
-        started: float,
+        seconds: float,
     ) -> tuple[T, bytes] | _Rejection:
         counters.fetches += 1
-        counters.fetch_seconds += self._timer() - started
+        counters.fetch_seconds += seconds
         if blob is None:
             counters.misses += 1
             return _Rejection.ABSENT
@@ -556,6 +579,10 @@ class TieredCache(Generic[T]):
                 self._errors.report("a background store", exc)
             finally:
                 self._queue.task_done()
+
+
+def _ignore(lookup: TierLookup) -> None:
+    pass
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:

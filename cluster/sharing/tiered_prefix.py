@@ -350,10 +350,27 @@ class BlockLayout:
 
 @dataclass
 class PrefixTierCounters:
-    """Blocks this replica took from other tiers than its own cache."""
+    """Blocks this replica took from other tiers than its own cache, and the fetches that asked
+    for them: one per tier asked, whether it had blocks or not (only a prompt whose local run
+    stops short of its usable blocks asks)."""
 
     from_peers: int = 0
     from_redis: int = 0
+    peer_fetches: int = 0
+    peer_seconds: float = 0.0
+    """Seconds of the peer fetches: the exchange, the checks and the copy into the cache."""
+    redis_fetches: int = 0
+    redis_seconds: float = 0.0
+    """Seconds of the Redis fetches, measured as `peer_seconds`."""
+
+    def add(self, other: PrefixTierCounters) -> None:
+        """Count `other`'s blocks and fetches here too."""
+        self.from_peers += other.from_peers
+        self.from_redis += other.from_redis
+        self.peer_fetches += other.peer_fetches
+        self.peer_seconds += other.peer_seconds
+        self.redis_fetches += other.redis_fetches
+        self.redis_seconds += other.redis_seconds
 
 
 class TieredPrefix:
@@ -375,6 +392,7 @@ class TieredPrefix:
         redis_chunk_blocks: int,
         peer_timeout_s: float,
         enqueue: Callable[[Callable[[], Awaitable[object]]], None],
+        timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.cache = cache
         self._secret = secret
@@ -384,6 +402,7 @@ class TieredPrefix:
         self._chunk_blocks = redis_chunk_blocks
         self._peer_timeout_s = peer_timeout_s
         self._enqueue = enqueue
+        self._timer = timer
         self.counters = PrefixTierCounters()
 
     async def fetch(
@@ -391,9 +410,10 @@ class TieredPrefix:
     ) -> PrefixTierCounters:
         """Copy into the cache what the owner (at its block stream's address, when another
         replica owns the prompt), then Redis, hold of `chain` past the local run; returns how
-        many blocks came from each."""
+        many blocks came from each, and the fetches that asked for them."""
         fetched = PrefixTierCounters()
-        if owner_blocks_address and self._peer is not None:
+        if owner_blocks_address and self._peer is not None and self._lacks_blocks(chain):
+            started = self._timer()
             fetched.from_peers = await fetch_prefix_from_owner(
                 self.cache,
                 chain.hashes,
@@ -407,7 +427,9 @@ class TieredPrefix:
                 timeout_s=self._peer_timeout_s,
                 secret=self._secret,
             )
-        if self._redis is not None:
+            fetched.peer_fetches, fetched.peer_seconds = 1, self._timer() - started
+        if self._redis is not None and self._lacks_blocks(chain):
+            started = self._timer()
             fetched.from_redis = await fetch_prefix_from_redis(
                 self._redis,
                 self.cache,
@@ -421,9 +443,14 @@ class TieredPrefix:
                 device=layout.device,
                 secret=self._secret,
             )
-        self.counters.from_peers += fetched.from_peers
-        self.counters.from_redis += fetched.from_redis
+            fetched.redis_fetches, fetched.redis_seconds = 1, self._timer() - started
+        self.counters.add(fetched)
         return fetched
+
+    def _lacks_blocks(self, chain: PromptChain) -> bool:
+        """Whether the local run of `chain` stops short of its usable blocks: only then does
+        a tier get asked (the fetch functions return at once otherwise)."""
+        return self.cache.cached_run(chain.hashes[: chain.usable]) < chain.usable
 
     def share(self, chain: PromptChain, cached_tokens: int) -> None:
         """Write the chunks of `chain` past its first `cached_tokens` (which came from a

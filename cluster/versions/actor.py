@@ -15,6 +15,9 @@ A thin Ray shell over `VersionRegistry`, `Subscriptions` and `InvalidationRules`
   its place, and waited for, so replicas serve again instead of refusing every request, and
   replicas started later load the restored version, not the failing one.
 - `invalidate` does the same for an `InvalidationRule`.
+- Each publish and invalidation is exported as metrics through `ray.util.metrics`
+  (`RolloutMetrics`): how long its rollout took until every replica acknowledged, and how it
+  ended.
 
 State survives a restart through Redis (versions and rules are reloaded on first use; records
 there are signed with the cluster secret's records key, see `cluster.versions.store`) and, when
@@ -33,18 +36,25 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, Final, Literal
 
 import ray
 from ray.actor import ActorHandle
+from ray.util import metrics as ray_metrics
 
 from cluster.sharing.directory_actor import ACTOR_NAMESPACE, directory_actor
 from cluster.sharing.redis_store import RedisStore, redis_key_pattern
 from cluster.versions.invalidation import InvalidationRule, InvalidationRules
-from cluster.versions.records import ModelVersion, PublishOutcome, Subscriptions, VersionRegistry
+from cluster.versions.records import (
+    ModelVersion,
+    PublishOutcome,
+    Subscriptions,
+    VersionRegistry,
+    VersionRegression,
+)
 from cluster.versions.store import VersionStore
 
-__all__ = ["VersionActor", "VersionUpdate", "version_actor"]
+__all__ = ["RolloutMetrics", "VersionActor", "VersionUpdate", "version_actor"]
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +64,59 @@ LOAD_RETRY_S = 1.0
 RESTART_SETTLE_S = 3.0
 DIRECTORY_TIMEOUT_S = 5.0
 RULE_LIFETIME_S = 7 * 24 * 3600.0
+ROLLOUT_SECONDS: Final = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 600.0)
+"""Bucket boundaries of `raycache_version_rollout_seconds`, up to the longest wait allowed."""
+ANY_MODEL: Final = "*"
+"""The `model` label of an invalidation that names no model."""
+Operation = Literal["publish", "invalidate"]
+Ending = Literal["acknowledged", "incomplete", "rolled_back", "unchanged", "refused"]
+
+
+class RolloutMetrics:
+    """The version actor's metrics; `backend` holds the metric classes (`ray.util.metrics` in
+    the actor, a recording fake in unit tests). Ray prefixes the names with `ray_`.
+
+    - `raycache_version_rollout_seconds{model, operation}`: seconds from a publish or an
+      invalidation until every replica subscribed when it began acknowledged it. A rollout that
+      reached no replica, or not every one in time, is not timed: its ending says why.
+    - `raycache_version_operations_total{operation, outcome}`: publishes and invalidations by
+      how they ended: `acknowledged` by every replica, `incomplete` (some missed the deadline
+      or failed to apply it), `rolled_back`, `unchanged` (a publish of what was current
+      already, as every replica's start-up makes), `refused` (`VersionRegression`: a label
+      published before, without `force`).
+
+    Labels are bounded by the configuration: `model` is a configured model (the ingress and
+    the replicas publish only those) or `*`; `operation` and `outcome` are the sets above.
+    """
+
+    def __init__(self, backend: Any) -> None:
+        self._seconds = backend.Histogram(
+            "raycache_version_rollout_seconds",
+            description="Seconds from a publish or invalidation until every replica applied it.",
+            boundaries=list(ROLLOUT_SECONDS),
+            tag_keys=("model", "operation"),
+        )
+        self._operations = backend.Counter(
+            "raycache_version_operations",
+            description="Version publishes and invalidations, by how they ended.",
+            tag_keys=("operation", "outcome"),
+        )
+
+    def rolled_out(
+        self, operation: Operation, model: str | None, outcome: PublishOutcome, seconds: float
+    ) -> None:
+        """A rollout ended `seconds` after it began, reaching what `outcome` says."""
+        ending: Ending = "acknowledged" if outcome.complete else "incomplete"
+        if outcome.rolled_back:
+            ending = "rolled_back"
+        self.ended(operation, ending)
+        if ending == "acknowledged" and outcome.acknowledged:
+            tags = {"model": model or ANY_MODEL, "operation": operation}
+            self._seconds.observe(seconds, tags)
+
+    def ended(self, operation: Operation, ending: Ending) -> None:
+        """An operation ended so (`rolled_out` counts the endings of rollouts itself)."""
+        self._operations.inc(1, {"operation": operation, "outcome": ending})
 
 
 @dataclass(frozen=True)
@@ -75,7 +138,9 @@ class VersionActor:
         records_key: bytes,
         lease_s: float,
         rule_lifetime_s: float,
+        export_metrics: bool = True,
     ) -> None:
+        """`export_metrics`: whether to export `RolloutMetrics` (through `ray.util.metrics`)."""
         self._namespace = namespace
         self._redis_url = redis_url
         self._store = VersionStore(redis_url, namespace, records_key) if redis_url else None
@@ -90,6 +155,7 @@ class VersionActor:
         self._acked: asyncio.Event | None = None
         self._excluded: set[str] = set()
         self._purges: set[asyncio.Task[None]] = set()
+        self._metrics = RolloutMetrics(ray_metrics) if export_metrics else None
         restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self._settled_at = time.monotonic() + (RESTART_SETTLE_S if restarted else 0.0)
 
@@ -165,15 +231,20 @@ class VersionActor:
         await self._settle()
         await self._load(refresh=True)
         before = self._registry.current(model)
-        record = self._registry.publish(
-            model,
-            version,
-            source=source,
-            now=time.time(),
-            seed=seed,
-            checkpoint=checkpoint,
-            force=force,
-        )
+        try:
+            record = self._registry.publish(
+                model,
+                version,
+                source=source,
+                now=time.time(),
+                seed=seed,
+                checkpoint=checkpoint,
+                force=force,
+            )
+        except VersionRegression:
+            self._ended("publish", "refused")
+            raise
+        started = time.monotonic()
         ours = record is not before
         if ours:
             if before is not None and force and record.version in (before.version, *before.history):
@@ -189,10 +260,16 @@ class VersionActor:
             and outcome.loaded_nowhere
             and self._registry.current(model) is record  # no newer publish meanwhile
         ):
-            return await self._roll_back(outcome, before, timeout_s)
+            outcome = await self._roll_back(outcome, before, timeout_s)
+            self._rolled_out("publish", model, outcome, started)
+            return outcome
         await self._exclude([*outcome.missing, *outcome.failed])
         if ours and before is not None and before.version != record.version:
             self._purge_later(redis_key_pattern(self._namespace, model, before.version))
+        if ours:
+            self._rolled_out("publish", model, outcome, started)
+        else:
+            self._ended("publish", "unchanged")
         return outcome
 
     async def invalidate(
@@ -207,21 +284,33 @@ class VersionActor:
         Redis; waits up to `timeout_s` for every subscribed replica to apply it."""
         await self._settle()
         await self._load()
+        started = time.monotonic()
         rule = await self._add_rule(model=model, version=version, tenant=tenant, key=key)
         targets = self._subscriptions.alive(time.monotonic())
         await self._wait_for(
             targets, lambda rid: self._subscriptions.has_rules(rid, rule.seq), timeout_s
         )
+        outcome = self._outcome(None, targets, rule_seq=rule.seq)
+        self._rolled_out("invalidate", model, outcome, started)
         if tenant is None:
             if key is not None:
                 self._purge_later(f"{self._namespace}:{model or '*'}:{version or '*'}:r:{key}")
             else:
                 self._purge_later(redis_key_pattern(self._namespace, model, version))
-        outcome = self._outcome(None, targets, rule_seq=rule.seq)
         await self._exclude(list(outcome.missing))
         return outcome
 
     # -- internals ----------------------------------------------------------------------------
+
+    def _rolled_out(
+        self, operation: Operation, model: str | None, outcome: PublishOutcome, started: float
+    ) -> None:
+        if self._metrics is not None:
+            self._metrics.rolled_out(operation, model, outcome, time.monotonic() - started)
+
+    def _ended(self, operation: Operation, ending: Ending) -> None:
+        if self._metrics is not None:
+            self._metrics.ended(operation, ending)
 
     def _events(self) -> tuple[asyncio.Event, asyncio.Event]:
         # Created on the actor's event loop, on first use.
@@ -415,6 +504,7 @@ def version_actor(
     records_key: bytes,
     lease_s: float = 10.0,
     rule_lifetime_s: float = RULE_LIFETIME_S,
+    export_metrics: bool = True,
 ) -> ActorHandle[Any]:
     """The version-broadcast actor of raycache namespace `namespace`, created on first use.
 
@@ -422,10 +512,11 @@ def version_actor(
     creates it first decides its Redis URL and `records_key` (the cluster secret's `records`
     key, which signs what it stores in Redis; every replica of an application shares both).
     The key travels as an actor argument: Ray's token authentication guards actor calls.
+    `export_metrics`: whether the actor, when this call creates it, exports `RolloutMetrics`.
     """
     return VersionActor.options(  # type: ignore[attr-defined,no-any-return]
         name=f"versions-{namespace}",
         namespace=ACTOR_NAMESPACE,
         lifetime="detached",
         get_if_exists=True,
-    ).remote(namespace, redis_url, records_key, lease_s, rule_lifetime_s)
+    ).remote(namespace, redis_url, records_key, lease_s, rule_lifetime_s, export_metrics)

@@ -6,6 +6,10 @@ send as `api_key`) is looked up among the configured keys (`auth.api_keys_file`,
 With keys configured, a request without a valid key is `Unauthorized`. With none, the cluster is
 single-tenant: every request is `default`. A tenant header counts only when the operator
 declared the gateway in front trusted (`auth.trust_tenant_header`).
+
+Metrics name a tenant only where the configuration bounds the names (`TenantAuth.tenant_label`):
+the tenants of the API keys, or `default` without keys. Any other tenant, and every tenant
+when a trusted gateway names them (its clients choose the names), is labelled `other`.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Final, Literal
 
@@ -30,6 +35,9 @@ from serve_app.config import (
 from serve_app.errors import Forbidden, InvalidRequest, Unauthorized
 
 DEFAULT_TENANT: Final = "default"
+OTHER_TENANTS: Final = "other"
+"""The `tenant` label of every tenant the configuration does not name (see the module
+docstring)."""
 TENANT_PATTERN: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._\-]{0,127}")
 _DIGEST_PREFIX: Final = "sha256:"
 _HEX_DIGEST: Final = re.compile(r"[0-9a-f]{64}")
@@ -65,6 +73,20 @@ class TenantAuth:
         if self.trust_tenant_header:
             return "trusted_header"
         return "api_keys" if self.keys else "single_tenant"
+
+    @cached_property
+    def tenants(self) -> frozenset[str]:
+        """The tenants the configuration names: those of the API keys, or `default` without
+        keys."""
+        return frozenset(self.keys.values()) if self.keys else frozenset({DEFAULT_TENANT})
+
+    def tenant_label(self, tenant: str) -> str:
+        """What stands for `tenant` in metric labels: itself when the configuration names it,
+        otherwise `OTHER_TENANTS`, and always that in `trusted_header` mode, so a label is
+        never a name a client chose."""
+        if self.trust_tenant_header or tenant not in self.tenants:
+            return OTHER_TENANTS
+        return tenant
 
     def tenant_of(self, authorization: str | None, claimed: str | None = None) -> str:
         """The tenant of a request with these headers; raises `Unauthorized` (no valid key

@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from serve_app.api.auth import OTHER_TENANTS
 from serve_app.api.openai_fields import Endpoint, drop_neutral_fields
 from serve_app.errors import InvalidRequest
 from serve_app.models import SamplingParams
@@ -230,6 +231,8 @@ class CompletionJob:
     answer_end: str | None = None
     """For a chat turn: the next turn's prompt continues this one with the tokens of the
     answer followed by this text, so the replica caches their blocks too."""
+    tenant_label: str = OTHER_TENANTS
+    """What stands for the tenant in the replica's metrics (`TenantAuth.tenant_label`)."""
 
 
 @dataclass(frozen=True)

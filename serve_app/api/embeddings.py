@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from serve_app.api.auth import OTHER_TENANTS
 from serve_app.api.completions import CacheTier, TokenId, check_unicode, parse_body
 
 MAX_INPUTS = 2048
@@ -79,6 +80,8 @@ class EmbeddingJob:
     routing_key: str | None = None
     """Placement key of the request (its first input's), read by the router."""
     replica: str | None = None
+    tenant_label: str = OTHER_TENANTS
+    """What stands for the tenant in the replica's metrics (`TenantAuth.tenant_label`)."""
 
 
 @dataclass(frozen=True)

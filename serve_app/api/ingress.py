@@ -183,9 +183,8 @@ class Ingress(GrpcMethods):
         if self._args.admin_token is None:
             logger.warning("no admin token configured: admin routes are closed (403)")
         if self._auth.mode == "api_keys":
-            tenants = set(self._auth.keys.values())
             for pinned in self._args.prefix_cache.pinned:
-                if pinned.tenant not in tenants:
+                if pinned.tenant not in self._auth.tenants:
                     logger.warning(
                         "a pinned prompt of %s belongs to tenant %r, which no API key maps to: "
                         "no request can reuse it (set its `tenant`)",
@@ -200,8 +199,10 @@ class Ingress(GrpcMethods):
         `RaycacheError` on bad input."""
         started = time.perf_counter()
         request = _unstreamed(parse_completion_request(body))
-        outcome = await self._replicas.complete.remote(self._completion_job(request, tenant))
-        return self._answered("completions", completion_response(request.model, outcome), started)
+        job = self._completion_job(request, tenant)
+        outcome = await self._replicas.complete.remote(job)
+        response = completion_response(request.model, outcome)
+        return self._answered("completions", response, started, job.tenant_label)
 
     async def complete_stream(
         self, body: dict[str, Any], tenant: str = DEFAULT_TENANT
@@ -218,8 +219,10 @@ class Ingress(GrpcMethods):
         `RaycacheError` on bad input."""
         started = time.perf_counter()
         request = _unstreamed(parse_chat_request(body))
-        outcome = await self._replicas.complete.remote(await self._chat_job(request, tenant))
-        return self._answered("chat", chat_response(request.model, outcome), started)
+        job = await self._chat_job(request, tenant)
+        outcome = await self._replicas.complete.remote(job)
+        response = chat_response(request.model, outcome)
+        return self._answered("chat", response, started, job.tenant_label)
 
     async def chat_stream(
         self, body: dict[str, Any], tenant: str = DEFAULT_TENANT
@@ -238,9 +241,10 @@ class Ingress(GrpcMethods):
         `RaycacheError` on bad input."""
         started = time.perf_counter()
         request = parse_embedding_request(body)
-        outcomes = await self._replicas.embed.remote(self._embedding_job(request, tenant))
+        job = self._embedding_job(request, tenant)
+        outcomes = await self._replicas.embed.remote(job)
         response = embedding_response(request.model, outcomes, request.encoding_format)
-        return self._answered("embeddings", response, started)
+        return self._answered("embeddings", response, started, job.tenant_label)
 
     async def models(self) -> dict[str, Any]:
         """The OpenAI model list, with each model's current `version` (the configured one
@@ -380,11 +384,12 @@ class Ingress(GrpcMethods):
     # -- helpers ------------------------------------------------------------------------------
 
     def _answered(
-        self, endpoint: Endpoint, response: dict[str, Any], started: float
+        self, endpoint: Endpoint, response: dict[str, Any], started: float, tenant_label: str
     ) -> dict[str, Any]:
         """`response`, its latency recorded."""
         cache = cache_outcome(response["cache"])
-        self._metrics.answered(response["model"], endpoint, cache, time.perf_counter() - started)
+        seconds = time.perf_counter() - started
+        self._metrics.answered(response["model"], endpoint, cache, seconds, tenant=tenant_label)
         return response
 
     def _tenant(self, request: Request) -> str:
@@ -413,16 +418,17 @@ class Ingress(GrpcMethods):
             first = True
             while isinstance(event, TextPiece):
                 if first:
-                    self._metrics.first_token(job.model, kind, time.perf_counter() - started)
+                    seconds = time.perf_counter() - started
+                    self._metrics.first_token(job.model, kind, seconds, tenant=job.tenant_label)
                     first = False
                 yield chunks.piece(event.text)
                 event = await anext(events)
             assert isinstance(event, StreamEnd)
             for chunk in chunks.ending(event.outcome):
                 yield chunk
-            tier = event.outcome.cache_tier
+            cache = event.outcome.cache_tier or "miss"
             seconds = time.perf_counter() - started
-            self._metrics.answered(job.model, kind, tier or "miss", seconds)
+            self._metrics.answered(job.model, kind, cache, seconds, tenant=job.tenant_label)
         except StopAsyncIteration:
             raise ReplicaUnavailable("the replica ended the stream early", param="model") from None
         finally:
@@ -507,7 +513,14 @@ class Ingress(GrpcMethods):
         keys = tuple(
             routing_key(self._args.namespace, tenant, spec.id, tokens) for tokens in inputs
         )
-        return EmbeddingJob(spec.id, tenant, tuple(inputs), keys, routing_key=keys[0])
+        return EmbeddingJob(
+            spec.id,
+            tenant,
+            tuple(inputs),
+            keys,
+            routing_key=keys[0],
+            tenant_label=self._auth.tenant_label(tenant),
+        )
 
     def _spec(self, model: str, embeds: bool = False) -> ModelSpec:
         spec = self._args.model(model)
@@ -563,4 +576,5 @@ class Ingress(GrpcMethods):
                 tokens,
                 min(routing_tokens, ROUTING_PREFIX_TOKENS),
             ),
+            tenant_label=self._auth.tenant_label(tenant),
         )

@@ -4,7 +4,8 @@ by where its answer came from, and the time to the first token of a stream
 
 `cache` is the answer's tier (`local`, `peer`, `redis`), `miss` when it was computed, and for
 embeddings `partial` when some inputs were cached and some not. Labels are bounded: `model` by
-the configuration, `endpoint` and `cache` by these sets.
+the configuration, `endpoint` and `cache` by these sets, `tenant` by the configured tenants
+(`TenantAuth.tenant_label`: a tenant the configuration names, or `other`).
 """
 
 from __future__ import annotations
@@ -35,17 +36,23 @@ class RequestMetrics:
             PREFIX + "request_duration_seconds",
             description="Seconds from a request's arrival to its whole answer, by cache outcome.",
             boundaries=list(SECONDS),
-            tag_keys=("model", "endpoint", "cache"),
+            tag_keys=("model", "endpoint", "cache", "tenant"),
         )
         self._first_token = backend.Histogram(
             PREFIX + "time_to_first_token_seconds",
             description="Seconds from a streamed request's arrival to its first text.",
             boundaries=list(SECONDS),
-            tag_keys=("model", "endpoint"),
+            tag_keys=("model", "endpoint", "tenant"),
         )
 
-    def answered(self, model: str, endpoint: Endpoint, cache: str, seconds: float) -> None:
-        self._duration.observe(seconds, {"model": model, "endpoint": endpoint, "cache": cache})
+    def answered(
+        self, model: str, endpoint: Endpoint, cache: str, seconds: float, *, tenant: str
+    ) -> None:
+        """A request answered whole after `seconds`; `tenant` is its tenant label."""
+        tags = {"model": model, "endpoint": endpoint, "cache": cache, "tenant": tenant}
+        self._duration.observe(seconds, tags)
 
-    def first_token(self, model: str, endpoint: Endpoint, seconds: float) -> None:
-        self._first_token.observe(seconds, {"model": model, "endpoint": endpoint})
+    def first_token(self, model: str, endpoint: Endpoint, seconds: float, *, tenant: str) -> None:
+        """A stream's first text after `seconds`; `tenant` is its tenant label."""
+        tags = {"model": model, "endpoint": endpoint, "tenant": tenant}
+        self._first_token.observe(seconds, tags)

@@ -52,7 +52,13 @@ from cluster.secret import ClusterSecret
 from cluster.sharing.directory import Member, ReplicaId
 from cluster.sharing.peer import PeerClient
 from cluster.sharing.redis_store import RedisStore
-from cluster.sharing.tiered import Placement, TieredCache, result_placement
+from cluster.sharing.tiered import (
+    LookupObserver,
+    Placement,
+    TieredCache,
+    TierLookup,
+    result_placement,
+)
 from cluster.sharing.tiered_prefix import (
     BlockLayout,
     PrefixTierCounters,
@@ -201,11 +207,6 @@ class ReplicaCore:
             redis=redis,
             peer_timeout_s=args.peer.timeout_s,
             redis_ttl_s=settings.ttl_s,
-            on_lookup=(
-                (lambda tier, hit, tags: metrics.lookup(tier, hit, tags.model))
-                if metrics is not None
-                else None
-            ),
         )
         self.tiered_prefix = (
             TieredPrefix(
@@ -371,11 +372,15 @@ class ReplicaCore:
             self.args.namespace if self._redis is not None else None,
         )
         outcome, tier = await self.tiered.get_or_compute(
-            key, placement, tags, lambda: self._compute_embedding(serving, tokens, identity)
+            key,
+            placement,
+            tags,
+            lambda: self._compute_embedding(serving, tokens, identity),
+            self._lookup_observer(job.model, job.tenant_label),
         )
         assert isinstance(outcome, EmbeddingOutcome)  # the key's kind decides the value's
         if tier is None:
-            self._computed(job.model)
+            self._computed(job.model, job.tenant_label)
             return replace(outcome, cache_key=key)
         return replace(outcome, cache_key=key, cache_tier=tier)
 
@@ -406,10 +411,14 @@ class ReplicaCore:
         if plan.key is None:
             return (await self._compute(plan))[0]
         outcome, tier = await self.tiered.get_or_compute(
-            plan.key, plan.placement, plan.tags, lambda: self._compute(plan)
+            plan.key,
+            plan.placement,
+            plan.tags,
+            lambda: self._compute(plan),
+            self._lookup_observer(plan.job.model, plan.job.tenant_label),
         )
         if tier is None:
-            self._computed(plan.job.model)
+            self._computed(plan.job.model, plan.job.tenant_label)
             return replace(outcome, cache_key=plan.key)
         return replace(outcome, cache_key=plan.key, cache_tier=tier, cached_tokens=0)
 
@@ -419,7 +428,8 @@ class ReplicaCore:
             feed = TextFeed()
             answer = asyncio.ensure_future(self._compute(plan, feed))
         else:
-            found = await self.tiered.lookup(plan.key, plan.placement, plan.tags)
+            observer = self._lookup_observer(plan.job.model, plan.job.tenant_label)
+            found = await self.tiered.lookup(plan.key, plan.placement, plan.tags, observer)
             if found is not None:
                 outcome, tier = found
                 for piece in split_pieces(outcome.text, outcome.pieces):
@@ -428,7 +438,7 @@ class ReplicaCore:
                     replace(outcome, cache_key=plan.key, cache_tier=tier, cached_tokens=0)
                 )
                 return
-            self._computed(plan.job.model)
+            self._computed(plan.job.model, plan.job.tenant_label)
             # The feed of the computation in flight, or the one the computation started now
             # will adopt (`_compute`): no await between here and the start. A feed whose
             # computation left the flight (invalidated) is not followed.
@@ -506,6 +516,7 @@ class ReplicaCore:
             layout = BlockLayout(model.kv_block_shape(block_size), model.dtype, model.device)
             owner = plan.owner.blocks_address if plan.owner is not None else None
             fetched = await self.tiered_prefix.fetch(chain, layout, owner)
+            self._observe_prefix_fetches(plan.job.model, fetched)
         # The computation holds the weights until its thread ends, not until its request
         # does: a cancelled request must not let the model be evicted or drained under it.
         stop = threading.Event()
@@ -566,14 +577,37 @@ class ReplicaCore:
         block_bytes = layout.shape.numel() * layout.dtype.itemsize
         self._metrics.prefix(
             plan.job.model,
+            plan.job.tenant_label,
             len(plan.job.prompt_tokens),
             cached,
             {"peer": fetched.from_peers * block_bytes, "redis": fetched.from_redis * block_bytes},
         )
 
-    def _computed(self, model: str) -> None:
+    def _observe_prefix_fetches(self, model: str, fetched: PrefixTierCounters) -> None:
+        """How long each tier asked for a computation's prefix blocks took."""
+        if self._metrics is None:
+            return
+        if fetched.peer_fetches:
+            self._metrics.fetched_prefix("peer", model, fetched.peer_seconds)
+        if fetched.redis_fetches:
+            self._metrics.fetched_prefix("redis", model, fetched.redis_seconds)
+
+    def _lookup_observer(self, model: str, tenant_label: str) -> LookupObserver | None:
+        """What hears of each tier a request's result lookup asks (None without metrics)."""
+        metrics = self._metrics
+        if metrics is None:
+            return None
+
+        def heard(lookup: TierLookup) -> None:
+            metrics.lookup(lookup.tier, lookup.hit, model, tenant_label)
+            if lookup.seconds is not None:
+                metrics.fetched_result(lookup.tier, model, lookup.seconds)
+
+        return heard
+
+    def _computed(self, model: str, tenant_label: str) -> None:
         if self._metrics is not None:
-            self._metrics.computed(model)
+            self._metrics.computed(model, tenant_label)
 
     def _generate(
         self,

@@ -2,15 +2,20 @@
 `ray_` prefix and the `deployment`, `replica` and `application` tags; counters get `_total`).
 
 Two sources feed them:
-- events, as they happen: every tier a result lookup asks and whether it answered
-  (`lookup`), every computed answer (`computed`), the prompt tokens of a computation and where
-  its cached ones came from (`prefix`);
+- events, as they happen: every tier a result lookup asks, whether it answered and how long a
+  peer or Redis fetch took (`lookup`, `fetched_result`), every computed answer (`computed`),
+  the prompt tokens of a computation and where its cached ones came from (`prefix`), and each
+  prefix fetch from the owner or Redis (`fetched_prefix`);
 - the replica's statistics, each time the replica reports them (`report`): its cumulative
   counters become counter increments (the difference from the last report), its sizes and
   states become gauges.
 
 Labels are bounded by configuration: `model` (configured models), `tier` (`local`, `peer`,
-`redis`), `cause` and `reason` (fixed sets). No key, prompt or tenant appears in a label.
+`redis`), `cause` and `reason` (fixed sets), and `tenant`. The replica does not know which
+tenants are configured (API keys are read on ingress nodes), so `tenant` is the label the
+ingress computed for the request and sent with its job (`CompletionJob.tenant_label`, see
+`serve_app.api.auth.TenantAuth.tenant_label`): a tenant the configuration names, or `other`,
+never a name a client chose. No key or prompt appears in a label.
 `backend` is the module of metric classes (`ray.serve.metrics` in a replica; a recording fake
 in unit tests).
 """
@@ -21,6 +26,9 @@ from collections.abc import Mapping
 from typing import Any, Final, Protocol
 
 PREFIX: Final = "raycache_"
+FETCH_SECONDS: Final = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+"""Bucket boundaries of the fetch histograms (seconds): a fetch within the cluster takes
+milliseconds; the peer timeout bounds the slowest."""
 BREAKER_STATES: Final = {"closed": 0, "half_open": 1, "open": 2, "disabled": -1}
 """`raycache_redis_breaker_state`: the value of each state of the Redis circuit breaker."""
 
@@ -80,16 +88,22 @@ _GAUGES: Final = {
     "models_loaded_bytes": "Bytes of the models in the replica's memory.",
     "version_lagging": "1 while the replica switches a model to a version it heard of.",
 }
+_HISTOGRAMS: Final = {
+    "result_fetch_seconds": "Seconds per fetch of a result from the owner peer or Redis.",
+    "prefix_fetch_seconds": "Seconds per fetch of prefix blocks from the owner peer or Redis.",
+}
 _LABELS: Final = {
-    "result_cache_lookups": ("model", "tier"),
-    "result_cache_hits": ("model", "tier"),
-    "result_cache_misses": ("model",),
-    "prefix_cache_queries": ("model",),
-    "prefix_cache_hits": ("model", "tier"),
+    "result_cache_lookups": ("model", "tier", "tenant"),
+    "result_cache_hits": ("model", "tier", "tenant"),
+    "result_cache_misses": ("model", "tenant"),
+    "prefix_cache_queries": ("model", "tenant"),
+    "prefix_cache_hits": ("model", "tier", "tenant"),
     "prefix_fetch_bytes": ("model", "tier"),
     "result_cache_evictions": ("cause",),
     "rejected_values": ("reason",),
     "version_lagging": ("model",),
+    "result_fetch_seconds": ("model", "tier"),
+    "prefix_fetch_seconds": ("model", "tier"),
 }
 
 
@@ -105,37 +119,58 @@ class ReplicaMetrics:
             name: backend.Gauge(PREFIX + name, description=text, tag_keys=_LABELS.get(name, ()))
             for name, text in _GAUGES.items()
         }
+        self._histograms = {
+            name: backend.Histogram(
+                PREFIX + name,
+                description=text,
+                boundaries=list(FETCH_SECONDS),
+                tag_keys=_LABELS[name],
+            )
+            for name, text in _HISTOGRAMS.items()
+        }
         self._reported: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
 
     # -- events -------------------------------------------------------------------------------
 
-    def lookup(self, tier: str, hit: bool, model: str) -> None:
-        """A result lookup asked `tier`, which answered (`hit`) or not."""
-        tags = {"model": model, "tier": tier}
+    def lookup(self, tier: str, hit: bool, model: str, tenant: str) -> None:
+        """A result lookup asked `tier`, which answered (`hit`) or not; `tenant` is the
+        request's tenant label."""
+        tags = {"model": model, "tier": tier, "tenant": tenant}
         self._counters["result_cache_lookups"].inc(1, tags)
         if hit:
             self._counters["result_cache_hits"].inc(1, tags)
 
-    def computed(self, model: str) -> None:
+    def fetched_result(self, tier: str, model: str, seconds: float) -> None:
+        """A result lookup fetched from `tier` (`peer` or `redis`) for `seconds`."""
+        self._histograms["result_fetch_seconds"].observe(seconds, {"model": model, "tier": tier})
+
+    def computed(self, model: str, tenant: str) -> None:
         """A request no tier answered was computed."""
-        self._counters["result_cache_misses"].inc(1, {"model": model})
+        self._counters["result_cache_misses"].inc(1, {"model": model, "tenant": tenant})
 
     def prefix(
         self,
         model: str,
+        tenant: str,
         prompt_tokens: int,
         cached: Mapping[str, int],
         fetched_bytes: Mapping[str, int],
     ) -> None:
         """A computation's prompt: its tokens, those from each tier's cache (`cached`), and the
         bytes fetched from each other tier."""
-        self._counters["prefix_cache_queries"].inc(prompt_tokens, {"model": model})
+        queried = {"model": model, "tenant": tenant}
+        self._counters["prefix_cache_queries"].inc(prompt_tokens, queried)
         for tier, tokens in cached.items():
             if tokens:
-                self._counters["prefix_cache_hits"].inc(tokens, {"model": model, "tier": tier})
+                tags = {"model": model, "tier": tier, "tenant": tenant}
+                self._counters["prefix_cache_hits"].inc(tokens, tags)
         for tier, size in fetched_bytes.items():
             if size:
                 self._counters["prefix_fetch_bytes"].inc(size, {"model": model, "tier": tier})
+
+    def fetched_prefix(self, tier: str, model: str, seconds: float) -> None:
+        """A computation fetched prefix blocks from `tier` (`peer` or `redis`) for `seconds`."""
+        self._histograms["prefix_fetch_seconds"].observe(seconds, {"model": model, "tier": tier})
 
     # -- reports ------------------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import json
 import re
 from pathlib import Path
 
+from cluster.versions.actor import RolloutMetrics
 from serve_app.api.request_metrics import RequestMetrics
 from serve_app.replica.metrics import ReplicaMetrics
 from tests.unit.serve_app.replica.test_metrics import Recorded
@@ -35,6 +36,7 @@ def exported_names() -> set[str]:
         setattr(backend, kind, make)
     ReplicaMetrics(backend)
     RequestMetrics(backend)
+    RolloutMetrics(backend)
     suffixes = {"Counter": ("_total",), "Gauge": ("",), "Histogram": ("_bucket", "_count", "_sum")}
     return {f"ray_{name}{s}" for name, kind in kinds.items() for s in suffixes[kind]}
 
@@ -82,5 +84,8 @@ def test_every_query_names_metrics_raycache_exports() -> None:
         "ray_raycache_result_cache_evictions_total",
         "ray_raycache_redis_breaker_state",
         "ray_raycache_version_lagging",
+        "ray_raycache_result_fetch_seconds_bucket",
+        "ray_raycache_prefix_fetch_seconds_bucket",
+        "ray_raycache_version_rollout_seconds_bucket",
     ):
         assert needed in dashboard_metrics()

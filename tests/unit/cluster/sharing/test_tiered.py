@@ -9,7 +9,7 @@ import pytest
 
 from cluster.keys import ResultKey
 from cluster.local.result_cache import EntryTags, ResultCache
-from cluster.sharing.tiered import ForeignValue, Placement, StaleValue, TieredCache
+from cluster.sharing.tiered import ForeignValue, Placement, StaleValue, TieredCache, TierLookup
 
 TAGS = EntryTags("m", "1", "t")
 PLACED = Placement(redis_key="ns:m:1:r:k", owner_address="peer:1")
@@ -62,6 +62,27 @@ def computing(value: str, calls: list[int], delay: float = 0.0):
         return value, f"ok:{value}".encode()
 
     return compute
+
+
+@pytest.mark.asyncio
+async def test_a_lookup_observer_hears_each_tier_asked_and_how_long_its_fetch_took():
+    ticks = iter(range(100))  # each reading of the clock one second later
+    peer, redis = MemoryPeer(), MemoryRedis()
+    local = ResultCache(max_bytes=10_000, max_entries=100)
+    cache = TieredCache(local, decode, peer=peer, redis=redis, timer=lambda: float(next(ticks)))
+    redis.data[PLACED.redis_key] = b"ok:from-redis"
+    heard: list[TierLookup] = []
+    assert await cache.lookup(ResultKey("k"), PLACED, TAGS, heard.append) == ("from-redis", "redis")
+    assert heard == [
+        TierLookup("local", False),
+        TierLookup("peer", False, 1.0),
+        TierLookup("redis", True, 1.0),
+    ]
+    heard.clear()
+    found = await cache.get_or_compute(
+        ResultKey("k"), PLACED, TAGS, computing("x", []), heard.append
+    )
+    assert found == ("from-redis", "local") and heard == [TierLookup("local", True)]
 
 
 @pytest.mark.asyncio

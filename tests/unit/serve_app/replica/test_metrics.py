@@ -1,18 +1,35 @@
-"""The replica's and the ingress's metrics, recorded by a fake of `ray.serve.metrics`."""
+"""The replica's, the ingress's and the version actor's metrics, recorded by a fake of
+`ray.serve.metrics`; and the tenant label, which only a configured tenant's name may fill."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import defaultdict
 
 import pytest
 
 from cluster.sharing.directory import ReplicaId
+from cluster.versions.actor import RolloutMetrics
+from cluster.versions.records import ModelVersion, PublishOutcome
+from serve_app.api.auth import OTHER_TENANTS, TenantAuth
 from serve_app.api.request_metrics import RequestMetrics, cache_outcome
+from serve_app.config import AppArgs
 from serve_app.models.loading import load_model, weight_bytes_estimate
 from serve_app.replica.core import ReplicaCore
 from serve_app.replica.metrics import PREFIX, ReplicaMetrics
 from serve_app.replica.serving import config_version, weights_spec
-from tests.unit.serve_app.replica.test_core import SECRET, TOKENIZER, app_args, job
+from tests.support.memory_tiers import InProcessPeers, MemoryRedis, untyped
+from tests.unit.serve_app.replica.test_core import (
+    DOCUMENT,
+    SECRET,
+    TOKENIZER,
+    FixedRing,
+    Versions,
+    app_args,
+    job,
+    member,
+    serve_peer,
+)
 
 
 class Recorded:
@@ -44,6 +61,7 @@ class Recorded:
 
         class Histogram(Metric):
             def observe(self, value, tags=None) -> None:
+                assert value >= 0
                 outer.values[self.name][self._key(tags)] += 1
 
         self.Counter, self.Gauge, self.Histogram = Counter, Gauge, Histogram
@@ -75,21 +93,27 @@ def stats(evictions: int, waits: int, breaker: str = "closed") -> dict:
     }
 
 
-def test_lookups_hits_and_misses_are_counted_per_model_and_tier() -> None:
+def test_lookups_hits_misses_and_fetch_times_are_counted_per_model_tier_and_tenant() -> None:
     backend = Recorded()
     metrics = ReplicaMetrics(backend)
-    metrics.lookup("local", False, "m")
-    metrics.lookup("redis", True, "m")
-    metrics.lookup("local", True, "m")
-    metrics.computed("m")
-    assert backend.value("result_cache_lookups", model="m", tier="local") == 2
-    assert backend.value("result_cache_hits", model="m", tier="local") == 1
-    assert backend.value("result_cache_hits", model="m", tier="redis") == 1
-    assert backend.value("result_cache_misses", model="m") == 1
-    metrics.prefix("m", 100, {"local": 32, "peer": 16, "redis": 0}, {"peer": 4096, "redis": 0})
-    assert backend.value("prefix_cache_queries", model="m") == 100
-    assert backend.value("prefix_cache_hits", model="m", tier="peer") == 16
+    metrics.lookup("local", False, "m", "alice")
+    metrics.lookup("redis", True, "m", "alice")
+    metrics.fetched_result("redis", "m", 0.002)
+    metrics.lookup("local", True, "m", "bob")
+    metrics.computed("m", "alice")
+    assert backend.value("result_cache_lookups", model="m", tier="local", tenant="alice") == 1
+    assert backend.value("result_cache_hits", model="m", tier="local", tenant="bob") == 1
+    assert backend.value("result_cache_hits", model="m", tier="redis", tenant="alice") == 1
+    assert backend.value("result_cache_misses", model="m", tenant="alice") == 1
+    assert backend.value("result_fetch_seconds", model="m", tier="redis") == 1  # observations
+    metrics.prefix(
+        "m", "alice", 100, {"local": 32, "peer": 16, "redis": 0}, {"peer": 4096, "redis": 0}
+    )
+    metrics.fetched_prefix("peer", "m", 0.01)
+    assert backend.value("prefix_cache_queries", model="m", tenant="alice") == 100
+    assert backend.value("prefix_cache_hits", model="m", tier="peer", tenant="alice") == 16
     assert backend.value("prefix_fetch_bytes", model="m", tier="peer") == 4096
+    assert backend.value("prefix_fetch_seconds", model="m", tier="peer") == 1
 
 
 def test_reports_become_counter_increments_and_gauges() -> None:
@@ -109,52 +133,142 @@ def test_reports_become_counter_increments_and_gauges() -> None:
     assert backend.value("models_loaded") == 1
 
 
-def test_no_label_holds_a_key_a_prompt_or_a_tenant() -> None:
+def test_every_label_is_one_the_configuration_bounds() -> None:
     backend = Recorded()
     ReplicaMetrics(backend)
     RequestMetrics(backend)
-    allowed = {"model", "tier", "cause", "reason", "endpoint", "cache"}
+    RolloutMetrics(backend)
+    allowed = {"model", "tier", "cause", "reason", "endpoint", "cache", "tenant"}
+    allowed |= {"operation", "outcome"}
     for name, keys in backend.tag_keys.items():
         assert set(keys) <= allowed, name
+
+
+KEYS = {b"a" * 32: "alice", b"b" * 32: "bob"}
+
+
+@pytest.mark.parametrize(
+    ("auth", "tenant", "label"),
+    [
+        (TenantAuth(KEYS), "alice", "alice"),
+        (TenantAuth(KEYS), "carol", OTHER_TENANTS),  # named by a handle caller, not by a key
+        (TenantAuth(KEYS), "default", OTHER_TENANTS),
+        (TenantAuth({}), "default", "default"),
+        (TenantAuth({}), "carol", OTHER_TENANTS),
+        # A trusted gateway's clients choose the names: none is ever a label.
+        (TenantAuth(KEYS, trust_tenant_header=True), "alice", OTHER_TENANTS),
+        (TenantAuth({}, trust_tenant_header=True), "default", OTHER_TENANTS),
+    ],
+)
+def test_a_tenant_label_is_a_configured_tenant_or_other(auth, tenant, label) -> None:
+    assert auth.tenant_label(tenant) == label
 
 
 def test_request_latency_by_cache_outcome() -> None:
     backend = Recorded()
     metrics = RequestMetrics(backend)
-    metrics.answered("m", "chat", cache_outcome({"hit": True, "tier": "local"}), 0.01)
-    metrics.answered("m", "chat", cache_outcome({"hit": False, "tier": None}), 0.5)
-    metrics.first_token("m", "chat", 0.1)
-    assert backend.value("request_duration_seconds", model="m", endpoint="chat", cache="local") == 1
-    assert backend.value("request_duration_seconds", model="m", endpoint="chat", cache="miss") == 1
-    assert backend.value("time_to_first_token_seconds", model="m", endpoint="chat") == 1
+    hit, miss = cache_outcome({"hit": True, "tier": "local"}), cache_outcome({"hit": False})
+    metrics.answered("m", "chat", hit, 0.01, tenant="alice")
+    metrics.answered("m", "chat", miss, 0.5, tenant=OTHER_TENANTS)
+    metrics.first_token("m", "chat", 0.1, tenant="alice")
+    chat = {"model": "m", "endpoint": "chat"}
+    assert backend.value("request_duration_seconds", **chat, cache="local", tenant="alice") == 1
+    assert backend.value("request_duration_seconds", **chat, cache="miss", tenant="other") == 1
+    assert backend.value("time_to_first_token_seconds", **chat, tenant="alice") == 1
     inputs = [{"hit": True, "tier": "local"}, {"hit": False, "tier": None}]
     assert cache_outcome(inputs) == "partial"
     assert cache_outcome(inputs[:1] * 2) == "local"
 
 
-@pytest.mark.asyncio
-async def test_a_replica_core_reports_its_lookups_and_prefix_tokens() -> None:
-    backend = Recorded()
-    args = app_args()
+async def metered_core(
+    args: AppArgs,
+    backend: Recorded,
+    name: str = "r1",
+    redis: MemoryRedis | None = None,
+    peers: InProcessPeers | None = None,
+) -> ReplicaCore:
+    """A started core whose metrics `backend` records."""
     specs = {spec.id: spec for spec in args.models}
     core = ReplicaCore(
         args,
         SECRET,
-        ReplicaId("r1"),
+        ReplicaId(name),
         {spec.id: TOKENIZER for spec in args.models},
         {spec.id: config_version(spec) for spec in args.models},
         load_weights=lambda record: load_model(weights_spec(specs[record.model], record)),
         estimate_bytes=lambda model: weight_bytes_estimate(specs[model]),
+        peer=untyped(peers),
+        redis=untyped(redis),
         metrics=ReplicaMetrics(backend),
     )
     await core.start()
-    request = job("Counted by the core, twice over")
+    return core
+
+
+@pytest.mark.asyncio
+async def test_a_replica_core_reports_its_lookups_and_prefix_tokens_under_the_jobs_tenant() -> None:
+    backend = Recorded()
+    core = await metered_core(app_args(), backend)
+    request = dataclasses.replace(job("Counted by the core, twice over"), tenant_label="alice")
     await core.complete(request)
     await core.complete(request)
-    assert backend.value("result_cache_lookups", model="tiny", tier="local") == 2
-    assert backend.value("result_cache_hits", model="tiny", tier="local") == 1
-    assert backend.value("result_cache_misses", model="tiny") == 1
-    assert backend.value("prefix_cache_queries", model="tiny") == len(request.prompt_tokens)
+    await core.complete(job("Sent without a label"))
+    mine = {"model": "tiny", "tenant": "alice"}
+    assert backend.value("result_cache_lookups", **mine, tier="local") == 2
+    assert backend.value("result_cache_hits", **mine, tier="local") == 1
+    assert backend.value("result_cache_misses", **mine) == 1
+    assert backend.value("prefix_cache_queries", **mine) == len(request.prompt_tokens)
+    assert backend.value("result_cache_misses", model="tiny", tenant=OTHER_TENANTS) == 1
     ReplicaMetrics(backend).report(core.stats())  # the core's statistics have what it reads
     assert backend.value("prefix_cache_blocks") > 0
     await core.close()
+
+
+@pytest.mark.asyncio
+async def test_fetches_from_the_owner_and_redis_are_timed_per_tier() -> None:
+    args, peers, redis = app_args(), InProcessPeers(), MemoryRedis()
+    owner = await metered_core(args, Recorded(), "owner", redis=redis, peers=peers)
+    serve_peer(peers, "owner", owner)
+    await owner.complete(job(DOCUMENT))
+    await owner.tiered.drain()
+    backend = Recorded()
+    here = await metered_core(args, backend, "here", redis=redis, peers=peers)
+    here.connect(FixedRing(member("owner")), Versions())
+    # A new answer on a prefix the owner holds: the result is asked of the owner and of
+    # Redis, then the prefix blocks of the owner, then of Redis (past what the owner had).
+    await here.complete(job(DOCUMENT + "What does it keep?"))
+    for tier in ("peer", "redis"):
+        assert backend.value("result_fetch_seconds", model="tiny", tier=tier) == 1
+        assert backend.value("prefix_fetch_seconds", model="tiny", tier=tier) == 1
+    assert backend.value("prefix_fetch_bytes", model="tiny", tier="peer") > 0
+    # A local hit fetches nothing.
+    await here.complete(job(DOCUMENT + "What does it keep?"))
+    assert backend.value("result_fetch_seconds", model="tiny", tier="peer") == 1
+    for core in (owner, here):
+        await core.close()
+
+
+def outcome(acknowledged=("r1",), missing=(), failed=None, restored=None) -> PublishOutcome:
+    record = ModelVersion("m", "2", 2, source="admin", seed=2)
+    return PublishOutcome(record, tuple(acknowledged), tuple(missing), failed or {}, restored)
+
+
+def test_rollouts_are_timed_when_every_replica_acknowledged_and_counted_by_ending() -> None:
+    backend = Recorded()
+    metrics = RolloutMetrics(backend)
+    metrics.rolled_out("publish", "m", outcome(), 0.3)
+    metrics.rolled_out("publish", "m", outcome(missing=("r2",)), 30.0)
+    metrics.rolled_out("publish", "m", outcome((), failed={"r1": "no weights"}), 1.0)
+    restored = ModelVersion("m", "1", 3, source="admin", seed=1)
+    metrics.rolled_out("publish", "m", outcome((), {}, {"r1": "x"}, restored), 2.0)
+    metrics.rolled_out("publish", "m", outcome(acknowledged=()), 0.0)  # no replica subscribed
+    metrics.rolled_out("invalidate", None, outcome(), 0.1)
+    metrics.ended("publish", "unchanged")
+    assert backend.value("version_rollout_seconds", model="m", operation="publish") == 1
+    assert backend.value("version_rollout_seconds", model="*", operation="invalidate") == 1
+    publishes = {"operation": "publish"}
+    assert backend.value("version_operations", **publishes, outcome="acknowledged") == 2
+    assert backend.value("version_operations", **publishes, outcome="incomplete") == 2
+    assert backend.value("version_operations", **publishes, outcome="rolled_back") == 1
+    assert backend.value("version_operations", **publishes, outcome="unchanged") == 1
+    assert backend.value("version_operations", operation="invalidate", outcome="acknowledged") == 1
