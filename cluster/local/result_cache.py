@@ -1,9 +1,16 @@
-"""The replica-local result cache: request key -> encoded answer.
+"""The replica-local result cache: request key -> encoded answer (and, optionally, the answer
+decoded).
 
 Bounded by bytes and by entries; which entry leaves is the eviction policy's decision
 (`cluster.local.policies`, chosen by name). Each entry carries a TTL with random jitter, so entries
 written together do not expire together, and tags (model, version, tenant) by which it can be
 invalidated. An expired entry is never returned.
+
+An entry may keep its value decoded beside the bytes (`put(..., decoded=)`, read back with
+`get_decoded`): the bytes are what other replicas fetch, the decoded value is what a local hit
+serves without decoding and verifying bytes this replica checked or produced itself. Such an
+entry counts its bytes twice against the budget, as the decoded value holds the same content
+again.
 
 Concurrency: safe to share between asyncio tasks and threads. A hit does not take the lock: it
 reads the entry dict (atomic under the GIL), checks the deadline (an entry without a lifetime
@@ -66,7 +73,8 @@ VALUE: Final = 0
 CHARGE: Final = 1
 EXPIRES_AT: Final = 2  # NEVER (this very object) when the entry has no lifetime
 TAGS: Final = 3
-_Entry = tuple[bytes, int, float, EntryTags]
+DECODED: Final = 4  # None when the entry keeps no decoded value
+_Entry = tuple[bytes, int, float, EntryTags, Any]
 
 NEVER = float("inf")
 _NO_TAGS = EntryTags()
@@ -128,14 +136,26 @@ class ResultCache:
         self._invalidations = 0
 
     @staticmethod
-    def entry_size(key: ResultKey, value: bytes) -> int:
-        """Bytes an entry counts against the budget: its key and its value."""
-        return len(key) + len(value)
+    def entry_size(key: ResultKey, value: bytes, decoded: object = None) -> int:
+        """Bytes an entry counts against the budget: its key and its value, the value twice
+        when the entry keeps it decoded too."""
+        return len(key) + (2 * len(value) if decoded is not None else len(value))
 
     # -- reads ----------------------------------------------------------------------------------
 
     def get(self, key: ResultKey) -> bytes | None:
         """The live value of `key`, or None; counts a hit or a miss."""
+        entry = self._live(key)
+        return entry[VALUE] if entry is not None else None
+
+    def get_decoded(self, key: ResultKey) -> tuple[bytes, Any] | None:
+        """The live value of `key` and its decoded value (None when it was stored without
+        one), or None; counts a hit or a miss as `get` does."""
+        entry = self._live(key)
+        return (entry[VALUE], entry[DECODED]) if entry is not None else None
+
+    def _live(self, key: ResultKey) -> _Entry | None:
+        """The live entry of `key`, or None; counts a hit or a miss."""
         entry = self._entries.get(key)
         if entry is not None:
             expires_at = entry[EXPIRES_AT]
@@ -147,7 +167,7 @@ class ResultCache:
                         self._drain_accesses()
                     finally:
                         self._lock.release()
-                return entry[VALUE]
+                return entry
         with self._lock:
             self._misses += 1
             if entry is not None and self._entries.get(key) is entry:
@@ -182,8 +202,10 @@ class ResultCache:
         value: bytes,
         tags: EntryTags = _NO_TAGS,
         ttl_s: float | None = None,
+        decoded: object = None,
     ) -> bool:
-        """Store `value` under `key`; True when it was admitted.
+        """Store `value` under `key`, with `decoded` (its decoded value, for `get_decoded`)
+        when given; True when it was admitted.
 
         Not admitted (False) when the entry alone exceeds the budget, the cache holds no entries,
         or the policy declines it. A previous value of `key` is dropped in every case, so a
@@ -191,7 +213,7 @@ class ResultCache:
         """
         # Every write runs through here, so each step that has nothing to do is skipped with one
         # test (no pending accesses, deadlines or lifetime; no previous value; nothing evicted).
-        charge = len(key) + len(value)  # entry_size, written out
+        charge = len(key) + (2 * len(value) if decoded is not None else len(value))  # entry_size
         lifetime = self.ttl_s if ttl_s is None else ttl_s
         entries = self._entries
         with self._lock:
@@ -212,7 +234,7 @@ class ResultCache:
                 if key in evicted:  # declined, which is no eviction
                     self._evictions -= 1
                     return False
-            entries[key] = (value, charge, expires_at, tags)
+            entries[key] = (value, charge, expires_at, tags, decoded)
             self._bytes += charge
             if expires_at is not NEVER:
                 self._schedule(key, expires_at)

@@ -33,6 +33,11 @@ so that it is atomic against a lookup, which decodes a remote value and stores i
 step: an entry is either stored before the invalidation (and dropped by it) or decoded after the
 caller's rules changed.
 
+The local tier keeps each value decoded beside its bytes (`ResultCache.get_decoded`): a local
+hit serves it without decoding again what this replica computed, or decoded and checked when it
+fetched it; the bytes are what other replicas fetch. Only bytes stored without their value (an
+owner's push from a peer) are decoded on a local hit.
+
 Stores go to the local cache at once and to the owner peer and Redis in the background, through
 a bounded queue: when the queue is full the store is dropped and counted, so a slow tier never
 delays a response.
@@ -343,8 +348,12 @@ class TieredCache(Generic[T]):
         """The value of `key` from the first tier that has a valid one, or None; `on_lookup`
         hears of each tier asked."""
         heard = on_lookup or _ignore
-        blob = self.local.get(key)
-        if blob is not None:
+        cached = self.local.get_decoded(key)
+        if cached is not None:
+            blob, value = cached
+            if value is not None:  # decoded when it was stored: checked or produced here
+                heard(TierLookup("local", True))
+                return value, "local"
             try:
                 value = self._decode(blob, key, tags)
             except Exception as exc:  # our own bytes: a decoder that refuses them is a bug
@@ -358,19 +367,27 @@ class TieredCache(Generic[T]):
             found, seconds = await self._from_peer(key, tags, placement.owner_address)
             heard(TierLookup("peer", found is not None, seconds))
             if found is not None:
-                self.local.put(key, found[1], tags)
+                self.local.put(key, found[1], tags, decoded=found[0])
                 return found[0], "peer"
         if self._redis is not None and placement.redis_key is not None:
             found, seconds = await self._from_redis(key, tags, placement.redis_key)
             heard(TierLookup("redis", found is not None, seconds))
             if found is not None:
-                self.local.put(key, found[1], tags)
+                self.local.put(key, found[1], tags, decoded=found[0])
                 return found[0], "redis"
         return None
 
-    def store(self, key: ResultKey, encoded: bytes, placement: Placement, tags: EntryTags) -> None:
-        """Store locally now; to the owner and to Redis in the background (may be dropped)."""
-        self.local.put(key, encoded, tags)
+    def store(
+        self,
+        key: ResultKey,
+        encoded: bytes,
+        placement: Placement,
+        tags: EntryTags,
+        value: T | None = None,
+    ) -> None:
+        """Store locally now (with `value`, the decoded `encoded`, when given: local hits then
+        serve it as it is); to the owner and to Redis in the background (may be dropped)."""
+        self.local.put(key, encoded, tags, decoded=value)
         if self._peer is not None and placement.owner_address is not None:
             peer, address = self._peer, placement.owner_address
             self.enqueue(lambda: peer.put_results(address, [(key, encoded)], self._peer_timeout_s))
@@ -455,7 +472,7 @@ class TieredCache(Generic[T]):
             if flight.invalidated:
                 self.stats.invalidated_in_flight += 1
             else:
-                self.store(flight.key, encoded, placement, flight.tags)
+                self.store(flight.key, encoded, placement, flight.tags, value)
             return value, None
         finally:
             if self._inflight.get(flight.key) is flight:

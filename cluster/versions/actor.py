@@ -34,6 +34,7 @@ import asyncio
 import contextlib
 import logging
 import time
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Final, Literal
@@ -156,7 +157,10 @@ class VersionActor:
         self._excluded: set[str] = set()
         self._purges: set[asyncio.Task[None]] = set()
         self._metrics = RolloutMetrics(ray_metrics) if export_metrics else None
-        restarted = ray.get_runtime_context().was_current_actor_reconstructed
+        with warnings.catch_warnings():
+            # Ray's own property reads its deprecated `actor_id` and warns in the user's log.
+            warnings.simplefilter("ignore", DeprecationWarning)
+            restarted = ray.get_runtime_context().was_current_actor_reconstructed
         self._settled_at = time.monotonic() + (RESTART_SETTLE_S if restarted else 0.0)
 
     # -- queries ------------------------------------------------------------------------------

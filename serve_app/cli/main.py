@@ -34,6 +34,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Paragraphs of the help text reflow to the terminal's width.
+    rich_markup_mode="markdown",
 )
 out = Console()
 err = Console(stderr=True)
@@ -94,8 +96,8 @@ def status(url: Url = DEFAULT_URL, as_json: Json = False) -> None:
 @app.command()
 @reports_failures
 def publish(
-    model: Annotated[str, typer.Argument(help="The model's id.")],
-    version: Annotated[str, typer.Argument(help="The new version's label.")],
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="The model's id.")],
+    version: Annotated[str, typer.Argument(metavar="VERSION", help="The new version's label.")],
     seed: Annotated[
         int | None, typer.Option(help="Weights built from this seed (built-in models).")
     ] = None,
@@ -162,7 +164,9 @@ def _acknowledged(answer: dict[str, Any], title: str, as_json: bool) -> None:
 @app.command()
 @reports_failures
 def warm(
-    file: Annotated[Path, typer.Argument(help="Prompts or chat transcripts, one JSON per line.")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="Prompts or chat transcripts, one JSON per line.")
+    ],
     model: Annotated[
         str | None, typer.Option(help="Model of lines that name none (default: the first).")
     ] = None,

@@ -126,6 +126,13 @@ class AnswerIdentity:
         return EntryTags(model=self.model, version=self.version, tenant=self.tenant)
 
 
+def cached_pieces(generation: Generation) -> tuple[int, ...]:
+    """The piece lengths an answer keeps in the cache: its generation's, unless they do not
+    spell its text (a tokenizer that rewrote what it had decoded); then none, and the answer
+    streams from the cache in one piece."""
+    return generation.pieces if sum(generation.pieces) == len(generation.text) else ()
+
+
 def encode_answer(generation: Generation, identity: AnswerIdentity, secret: ClusterSecret) -> bytes:
     """The envelope of `generation`, signed under `secret`, recording `identity` (so that it
     is refused under any other key, and invalidation by key reaches every copy)."""
@@ -134,9 +141,7 @@ def encode_answer(generation: Generation, identity: AnswerIdentity, secret: Clus
         "finish_reason": generation.finish_reason,
         "prompt_tokens": generation.prompt_tokens,
         "completion_tokens": len(generation.tokens),
-        # Pieces that do not spell the text (a tokenizer that rewrote what it had decoded)
-        # are not kept: the answer then streams from the cache in one piece.
-        "pieces": list(generation.pieces) if sum(generation.pieces) == len(generation.text) else [],
+        "pieces": list(cached_pieces(generation)),
     }
     return encode(
         ANSWER_KIND,

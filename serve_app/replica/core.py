@@ -74,6 +74,7 @@ from serve_app.errors import InvalidRequest, ModelNotFound, ModelUpdating
 from serve_app.models import Generation, Tokenizer, generate
 from serve_app.replica.answers import (
     AnswerIdentity,
+    cached_pieces,
     completion_key,
     decode_answer,
     embedding_key,
@@ -547,7 +548,7 @@ class ReplicaCore:
             cached_tokens=cached_tokens,
             model_version=plan.serving.version,
             cache_tier=None,
-            pieces=generation.pieces,
+            pieces=cached_pieces(generation),  # as a local hit serves this outcome
         )
         if plan.key is None:
             return outcome, b""

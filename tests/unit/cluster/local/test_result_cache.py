@@ -35,6 +35,26 @@ def test_get_returns_what_was_put_and_counts():
     assert stats.hit_ratio == 0.5
 
 
+def test_an_entry_keeps_its_decoded_value_beside_its_bytes_and_counts_the_bytes_twice():
+    cache = ResultCache(max_bytes=1000, max_entries=10)
+    value = ("the", "answer")
+    assert cache.put(k("a"), b"value", decoded=value)
+    found = cache.get_decoded(k("a"))
+    assert found is not None and found[0] == b"value" and found[1] is value
+    assert cache.get(k("a")) == b"value"
+    assert (
+        cache.stats().bytes
+        == len("a") + 2 * len(b"value")
+        == ResultCache.entry_size(k("a"), b"value", value)
+    )
+    assert cache.stats().hits == 2
+    # A later put without a decoded value replaces both.
+    assert cache.put(k("a"), b"other")
+    assert cache.get_decoded(k("a")) == (b"other", None)
+    assert cache.get_decoded(k("missing")) is None
+    assert cache.stats().bytes == len("a") + len(b"other")
+
+
 def test_lru_policy_evicts_the_least_recently_used():
     cache = ResultCache(max_bytes=10_000, max_entries=3, policy="lru")
     for name in "abc":
@@ -225,7 +245,7 @@ def test_invalidation_by_key_and_tags():
 
 operations = st.lists(
     st.tuples(
-        st.sampled_from(["get", "put", "pop", "tick", "invalidate"]),
+        st.sampled_from(["get", "put", "put_decoded", "pop", "tick", "invalidate"]),
         st.sampled_from("abcdefgh"),
         st.binary(max_size=40),
     ),
@@ -246,6 +266,8 @@ def test_bounds_and_accounting_hold_under_any_operations(ops, policy, max_bytes,
     for op, name, value in ops:
         if op == "put":
             cache.put(k(name), value, EntryTags(tenant=name))
+        elif op == "put_decoded":
+            cache.put(k(name), value, EntryTags(tenant=name), decoded=value.hex())
         elif op == "get":
             got = cache.get(k(name))
             assert got is None or isinstance(got, bytes)

@@ -100,6 +100,39 @@ async def test_tiers_are_asked_in_order_and_hits_are_kept_locally():
 
 
 @pytest.mark.asyncio
+async def test_a_local_hit_serves_the_value_as_computed_or_fetched_without_decoding_again():
+    decoded: list[bytes] = []
+
+    def counting_decode(blob: bytes, *args: object) -> str:
+        decoded.append(blob)
+        return decode(blob, *args)
+
+    redis = MemoryRedis()
+    local = ResultCache(max_bytes=10_000, max_entries=100)
+    cache = TieredCache(local, counting_decode, redis=redis)
+    computed, fetched, pushed = ResultKey("computed"), ResultKey("fetched"), ResultKey("pushed")
+    await cache.get_or_compute(computed, PLACED, TAGS, computing("v", []))
+    redis.data["ns:fetched"] = b"ok:from-redis"
+    assert await cache.lookup(fetched, Placement(redis_key="ns:fetched"), TAGS) == (
+        "from-redis",
+        "redis",
+    )
+    assert decoded == [b"ok:from-redis"]  # the remote value, checked once on arrival
+    decoded.clear()
+    for _ in range(3):
+        assert await cache.lookup(computed, PLACED, TAGS) == ("v", "local")
+        assert await cache.lookup(fetched, PLACED, TAGS) == ("from-redis", "local")
+    assert decoded == []
+    # Bytes stored without their value (an owner's push from a peer) are decoded on a hit.
+    local.put(pushed, b"ok:pushed", TAGS)
+    assert await cache.lookup(pushed, PLACED, TAGS) == ("pushed", "local")
+    assert decoded == [b"ok:pushed"]
+    # The peers still get the bytes.
+    assert local.peek(computed) == b"ok:v"
+    await cache.close()
+
+
+@pytest.mark.asyncio
 async def test_concurrent_misses_compute_once():
     cache = tiered(MemoryPeer(), MemoryRedis())
     calls: list[int] = []

@@ -12,9 +12,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 import pytest
 
+from cluster.keys import ResultKey
+from cluster.local.result_cache import EntryTags
 from cluster.secret import ClusterSecret
 from cluster.sharing.directory import Member, ReplicaId
 from cluster.versions.invalidation import InvalidationRule
@@ -25,6 +28,7 @@ from serve_app.errors import ModelNotFound, ModelUpdating
 from serve_app.models import SamplingParams, generate
 from serve_app.models.loading import load_model, weight_bytes_estimate
 from serve_app.models.tokenizer import ByteTokenizer
+from serve_app.replica.answers import AnswerIdentity, decode_answer
 from serve_app.replica.core import ReplicaCore
 from serve_app.replica.serving import config_version, weights_spec
 from tests.support.memory_tiers import InProcessPeers, MemoryRedis, untyped
@@ -136,6 +140,13 @@ async def test_a_repeated_request_is_a_local_hit_identical_to_the_computed_answe
     assert first.cache_tier is None and second.cache_tier == "local"
     assert first.text == second.text == reference(args, request)
     assert second.cache_key == first.cache_key is not None
+    # The hit served the answer kept decoded: exactly what its stored bytes decode to.
+    blob, _ = core.cache.get_decoded(ResultKey(first.cache_key)) or (b"", None)
+    tags = EntryTags(model=request.model, version=first.model_version, tenant=request.tenant)
+    identity = AnswerIdentity.of(first.cache_key, tags)
+    assert replace(decode_answer(blob, "local", SECRET, expect=identity), cache_key=None) == (
+        replace(second, cache_key=None)
+    )
     await core.close()
 
 
