@@ -8,10 +8,13 @@
     ├── Forbidden            (403, PERMISSION_DENIED)
     ├── ModelNotFound        (404, NOT_FOUND)
     ├── VersionConflict      (409, FAILED_PRECONDITION)
-    └── ModelUpdating        (503, UNAVAILABLE)
+    ├── ModelUpdating        (503, UNAVAILABLE)
+    ├── ModelLoading         (503, UNAVAILABLE)
+    └── ReplicaUnavailable   (503, UNAVAILABLE)
 
-Each error names the request field at fault (`param`), so a client can tell what to fix. The
-exceptions are plain and picklable: raised in a replica, they reach a handle caller intact.
+Each error names the request field at fault (`param`), so a client can tell what to fix. A 503
+says when to try again (`retry_after_s`, sent as HTTP `Retry-After`). The exceptions are plain
+and picklable: raised in a replica, they reach a handle caller intact.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ class RaycacheError(Exception):
     grpc_status: ClassVar[str] = "INTERNAL"
     error_type: ClassVar[str] = "server_error"
     code: ClassVar[str | None] = None
+    retry_after_s: ClassVar[int | None] = None
+    """For an error that passes (a 503): seconds after which the request may be sent again."""
 
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message, param)
@@ -34,6 +39,10 @@ class RaycacheError(Exception):
 
     def __str__(self) -> str:
         return f"{self.param}: {self.message}" if self.param else self.message
+
+    def http_headers(self) -> dict[str, str]:
+        """The headers of the HTTP error response: `Retry-After` for an error that passes."""
+        return {} if self.retry_after_s is None else {"Retry-After": str(self.retry_after_s)}
 
     def to_json(self) -> dict[str, Any]:
         """The OpenAI-style error body: `{"error": {message, type, param, code}}`."""
@@ -113,6 +122,7 @@ class ModelUpdating(RaycacheError):
     grpc_status = "UNAVAILABLE"
     error_type = "server_error"
     code = "model_updating"
+    retry_after_s = 1
 
 
 class ModelLoading(RaycacheError):
@@ -123,6 +133,7 @@ class ModelLoading(RaycacheError):
     grpc_status = "UNAVAILABLE"
     error_type = "server_error"
     code = "model_loading"
+    retry_after_s = 1
 
 
 class ReplicaUnavailable(RaycacheError):
@@ -133,3 +144,4 @@ class ReplicaUnavailable(RaycacheError):
     grpc_status = "UNAVAILABLE"
     error_type = "server_error"
     code = "replica_unavailable"
+    retry_after_s = 1

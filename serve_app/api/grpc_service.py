@@ -116,11 +116,11 @@ class GrpcMethods:
 
 
 def _client_error(error: Exception) -> RaycacheError:
-    """What the client is told: a replica that failed mid-stream is `UNAVAILABLE`, as over
-    HTTP."""
+    """What the client is told: a replica that failed under the request is `UNAVAILABLE`, as
+    over HTTP."""
     if isinstance(error, RaycacheError):
         return error
-    return ReplicaUnavailable("the replica failed mid-stream", param="model")
+    return ReplicaUnavailable("the request's replica failed", param="model")
 
 
 async def _unary(
@@ -130,6 +130,6 @@ async def _unary(
 ) -> Message:
     try:
         return await answer()
-    except RaycacheError as error:
-        _fail(context, error)
+    except (RaycacheError, ray.exceptions.RayError) as error:
+        _fail(context, _client_error(error))
         return empty()

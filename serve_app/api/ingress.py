@@ -89,6 +89,8 @@ from serve_app.stats import cluster_stats
 logger = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
+REPLICA_LOST = (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError)
+"""What a handle call raises when its replica died or could not be reached under it."""
 RequestT = TypeVar("RequestT", bound=SamplingFields)
 DIRECTORY_TIMEOUT_S = 5.0
 
@@ -97,7 +99,14 @@ http_app = FastAPI(title="raycache", version="0.1.0")
 
 @http_app.exception_handler(RaycacheError)
 async def _raycache_error(_: Request, exc: RaycacheError) -> JSONResponse:
-    return JSONResponse(exc.to_json(), status_code=exc.http_status)
+    return JSONResponse(exc.to_json(), status_code=exc.http_status, headers=exc.http_headers())
+
+
+@http_app.exception_handler(ray.exceptions.RayError)
+async def _ray_error(_: Request, exc: ray.exceptions.RayError) -> JSONResponse:
+    # A replica or an actor that failed under the request: the client may send it again.
+    logger.warning("a request failed in Ray: %s", exc)
+    return await _raycache_error(_, ReplicaUnavailable("the request's replica failed"))
 
 
 @http_app.exception_handler(RequestValidationError)
@@ -200,7 +209,7 @@ class Ingress(GrpcMethods):
         started = time.perf_counter()
         request = _unstreamed(parse_completion_request(body))
         job = self._completion_job(request, tenant)
-        outcome = await self._replicas.complete.remote(job)
+        outcome = await self._on_a_replica(self._replicas.complete, job)
         response = completion_response(request.model, outcome)
         return self._answered("completions", response, started, job.tenant_label)
 
@@ -220,7 +229,7 @@ class Ingress(GrpcMethods):
         started = time.perf_counter()
         request = _unstreamed(parse_chat_request(body))
         job = await self._chat_job(request, tenant)
-        outcome = await self._replicas.complete.remote(job)
+        outcome = await self._on_a_replica(self._replicas.complete, job)
         response = chat_response(request.model, outcome)
         return self._answered("chat", response, started, job.tenant_label)
 
@@ -242,7 +251,7 @@ class Ingress(GrpcMethods):
         started = time.perf_counter()
         request = parse_embedding_request(body)
         job = self._embedding_job(request, tenant)
-        outcomes = await self._replicas.embed.remote(job)
+        outcomes = await self._on_a_replica(self._replicas.embed, job)
         response = embedding_response(request.model, outcomes, request.encoding_format)
         return self._answered("embeddings", response, started, job.tenant_label)
 
@@ -382,6 +391,26 @@ class Ingress(GrpcMethods):
         return JSONResponse(await self.health())
 
     # -- helpers ------------------------------------------------------------------------------
+
+    async def _on_a_replica(
+        self, method: DeploymentHandle, job: CompletionJob | EmbeddingJob
+    ) -> Any:
+        """`method(job)`'s answer from a replica. A replica that dies under a deterministic job
+        (an embedding, a greedy or seeded completion) costs the client nothing: the job runs
+        once more, on another replica (Serve's router stops choosing the dead one), as its
+        answer cannot differ. A sampled job, or a second failure, is a `ReplicaUnavailable`
+        (503, with `Retry-After`)."""
+        try:
+            return await method.remote(job)
+        except REPLICA_LOST as exc:
+            if isinstance(job, CompletionJob) and not job.params.is_deterministic:
+                raise ReplicaUnavailable("the request's replica failed") from exc
+            logger.warning("a replica failed under a request; running it once more: %s", exc)
+        self._metrics.retried(job.model)
+        try:
+            return await method.remote(job)
+        except REPLICA_LOST as exc:
+            raise ReplicaUnavailable("the request's replica failed, twice") from exc
 
     def _answered(
         self, endpoint: Endpoint, response: dict[str, Any], started: float, tenant_label: str

@@ -1,6 +1,8 @@
 """The ingress's metrics of the path a user sees: how long each request took, by endpoint and
-by where its answer came from, and the time to the first token of a stream
-(`ray_raycache_request_duration_seconds`, `ray_raycache_time_to_first_token_seconds`).
+by where its answer came from, the time to the first token of a stream
+(`ray_raycache_request_duration_seconds`, `ray_raycache_time_to_first_token_seconds`), and the
+requests run again because their replica died under them
+(`ray_raycache_requests_retried_total`).
 
 `cache` is the answer's tier (`local`, `peer`, `redis`), `miss` when it was computed, and for
 embeddings `partial` when some inputs were cached and some not. Labels are bounded: `model` by
@@ -29,7 +31,7 @@ def cache_outcome(cache: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str
 
 
 class RequestMetrics:
-    """Latency histograms of the ingress."""
+    """Latency histograms and the retry counter of the ingress."""
 
     def __init__(self, backend: MetricsBackend) -> None:
         self._duration = backend.Histogram(
@@ -44,6 +46,11 @@ class RequestMetrics:
             boundaries=list(SECONDS),
             tag_keys=("model", "endpoint", "tenant"),
         )
+        self._retried = backend.Counter(
+            PREFIX + "requests_retried",
+            description="Requests run again on another replica after theirs died under them.",
+            tag_keys=("model",),
+        )
 
     def answered(
         self, model: str, endpoint: Endpoint, cache: str, seconds: float, *, tenant: str
@@ -56,3 +63,7 @@ class RequestMetrics:
         """A stream's first text after `seconds`; `tenant` is its tenant label."""
         tags = {"model": model, "endpoint": endpoint, "tenant": tenant}
         self._first_token.observe(seconds, tags)
+
+    def retried(self, model: str) -> None:
+        """A request of `model` runs again, its replica having died under it."""
+        self._retried.inc(1, {"model": model})
