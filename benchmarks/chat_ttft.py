@@ -35,7 +35,6 @@ and writes every raw number to the JSON file; `serve run`'s log goes beside it.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import inspect
 import json
@@ -43,11 +42,7 @@ import os
 import random
 import re
 import shutil
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -55,8 +50,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import redis
 import yaml
+
+from benchmarks.serve_cluster import RedisServer, serve_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-gpt"
@@ -79,54 +75,10 @@ class AppError(RuntimeError):
 # -- infrastructure ---------------------------------------------------------------------------
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with contextlib.closing(socket.socket(socket.AF_INET, socket.SOCK_STREAM)) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisServer:
-    """A private redis-server on a free loopback port, keeping nothing on disk."""
-
-    def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            raise SystemExit("redis-server is not installed (apt-get install redis-server)")
-        self.port = free_port()
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self._process = subprocess.Popen(
-            [
-                binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-                "--appendonly", "no", "--dir", str(workdir),
-                "--logfile", str(workdir / "redis.log"),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        client = redis.Redis(host="127.0.0.1", port=self.port, socket_timeout=2)
-        deadline = time.monotonic() + 10
-        while True:
-            if self._process.poll() is not None:
-                raise SystemExit(f"redis-server exited with {self._process.returncode}")
-            try:
-                if client.ping():
-                    return
-            except redis.RedisError:
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"redis-server on port {self.port} did not answer") from None
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        self._process.terminate()
-        self._process.wait(timeout=10)
-
-
-def serve_config(base: dict[str, Any], port: int, redis_url: str) -> dict[str, Any]:
-    """`base` (configs/cluster.yaml) on `port` and `redis_url`, plus the same application
-    without a prefix cache and the no-op stream app."""
+def serve_config(base: dict[str, Any], redis_url: str) -> dict[str, Any]:
+    """`base` (configs/cluster.yaml) on `redis_url`, plus the same application without a
+    prefix cache and the no-op stream app."""
     config = copy.deepcopy(base)
-    config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
     [cache] = config["applications"]
     cache["args"]["redis_url"] = redis_url
     nocache = copy.deepcopy(cache)
@@ -157,53 +109,16 @@ def model_replicas(app: dict[str, Any]) -> int:
     return next(d["num_replicas"] for d in app["deployments"] if d["name"] == "ModelReplica")
 
 
-def start_serve(
-    config_path: Path, gcs_address: str, url: str, replicas: int, log_path: Path
-) -> tuple[subprocess.Popen[bytes], float]:
-    """`serve run` of `config_path` on the Ray cluster at `gcs_address`; returns once every
-    application answers, with the seconds that took."""
-    serve = Path(sys.executable).parent / "serve"
-    started = time.monotonic()
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [str(serve), "run", "--address", gcs_address, str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
+def all_up(client: httpx.Client, replicas: int) -> bool:
+    """Whether both raycache applications report every replica and the no-op app answers."""
+    healthy = all(
+        client.get(f"{ROUTES[side]}/healthz").json().get("replicas") == replicas for side in SIDES
+    )
     probe = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1}
-    with httpx.Client(base_url=url, timeout=10) as client:
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"serve run exited with {process.returncode}; see {log_path}")
-            if time.monotonic() - started > 300:
-                stop_serve(process)
-                raise SystemExit(f"the applications were not up within 300 s; see {log_path}")
-            try:
-                healthy = all(
-                    client.get(f"{ROUTES[side]}/healthz").json().get("replicas") == replicas
-                    for side in SIDES
-                )
-                noop = client.post(f"{ROUTES['noop']}/v1/chat/completions", json=probe)
-                if 400 <= noop.status_code < 500:
-                    stop_serve(process)
-                    raise SystemExit(f"the no-op app answered {noop.status_code}: {noop.text}")
-                if healthy and noop.status_code == 200:
-                    return process, time.monotonic() - started
-            except (httpx.HTTPError, ValueError):
-                pass
-            time.sleep(0.5)
-
-
-def stop_serve(process: subprocess.Popen[bytes]) -> None:
-    """Interrupt `serve run` (it deletes its applications) and wait for it."""
-    process.send_signal(signal.SIGINT)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    noop = client.post(f"{ROUTES['noop']}/v1/chat/completions", json=probe)
+    if 400 <= noop.status_code < 500:
+        raise SystemExit(f"the no-op app answered {noop.status_code}: {noop.text}")
+    return healthy and noop.status_code == 200
 
 
 # -- the client -------------------------------------------------------------------------------
@@ -562,58 +477,34 @@ def main() -> None:
     replicas = model_replicas(app)
     system = system_prompt(app)
 
-    import ray
-
     from serve_app.config_file import validate_config
 
     # Other work on the machine shows here: the timings share its cores.
     load_before = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="chat-ttft-"))
     redis_server = RedisServer(workdir)
-    # The replicas inherit this environment from the raylet this process starts.
-    saved = dict(os.environ)
-    for name in ("RAYCACHE_API_KEYS", "RAYCACHE_ADMIN_TOKEN", "RAY_ADDRESS"):
-        os.environ.pop(name, None)
-    os.environ["RAYCACHE_REDIS_URL"] = redis_server.url
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved.get("PYTHONPATH")]))
-    serve_process = None
     try:
-        context = ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            namespace="raycache-bench",
-            _temp_dir=str(workdir / "ray"),
-        )
-        port = free_port()
-        config = serve_config(base, port, redis_server.url)
+        config = serve_config(base, redis_server.url)
         problems = validate_config(config)
         if problems:
             raise SystemExit(f"the generated Serve config is invalid: {problems}")
-        config_path = workdir / "serve.yaml"
-        config_path.write_text(yaml.safe_dump(config, sort_keys=False))
-        url = f"http://127.0.0.1:{port}"
-        serve_process, startup_s = start_serve(
-            config_path, context.address_info["gcs_address"], url, replicas, log_path
-        )
-        print(f"serve run -> three applications answering: {startup_s:.1f} s", flush=True)
-        with httpx.Client(base_url=url, timeout=120) as client:
-            for side in SIDES:  # the first request of each app, not measured
-                stream_chat(client, ROUTES[side], chat_body([{"role": "user", "content": "hi"}], 4))
-            started = time.monotonic()
-            turns = play_conversations(client, options, system)
-            conversations_s = time.monotonic() - started
-            started = time.monotonic()
-            hits = cached_answers(client, options)
-            cached_s = time.monotonic() - started
+        started = time.monotonic()
+        env = {"RAYCACHE_REDIS_URL": redis_server.url}
+        with serve_cluster(config, workdir, env, lambda c: all_up(c, replicas), log_path) as url:
+            startup_s = time.monotonic() - started
+            print(f"serve run -> three applications answering: {startup_s:.1f} s", flush=True)
+            with httpx.Client(base_url=url, timeout=120) as client:
+                for side in SIDES:  # the first request of each app, not measured
+                    hello = chat_body([{"role": "user", "content": "hi"}], 4)
+                    stream_chat(client, ROUTES[side], hello)
+                started = time.monotonic()
+                turns = play_conversations(client, options, system)
+                conversations_s = time.monotonic() - started
+                started = time.monotonic()
+                hits = cached_answers(client, options)
+                cached_s = time.monotonic() - started
     finally:
-        if serve_process is not None:
-            stop_serve(serve_process)
-        ray.shutdown()
         redis_server.stop()
-        os.environ.clear()
-        os.environ.update(saved)
         shutil.rmtree(workdir, ignore_errors=True)
 
     result = {

@@ -32,10 +32,7 @@ import json
 import os
 import random
 import shutil
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,7 +42,8 @@ from typing import Any
 import httpx
 import yaml
 
-from benchmarks.chat_ttft import RedisServer, free_port, model_replicas, stop_serve
+from benchmarks.chat_ttft import model_replicas
+from benchmarks.serve_cluster import RedisServer, serve_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-gpt"
@@ -53,11 +51,9 @@ ROUTES = {"raycache": "", "two_hop": "/noop", "one_hop": "/noop1"}
 MAX_TOKENS = 16
 
 
-def serve_config(base: dict[str, Any], port: int, redis_url: str) -> dict[str, Any]:
-    """`base` on `port` and `redis_url`, plus the two no-op applications."""
+def serve_config(base: dict[str, Any], redis_url: str) -> dict[str, Any]:
+    """`base` on `redis_url`, plus the two no-op applications."""
     config = copy.deepcopy(base)
-    config["http_options"] = {**config.get("http_options", {}), "host": "127.0.0.1", "port": port}
-    config.pop("grpc_options", None)
     [cache] = config["applications"]
     cache["args"]["redis_url"] = redis_url
     small = {"max_ongoing_requests": 256, "ray_actor_options": {"num_cpus": 0.1}}
@@ -93,35 +89,12 @@ def complete(client: httpx.Client, app: str, prompt: str, hit: bool) -> float:
     return seconds
 
 
-def start_serve(config_path: Path, gcs_address: str, url: str, log_path: Path) -> Any:
-    """`serve run` of `config_path`; returns once every application answers."""
-    serve = Path(sys.executable).parent / "serve"
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [str(serve), "run", "--address", gcs_address, str(config_path)],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            cwd=ROOT,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
-        )
-    deadline = time.monotonic() + 300
-    with httpx.Client(base_url=url, timeout=10) as client:
-        while True:
-            if process.poll() is not None:
-                raise SystemExit(f"serve run exited with {process.returncode}; see {log_path}")
-            if time.monotonic() > deadline:
-                stop_serve(process)
-                raise SystemExit(f"the applications were not up within 300 s; see {log_path}")
-            try:
-                answered = [
-                    client.post(f"{route}/v1/completions", json=body("up?")).status_code
-                    for route in ROUTES.values()
-                ]
-                if answered == [200] * len(ROUTES):
-                    return process
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)
+def all_answer(client: httpx.Client) -> bool:
+    """Whether every application answers a completion."""
+    return all(
+        client.post(f"{route}/v1/completions", json=body("up?")).status_code == 200
+        for route in ROUTES.values()
+    )
 
 
 def latencies(url: str, prompts: list[str], rounds: int, seed: int) -> dict[str, list[float]]:
@@ -182,50 +155,26 @@ def main() -> None:
     )
     options = parser.parse_args()
     options.json.parent.mkdir(parents=True, exist_ok=True)
-    log_path = options.json.with_suffix(".serve-run.log")
     base = yaml.safe_load(options.config.read_text())
-
-    import ray
 
     load_before = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="hit-floor-"))
     redis_server = RedisServer(workdir)
-    saved = dict(os.environ)
-    for name in ("RAYCACHE_API_KEYS", "RAYCACHE_ADMIN_TOKEN", "RAY_ADDRESS"):
-        os.environ.pop(name, None)
-    os.environ["RAYCACHE_REDIS_URL"] = redis_server.url
-    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), saved.get("PYTHONPATH")]))
-    serve_process = None
     prompts = [f"Hit floor prompt {i}: tell me about caches." for i in range(options.prompts)]
     try:
-        context = ray.init(
-            address="local",
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            namespace="raycache-bench",
-            _temp_dir=str(workdir / "ray"),
-        )
-        port = free_port()
-        config_path = workdir / "serve.yaml"
-        config_path.write_text(yaml.safe_dump(serve_config(base, port, redis_server.url)))
-        url = f"http://127.0.0.1:{port}"
-        serve_process = start_serve(config_path, context.address_info["gcs_address"], url, log_path)
-        with httpx.Client(base_url=url, timeout=120) as client:
-            for prompt in prompts:  # computed once: every later raycache request is a hit
-                complete(client, "raycache", prompt, hit=False)
-        seconds = latencies(url, prompts, options.requests, options.seed)
-        rates = {
-            app: throughput(url, app, prompts, options.clients, options.throughput_s)
-            for app in ROUTES
-        }
+        config = serve_config(base, redis_server.url)
+        env = {"RAYCACHE_REDIS_URL": redis_server.url}
+        with serve_cluster(config, workdir, env, all_answer) as url:
+            with httpx.Client(base_url=url, timeout=120) as client:
+                for prompt in prompts:  # computed once: every later raycache request is a hit
+                    complete(client, "raycache", prompt, hit=False)
+            seconds = latencies(url, prompts, options.requests, options.seed)
+            rates = {
+                app: throughput(url, app, prompts, options.clients, options.throughput_s)
+                for app in ROUTES
+            }
     finally:
-        if serve_process is not None:
-            stop_serve(serve_process)
-        ray.shutdown()
         redis_server.stop()
-        os.environ.clear()
-        os.environ.update(saved)
         shutil.rmtree(workdir, ignore_errors=True)
 
     latency = {app: summary(values) for app, values in seconds.items()}

@@ -24,10 +24,16 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import theine_core
 
-from benchmarks.hit_ratio_report import RESULTS, THEINE, TRACES_DIR, parse_readme, trace_spec
+from benchmarks.hit_ratio_report import (
+    RESULTS,
+    THEINE,
+    TRACES_DIR,
+    parse_readme,
+    theine_hit_ratio,
+    trace_spec,
+)
 from cluster.simulation import traces
 from cluster.simulation.simulate import DEFAULT_ALIAS, capacities_arg, simulate
 
@@ -35,23 +41,6 @@ HASHES: dict[str, Callable[[int], int]] = {
     "identity": lambda key: key & (2**64 - 1),
     "spread": theine_core.spread,
 }
-
-
-def theine_hit_ratio(keys: np.ndarray, capacity: int, hash_of: Callable[[int], int]) -> float:
-    """Hit ratio (%) of theine's TlfuCore of `capacity` entries over `keys`, hashed by `hash_of`."""
-    core = theine_core.TlfuCore(capacity)
-    resident: set[int] = set()
-    hits = 0
-    for begin in range(0, len(keys), traces.CHUNK):
-        for key in keys[begin : begin + traces.CHUNK].tolist():
-            hashed = hash_of(key)
-            if hashed in resident:
-                hits += 1
-                core.access([hashed])
-            else:
-                resident.difference_update(core.set([(hashed, 0)]))
-                resident.add(hashed)
-    return round(100.0 * hits / len(keys), 2) if len(keys) else 0.0
 
 
 def main(argv: Sequence[str] | None = None) -> int:

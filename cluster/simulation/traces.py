@@ -22,6 +22,9 @@ Generators (`KIND:ARGS`):
 - `loop:N[:REQUESTS]`: keys 0..N-1 in a cycle (LRU's worst case once N exceeds the capacity).
 - `scan-mix[:REQUESTS]`: Zipf(0.9) over 20,000 hot keys; after every 20,000 requests a scan of
   10,000 never-repeated keys (scan resistance).
+- `FAMILY:NAME=VALUE,...`: a workload family of `cluster.simulation.workloads` (`chat`, `phase`,
+  `scan`, `loop`, `trend`) with named parameters, as in `chat:hot=0.3,turns=12`; `loop:N` with
+  positional arguments is the plain cycle above.
 """
 
 from __future__ import annotations
@@ -34,15 +37,23 @@ from typing import Protocol
 
 import numpy as np
 
+from cluster.simulation import workloads
+
 CHUNK = 1 << 16
 _READ_BYTES = 1 << 20
 _ORACLE_RECORD = np.dtype([("time", "<u4"), ("id", "<u8"), ("size", "<u4"), ("next", "<i8")])
-_GENERATORS = ("zipf", "loop", "scan-mix")
+_GENERATORS = ("zipf", "loop", "scan-mix", *workloads.FAMILIES)
 
 
 def is_generator(spec: str) -> bool:
     """Whether `spec` names a generator rather than a file."""
     return spec.split(":", 1)[0] in _GENERATORS
+
+
+def _is_family(spec: str) -> bool:
+    """Whether `spec` names a workload family with named parameters (or none)."""
+    kind, _, args = spec.partition(":")
+    return kind in workloads.FAMILIES and (kind != "loop" or "=" in args)
 
 
 def trace_name(spec: str) -> str:
@@ -51,7 +62,7 @@ def trace_name(spec: str) -> str:
     Matches the section titles of the traces README (`lirs_gli`, `cloudPhysicsIO`, `zipf0.8`).
     """
     if is_generator(spec):
-        return spec.replace(":", "")
+        return spec.replace(":", "").replace(",", "_")
     return Path(spec).name.split(".", 1)[0]
 
 
@@ -174,6 +185,8 @@ def _fixed_records(stream: _Readable, dtype: np.dtype) -> Iterator[np.ndarray]:
 
 def generate(spec: str) -> np.ndarray:
     """The keys of generator `spec` (see the module docstring) as one int64 array."""
+    if _is_family(spec):
+        return workloads.generate(spec)
     kind, _, args = spec.partition(":")
     parts = [part for part in args.split(":") if part]
     if kind == "zipf":

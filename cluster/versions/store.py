@@ -21,6 +21,11 @@ loses to the generation a reader already holds.
 Pub/sub is at most once: a follower re-reads the hash whenever it (re)connects, so a message
 lost while it was away only delays it until then.
 
+The records have no TTL and every cache key has one, so a Redis whose `maxmemory-policy` evicts
+only keys with a TTL (`volatile-*`, as k8s/redis.yaml sets) never evicts the records to make
+room for cache entries; `allkeys-*` may. `eviction_risk` reads the setting, for a warning at
+start-up.
+
 Blocking redis-py with short timeouts: the actor calls it from a worker thread, the follower
 from its own thread. Every Redis failure is a `None` / `False` result and a log line, never an
 exception: versions keep working from the actor's memory while Redis is away.
@@ -333,6 +338,32 @@ class VersionStore:
     def close(self) -> None:
         self._client.close()
         self._listener.close()
+
+
+def eviction_risk(url: str, timeout_s: float = 0.5) -> str | None:
+    """Why the Redis at `url` may evict the version and invalidation records under memory
+    pressure (its `maxmemory-policy` evicts keys without a TTL), or None: it evicts only keys
+    with a TTL, never evicts, or the setting cannot be read (a managed Redis may refuse
+    CONFIG; Redis away): then there is nothing to say."""
+    try:
+        client = _connect(url, timeout_s, Retry(NoBackoff(), 0))
+        try:
+            reply: Any = client.config_get("maxmemory-policy")
+        finally:
+            client.close()
+    except (RedisError, RedisClusterException, OSError):
+        return None
+    # A cluster client answers per node ({node: {...}}) or merged; a plain one, a flat dict.
+    replies = [reply] if "maxmemory-policy" in reply else list(reply.values())
+    policies = sorted({str(r.get("maxmemory-policy")) for r in replies if isinstance(r, dict)})
+    risky = [policy for policy in policies if policy.startswith("allkeys-")]
+    if not risky:
+        return None
+    return (
+        f"Redis maxmemory-policy is {risky[0]}: under memory pressure it may evict the version "
+        "and invalidation records, which have no TTL; use volatile-lru (every cache key has a "
+        "TTL), as k8s/redis.yaml does"
+    )
 
 
 def _connect(url: str, timeout_s: float, retry: Retry) -> redis.Redis | RedisCluster:

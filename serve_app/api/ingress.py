@@ -45,6 +45,7 @@ from cluster.sharing.directory_actor import directory_actor
 from cluster.sharing.redis_probe import RedisProbe
 from cluster.versions.actor import version_actor
 from cluster.versions.records import VersionRegression
+from cluster.versions.store import eviction_risk
 from serve_app.api.admin import parse_invalidation, parse_version_update, publish_update
 from serve_app.api.auth import DEFAULT_TENANT, check_admin_token, load_tenant_auth
 from serve_app.api.chat import ChatRequest, chat_response, parse_chat_request
@@ -182,6 +183,9 @@ class Ingress(GrpcMethods):
         # Before the first request is served: blocking here holds up no request.
         secret = shared_secret(self._args.namespace, self._args.configured_secret())
         self._versions = version_actor(self._args.namespace, self._args.redis_url, secret.records)
+        risk = eviction_risk(self._args.redis_url) if self._args.redis_url else None
+        if risk is not None:
+            logger.warning("%s", risk)
         self._auth = load_tenant_auth(self._args.auth)
         if self._auth.mode == "single_tenant":
             logger.warning(
@@ -436,11 +440,22 @@ class Ingress(GrpcMethods):
         self, kind: Kind, request: SamplingFields, job: CompletionJob
     ) -> AsyncIterator[dict[str, Any]]:
         """The chunks of `job`'s streamed answer. The replica's first event is awaited before
-        any chunk is yielded, so that a refusal (a model loading, say) is raised, not streamed."""
+        any chunk is yielded, so that a refusal (a model loading, say) is raised, not streamed,
+        and so that a deterministic job whose replica dies before its first event runs once
+        more, as `_on_a_replica` does (once text was sent, a stream cannot be resumed)."""
         started = time.perf_counter()
         events = self._events(job)
         try:
-            event = await anext(events)
+            try:
+                event = await anext(events)
+            except REPLICA_LOST as exc:
+                if not job.params.is_deterministic:
+                    raise ReplicaUnavailable("the request's replica failed") from exc
+                logger.warning("a replica failed under a stream; running it once more: %s", exc)
+                self._metrics.retried(job.model)
+                await events.aclose()
+                events = self._events(job)
+                event = await anext(events)
             chunks = StreamChunks(kind, request.model, request.include_usage)
             for chunk in chunks.opening():
                 yield chunk

@@ -532,7 +532,10 @@ class ReplicaCore:
             raise
         if chain is not None and self.tiered_prefix is not None:
             self._observe_prefix(plan, cached_tokens, fetched, layout)
-            self.tiered_prefix.share(chain, cached_tokens)
+            if plan.key is not None:
+                # Only a deterministic request's prompt goes to Redis: sampled requests, which
+                # are never cached, cannot fill the shared tier with prompts nobody repeats.
+                self.tiered_prefix.share(chain, cached_tokens)
             if plan.job.answer_end is not None:
                 # Held from now, not from when the background task runs: the weights must not
                 # be evicted or drained between the answer and its blocks.
@@ -673,7 +676,7 @@ class ReplicaCore:
             )
             running.add_done_callback(lambda _: self.pool.release(plan.serving))
             await asyncio.wrap_future(running)
-            if not plan.serving.retired:
+            if not plan.serving.retired and plan.key is not None:  # as in `_compute`
                 self.tiered_prefix.share(chain, len(prompt.hashes) * self.prefix.block_size)
         finally:
             self.pool.release(plan.serving)

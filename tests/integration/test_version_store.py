@@ -13,7 +13,7 @@ import pytest
 
 from cluster.versions.invalidation import InvalidationRule
 from cluster.versions.records import ModelVersion
-from cluster.versions.store import RecordSigner, VersionStore, versions_channel
+from cluster.versions.store import RecordSigner, VersionStore, eviction_risk, versions_channel
 from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.integration
@@ -138,3 +138,23 @@ def test_rules_without_a_valid_signature_are_ignored(redis_server, namespace, st
     finally:
         moved.close()
     assert store.rejected_records == 2
+
+
+@pytest.mark.parametrize(
+    ("policy", "risky"),
+    [("allkeys-lru", True), ("allkeys-lfu", True), ("volatile-lru", False), ("noeviction", False)],
+)
+def test_an_eviction_policy_that_may_evict_the_records_is_named(redis_server, policy, risky):
+    client = redis_server.client()
+    before = client.config_get("maxmemory-policy")["maxmemory-policy"]
+    client.config_set("maxmemory-policy", policy)
+    try:
+        risk = eviction_risk(redis_server.url)
+    finally:
+        client.config_set("maxmemory-policy", before)
+    assert (risk is not None) == risky
+    assert risk is None or policy in risk
+
+
+def test_a_redis_that_cannot_be_reached_reports_no_eviction_risk():
+    assert eviction_risk("redis://127.0.0.1:1/0", timeout_s=0.2) is None

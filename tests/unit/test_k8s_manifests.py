@@ -297,6 +297,12 @@ def test_redis_password_comes_from_the_secret() -> None:
         assert f"${password_var}" in command, probe
 
 
+def test_redis_evicts_only_keys_with_a_ttl_so_never_the_version_records() -> None:
+    (container,) = only(REDIS_DOCS, "Deployment")["spec"]["template"]["spec"]["containers"]
+    args = container["args"]
+    assert args[args.index("--maxmemory-policy") + 1].startswith("volatile-")
+
+
 def test_redis_service_selects_the_deployment_pods() -> None:
     deployment = only(REDIS_DOCS, "Deployment")
     service = only(REDIS_DOCS, "Service")

@@ -7,7 +7,8 @@ Importing this package registers every policy; `make_policy(name, capacity)` bui
 | `lru`      | lru.py      | least recently used                                          |
 | `lfu`      | lfu.py      | least frequently used, O(1), LRU among equals                |
 | `tinylfu`  | tinylfu.py  | W-TinyLFU: LRU window + sketch admission + SLRU main space   |
-| `adaptive` | adaptive.py | W-TinyLFU with a hill-climbed window: the default            |
+| `adaptive` | adaptive.py | W-TinyLFU that follows the best of sampled simulations: the  |
+|            |             | default                                                      |
 | `s3fifo`   | s3fifo.py   | small/main/ghost FIFOs (S3-FIFO)                             |
 | `sieve`    | sieve.py    | FIFO with visited bits and a moving hand (SIEVE)             |
 | `arc`      | arc.py      | Adaptive Replacement Cache                                   |

@@ -13,34 +13,25 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from cluster.local.policies.base import Key, register
+from cluster.local.policies.base import ChargedPolicy, Key, register
 
 
 @register("arc")
-class ARCPolicy:
+class ARCPolicy(ChargedPolicy):
     """Adaptive balance between a recency list (T1) and a frequency list (T2)."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+        super().__init__(capacity)
         self._t1: OrderedDict[Key, int] = OrderedDict()
         self._t2: OrderedDict[Key, int] = OrderedDict()
         self._b1: OrderedDict[Key, int] = OrderedDict()
         self._b2: OrderedDict[Key, int] = OrderedDict()
         self._t1_used = 0
-        self._t2_used = 0
         self._b1_used = 0
         self._b2_used = 0
         self._p = 0.0
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._t1 or key in self._t2
-
-    def __len__(self) -> int:
-        return len(self._t1) + len(self._t2)
-
-    @property
-    def used(self) -> int:
-        return self._t1_used + self._t2_used
+        # Where the newcomer being inserted was remembered: None, or the ghost list B1 or B2.
+        self._ghost_of_newcomer: OrderedDict[Key, int] | None = None
 
     @property
     def target(self) -> float:
@@ -52,46 +43,45 @@ class ARCPolicy:
         if charge is not None:
             self._t1_used -= charge
             self._t2[key] = charge
-            self._t2_used += charge
         else:
             self._t2.move_to_end(key)
 
     def insert(self, key: Key, charge: int = 1) -> list[Key]:
-        if charge > self.capacity:
-            return [key]
-        evicted: list[Key] = []
-        capacity = self.capacity
+        self._ghost_of_newcomer = None
+        if charge <= self.capacity:
+            self._adapt(key, charge)
+        evicted = super().insert(key, charge)
+        self._ghost_of_newcomer = None
+        self._trim_ghosts()
+        return evicted
+
+    def _adapt(self, key: Key, charge: int) -> None:
+        """A ghost hit moves the target `p` towards the list the ghost came from."""
         ghost = self._b1.pop(key, None)
         if ghost is not None:
             self._b1_used -= ghost
             ratio = self._b2_used / self._b1_used if self._b1_used else 1.0
-            self._p = min(float(capacity), self._p + charge * max(ratio, 1.0))
-            self._make_room(charge, False, evicted)
-            self._t2[key] = charge
-            self._t2_used += charge
+            self._p = min(float(self.capacity), self._p + charge * max(ratio, 1.0))
+            self._ghost_of_newcomer = self._b1
+            return
+        ghost = self._b2.pop(key, None)
+        if ghost is not None:
+            self._b2_used -= ghost
+            ratio = self._b1_used / self._b2_used if self._b2_used else 1.0
+            self._p = max(0.0, self._p - charge * max(ratio, 1.0))
+            self._ghost_of_newcomer = self._b2
+
+    def _admit(self, key: Key, charge: int) -> None:
+        if self._ghost_of_newcomer is None:
+            self._t1[key] = charge
+            self._t1_used += charge
         else:
-            ghost = self._b2.pop(key, None)
-            if ghost is not None:
-                self._b2_used -= ghost
-                ratio = self._b1_used / self._b2_used if self._b2_used else 1.0
-                self._p = max(0.0, self._p - charge * max(ratio, 1.0))
-                self._make_room(charge, True, evicted)
-                self._t2[key] = charge
-                self._t2_used += charge
-            else:
-                self._make_room(charge, False, evicted)
-                self._t1[key] = charge
-                self._t1_used += charge
-        self._trim_ghosts()
-        return evicted
+            self._t2[key] = charge
 
-    def _make_room(self, charge: int, in_b2: bool, evicted: list[Key]) -> None:
-        while self._t1_used + self._t2_used + charge > self.capacity:
-            evicted.append(self._replace(in_b2))
-
-    def _replace(self, in_b2: bool) -> Key:
+    def _evict(self) -> Key:
         """Evict the LRU key of T1 (to B1) or of T2 (to B2), as ARC's REPLACE does."""
         t1_used = self._t1_used
+        in_b2 = self._ghost_of_newcomer is self._b2
         if self._t1 and (t1_used > self._p or (in_b2 and t1_used >= self._p) or not self._t2):
             key, charge = self._t1.popitem(last=False)
             self._t1_used -= charge
@@ -99,7 +89,6 @@ class ARCPolicy:
             self._b1_used += charge
         else:
             key, charge = self._t2.popitem(last=False)
-            self._t2_used -= charge
             self._b2[key] = charge
             self._b2_used += charge
         return key
@@ -109,37 +98,34 @@ class ARCPolicy:
         while self._b1 and self._t1_used + self._b1_used > capacity:
             _, charge = self._b1.popitem(last=False)
             self._b1_used -= charge
-        total = self._t1_used + self._t2_used + self._b1_used
+        total = self._used + self._b1_used
         while self._b2 and total + self._b2_used > 2 * capacity:
             _, charge = self._b2.popitem(last=False)
             self._b2_used -= charge
 
-    def remove(self, key: Key) -> None:
+    def _forget(self, key: Key) -> None:
         charge = self._t1.pop(key, None)
         if charge is not None:
             self._t1_used -= charge
-            return
-        charge = self._t2.pop(key, None)
-        if charge is not None:
-            self._t2_used -= charge
+        else:
+            del self._t2[key]
 
     def evict_one(self) -> Key | None:
-        if not (self._t1 or self._t2):
-            return None
-        key = self._replace(False)
+        key = super().evict_one()
         self._trim_ghosts()
         return key
 
     def check_integrity(self) -> None:
+        super().check_integrity()
         assert self._t1_used == sum(self._t1.values()), "T1 charge drifted"
-        assert self._t2_used == sum(self._t2.values()), "T2 charge drifted"
+        assert self._used == self._t1_used + sum(self._t2.values()), "T2 charge drifted"
         assert self._b1_used == sum(self._b1.values()), "B1 charge drifted"
         assert self._b2_used == sum(self._b2.values()), "B2 charge drifted"
-        assert self.used <= self.capacity, "over capacity"
         assert self._t1_used + self._b1_used <= self.capacity, "T1 + B1 over capacity"
         everything = self.used + self._b1_used + self._b2_used
         assert everything <= 2 * self.capacity, "directory over twice the capacity"
         lists = [self._t1, self._t2, self._b1, self._b2]
         keys = [key for lst in lists for key in lst]
         assert len(keys) == len(set(keys)), "a key in two lists"
+        assert self._charges.keys() == self._t1.keys() | self._t2.keys(), "membership drifted"
         assert 0.0 <= self._p <= self.capacity, "target out of range"

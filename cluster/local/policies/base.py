@@ -77,6 +77,69 @@ class EvictionPolicy(Protocol):
         ...
 
 
+class ChargedPolicy:
+    """What the classic policies share: the resident keys' charges and their sum, the
+    oversized-newcomer rule, and an `insert` that evicts until the newcomer fits.
+
+    A subclass keeps its own order and provides `_evict` (pick a victim, drop it from that
+    order, return it), `_admit` (put a newcomer into that order) and `_forget` (drop a removed
+    key from it); it never touches `_charges` or `_used` itself.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._charges: dict[Key, int] = {}
+        self._used = 0
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._charges
+
+    def __len__(self) -> int:
+        return len(self._charges)
+
+    @property
+    def used(self) -> int:
+        return self._used
+
+    def insert(self, key: Key, charge: int = 1) -> list[Key]:
+        if charge > self.capacity:
+            return [key]
+        evicted = []
+        while self._used + charge > self.capacity:
+            evicted.append(self._pop_victim())
+        self._admit(key, charge)
+        self._charges[key] = charge
+        self._used += charge
+        return evicted
+
+    def remove(self, key: Key) -> None:
+        charge = self._charges.pop(key, None)
+        if charge is not None:
+            self._used -= charge
+            self._forget(key)
+
+    def evict_one(self) -> Key | None:
+        return self._pop_victim() if self._charges else None
+
+    def _pop_victim(self) -> Key:
+        victim = self._evict()
+        self._used -= self._charges.pop(victim)
+        return victim
+
+    def _evict(self) -> Key:
+        raise NotImplementedError
+
+    def _admit(self, key: Key, charge: int) -> None:
+        raise NotImplementedError
+
+    def _forget(self, key: Key) -> None:
+        raise NotImplementedError
+
+    def check_integrity(self) -> None:
+        assert self._used == sum(self._charges.values()), "used != sum of charges"
+        assert self._used <= self.capacity, "over capacity"
+
+
 PolicyFactory = Callable[..., EvictionPolicy]
 
 _REGISTRY: dict[str, PolicyFactory] = {}

@@ -9,31 +9,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from cluster.local.policies.base import Key, register
+from cluster.local.policies.base import ChargedPolicy, Key, register
 
 
 @register("lfu")
-class LFUPolicy:
+class LFUPolicy(ChargedPolicy):
     """Evicts the least frequently accessed key; the least recent among equals."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._charges: dict[Key, int] = {}
+        super().__init__(capacity)
         self._counts: dict[Key, int] = {}
         self._buckets: dict[int, OrderedDict[Key, None]] = {}
         # The smallest count with a bucket, or larger when `remove` emptied it (fixed lazily).
         self._min_count = 1
-        self._used = 0
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._charges
-
-    def __len__(self) -> int:
-        return len(self._charges)
-
-    @property
-    def used(self) -> int:
-        return self._used
 
     def hit(self, key: Key) -> None:
         count = self._counts[key]
@@ -51,21 +39,13 @@ class LFUPolicy:
             target = buckets[count] = OrderedDict()
         target[key] = None
 
-    def insert(self, key: Key, charge: int = 1) -> list[Key]:
-        if charge > self.capacity:
-            return [key]
-        evicted = []
-        while self._used + charge > self.capacity:
-            evicted.append(self._evict())
-        self._charges[key] = charge
+    def _admit(self, key: Key, charge: int) -> None:
         self._counts[key] = 1
         bucket = self._buckets.get(1)
         if bucket is None:
             bucket = self._buckets[1] = OrderedDict()
         bucket[key] = None
         self._min_count = 1
-        self._used += charge
-        return evicted
 
     def _evict(self) -> Key:
         buckets = self._buckets
@@ -79,26 +59,17 @@ class LFUPolicy:
             if buckets:
                 self._min_count = min(buckets)
         del self._counts[key]
-        self._used -= self._charges.pop(key)
         return key
 
-    def remove(self, key: Key) -> None:
-        charge = self._charges.pop(key, None)
-        if charge is None:
-            return
+    def _forget(self, key: Key) -> None:
         count = self._counts.pop(key)
         bucket = self._buckets[count]
         del bucket[key]
         if not bucket:
             del self._buckets[count]
-        self._used -= charge
-
-    def evict_one(self) -> Key | None:
-        return self._evict() if self._charges else None
 
     def check_integrity(self) -> None:
-        assert self._used == sum(self._charges.values()), "used != sum of charges"
-        assert self._used <= self.capacity, "over capacity"
+        super().check_integrity()
         assert self._counts.keys() == self._charges.keys(), "counts and charges disagree"
         in_buckets = [key for bucket in self._buckets.values() for key in bucket]
         assert len(in_buckets) == len(self._charges), "bucket membership drifted"

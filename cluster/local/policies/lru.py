@@ -4,55 +4,29 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from cluster.local.policies.base import Key, register
+from cluster.local.policies.base import ChargedPolicy, Key, register
 
 
 @register("lru")
-class LRUPolicy:
+class LRUPolicy(ChargedPolicy):
     """Evicts the key accessed least recently."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
-        self._charges: OrderedDict[Key, int] = OrderedDict()
-        self._used = 0
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._charges
-
-    def __len__(self) -> int:
-        return len(self._charges)
-
-    @property
-    def used(self) -> int:
-        return self._used
+        super().__init__(capacity)
+        self._order: OrderedDict[Key, None] = OrderedDict()
 
     def hit(self, key: Key) -> None:
-        self._charges.move_to_end(key)
+        self._order.move_to_end(key)
 
-    def insert(self, key: Key, charge: int = 1) -> list[Key]:
-        if charge > self.capacity:
-            return [key]
-        evicted = []
-        while self._used + charge > self.capacity:
-            victim, victim_charge = self._charges.popitem(last=False)
-            self._used -= victim_charge
-            evicted.append(victim)
-        self._charges[key] = charge
-        self._used += charge
-        return evicted
+    def _admit(self, key: Key, charge: int) -> None:
+        self._order[key] = None
 
-    def remove(self, key: Key) -> None:
-        charge = self._charges.pop(key, None)
-        if charge is not None:
-            self._used -= charge
+    def _evict(self) -> Key:
+        return self._order.popitem(last=False)[0]
 
-    def evict_one(self) -> Key | None:
-        if not self._charges:
-            return None
-        victim, charge = self._charges.popitem(last=False)
-        self._used -= charge
-        return victim
+    def _forget(self, key: Key) -> None:
+        del self._order[key]
 
     def check_integrity(self) -> None:
-        assert self._used == sum(self._charges.values()), "used != sum of charges"
-        assert self._used <= self.capacity, "over capacity"
+        super().check_integrity()
+        assert self._order.keys() == self._charges.keys(), "order and charges disagree"

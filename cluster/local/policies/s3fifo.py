@@ -15,19 +15,19 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
-from cluster.local.policies.base import Key, register
+from cluster.local.policies.base import ChargedPolicy, Key, register
 
 _MAX_FREQ = 3
 
 
 @register("s3fifo")
-class S3FIFOPolicy:
+class S3FIFOPolicy(ChargedPolicy):
     """Small FIFO + main FIFO with reinsertion + ghost FIFO of recently evicted keys."""
 
     def __init__(self, capacity: int, *, small_fraction: float = 0.1) -> None:
         if not 0.0 < small_fraction < 1.0:
             raise ValueError(f"small_fraction must be in (0, 1), got {small_fraction}")
-        self.capacity = capacity
+        super().__init__(capacity)
         self._small_max = max(1, round(capacity * small_fraction))
         self._ghost_max = max(1, capacity - self._small_max)
         self._small: OrderedDict[Key, int] = OrderedDict()
@@ -36,29 +36,13 @@ class S3FIFOPolicy:
         self._freq: dict[Key, int] = {}
         self._small_used = 0
         self._ghost_used = 0
-        self._used = 0
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._freq
-
-    def __len__(self) -> int:
-        return len(self._freq)
-
-    @property
-    def used(self) -> int:
-        return self._used
 
     def hit(self, key: Key) -> None:
         freq = self._freq[key]
         if freq < _MAX_FREQ:
             self._freq[key] = freq + 1
 
-    def insert(self, key: Key, charge: int = 1) -> list[Key]:
-        if charge > self.capacity:
-            return [key]
-        evicted = []
-        while self._used + charge > self.capacity:
-            evicted.append(self._evict())
+    def _admit(self, key: Key, charge: int) -> None:
         ghost_charge = self._ghost.pop(key, None)
         if ghost_charge is not None:
             self._ghost_used -= ghost_charge
@@ -67,8 +51,6 @@ class S3FIFOPolicy:
             self._small[key] = charge
             self._small_used += charge
         self._freq[key] = 0
-        self._used += charge
-        return evicted
 
     def _evict(self) -> Key:
         if self._small and (self._small_used >= self._small_max or not self._main):
@@ -89,7 +71,6 @@ class S3FIFOPolicy:
                 self._main[key] = charge
                 continue
             del freq[key]
-            self._used -= charge
             self._ghost[key] = charge
             self._ghost_used += charge
             while self._ghost_used > self._ghost_max:
@@ -109,30 +90,25 @@ class S3FIFOPolicy:
                 main[key] = charge
                 continue
             del freq[key]
-            self._used -= charge
             return key
 
-    def remove(self, key: Key) -> None:
-        if self._freq.pop(key, None) is None:
-            return
+    def _forget(self, key: Key) -> None:
+        del self._freq[key]
         charge = self._small.pop(key, None)
         if charge is not None:
             self._small_used -= charge
         else:
-            charge = self._main.pop(key)
-        self._used -= charge
-
-    def evict_one(self) -> Key | None:
-        return self._evict() if self._freq else None
+            del self._main[key]
 
     def check_integrity(self) -> None:
+        super().check_integrity()
         small_used = sum(self._small.values())
         assert self._small_used == small_used, "small charge drifted"
         assert self._used == small_used + sum(self._main.values()), "used drifted"
-        assert self._used <= self.capacity, "over capacity"
         assert self._ghost_used == sum(self._ghost.values()), "ghost charge drifted"
         assert self._ghost_used <= self._ghost_max, "ghost over its bound"
         assert self._freq.keys() == self._small.keys() | self._main.keys(), "membership drifted"
+        assert self._freq.keys() == self._charges.keys(), "charges drifted"
         assert not (self._small.keys() & self._main.keys()), "a key in both queues"
         assert not (self._ghost.keys() & self._freq.keys()), "a resident key in the ghost"
         assert all(0 <= f <= _MAX_FREQ for f in self._freq.values()), "frequency out of range"

@@ -8,7 +8,7 @@ the head: as simple as CLOCK, yet closer to LRU's hit ratios on web traces.
 
 from __future__ import annotations
 
-from cluster.local.policies.base import Key, register
+from cluster.local.policies.base import ChargedPolicy, Key, register
 
 
 class _Node:
@@ -23,36 +23,20 @@ class _Node:
 
 
 @register("sieve")
-class SievePolicy:
+class SievePolicy(ChargedPolicy):
     """Evicts the first unvisited key at or after the hand, clearing visited bits on the way."""
 
     def __init__(self, capacity: int) -> None:
-        self.capacity = capacity
+        super().__init__(capacity)
         self._nodes: dict[Key, _Node] = {}
         self._newest: _Node | None = None
         self._oldest: _Node | None = None
         self._hand: _Node | None = None
-        self._used = 0
-
-    def __contains__(self, key: object) -> bool:
-        return key in self._nodes
-
-    def __len__(self) -> int:
-        return len(self._nodes)
-
-    @property
-    def used(self) -> int:
-        return self._used
 
     def hit(self, key: Key) -> None:
         self._nodes[key].visited = True
 
-    def insert(self, key: Key, charge: int = 1) -> list[Key]:
-        if charge > self.capacity:
-            return [key]
-        evicted = []
-        while self._used + charge > self.capacity:
-            evicted.append(self._evict())
+    def _admit(self, key: Key, charge: int) -> None:
         node = _Node(key, charge)
         node.older = self._newest
         if self._newest is not None:
@@ -61,8 +45,6 @@ class SievePolicy:
             self._oldest = node
         self._newest = node
         self._nodes[key] = node
-        self._used += charge
-        return evicted
 
     def _evict(self) -> Key:
         node = self._hand or self._oldest
@@ -87,17 +69,12 @@ class SievePolicy:
         else:
             self._newest = node.older
         del self._nodes[node.key]
-        self._used -= node.charge
 
-    def remove(self, key: Key) -> None:
-        node = self._nodes.get(key)
-        if node is not None:
-            self._unlink(node)
-
-    def evict_one(self) -> Key | None:
-        return self._evict() if self._nodes else None
+    def _forget(self, key: Key) -> None:
+        self._unlink(self._nodes[key])
 
     def check_integrity(self) -> None:
+        super().check_integrity()
         order = []
         node = self._oldest
         previous = None
@@ -110,4 +87,3 @@ class SievePolicy:
         assert all(self._nodes[n.key] is n for n in order), "index points elsewhere"
         assert self._hand is None or self._hand in order, "hand off the queue"
         assert self._used == sum(n.charge for n in order), "used drifted"
-        assert self._used <= self.capacity, "over capacity"

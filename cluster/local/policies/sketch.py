@@ -8,33 +8,23 @@ the victim?", and answers it from a compact, approximate and aging frequency his
   extracts nibbles). An addition is *conservative*: only the counters equal to the row minimum
   grow, which keeps over-estimation by colliding keys low. The estimate is the row minimum.
   Rows hold `width_factor` (4) x `next_power_of_two(expected_entries)` counters: 16 counters per
-  entry in all, Caffeine's density. Fewer counters cost hit ratio on traces with many distinct
-  keys per cache slot (3 points on LIRS multi3 at 1x).
+  entry in all, Caffeine's density; fewer counters let collisions decide admissions.
 - **Aging**: `age()` halves every counter. The owner calls it once per `sample_size` (10 x the
   expected entry count) sightings, because the owner may hold copies of estimates (a policy
   keeps each resident key's estimate in its node) that must be halved at the same moment.
 - **Write-back**: `raise_to(h, count)` lifts the counters of `h` that are below `count` to it, a
   batch of conservative additions: a policy that counts a resident key's hits itself records
-  them here when the key leaves. (There is no doorkeeper: measured on the shared traces, its
-  reset at each aging forgets one sighting of every key and costs more than it saves.)
+  them here when the key leaves.
 
 Hashing must be reproducible across processes (decisions are compared between runs and
 replicas), so Python's per-process-seeded `hash()` of `str`/`bytes` is never used. `key_hash`
 spreads an `int` key with CPython's tuple hash, `hash((key, seed))` (for a pair of ints a
 deterministic xxHash-style mix: ints hash to themselves modulo 2**61 - 1, no per-process secret
 is involved; about 50 ns), and text, bytes and any other key (by its `repr`) with the seeded
-xxh3 of its bytes.
-Row k indexes at `a + k*b` (Kirsch and Mitzenmacher's double hashing: two hash values are as
-good as four) with `a` the low 28 bits of the 64-bit hash and `b` its high 28 bits, made odd.
-CPython computes on integers below 2**30 in a fast path and on wider ones digit by digit, so
-this costs two operations on the wide hash instead of eight. Rows are at most 2**22 wide (past
-about a million entries the sketch stops growing and merely gets noisier).
-
-**Compiled steps**: the counter steps (an increment per miss, an estimate, a write-back) are
-about a fifth of a miss's cost in CPython, so they run in `_sketch_core` (C, built at install;
-`COMPILED` says whether it was), else in the same steps written in Python (`_add_python`,
-`_estimate_python`, `_raise_python`); a test checks the two against each other. Hashing stays
-in Python.
+xxh3 of its bytes. Row k indexes at `a + k*b` (Kirsch and Mitzenmacher's double hashing) with
+`a` the low 28 bits of the 64-bit hash and `b` its high 28 bits, made odd: CPython computes
+fastest on integers below 2**30. Bits 28-35 are left for the adaptive policy to pick its sample
+by. Rows are at most 2**22 wide (past about a million entries the sketch merely gets noisier).
 
 A cache whose charges are bytes learns its entry count only as it fills, so `ensure_capacity`
 grows the sketch later; growth repeats each row, which keeps every estimate (an index under the
@@ -90,36 +80,43 @@ def _indexes(mask: int, h: int) -> list[int]:
     return [(a + k * b) & mask for k in range(4)]
 
 
-def _estimate_python(rows: Rows, mask: int, h: int) -> int:
+def _estimate(rows: Rows, mask: int, h: int) -> int:
     """The row minimum of the counters of `h`."""
     return min(row[index] for row, index in zip(rows, _indexes(mask, h), strict=True))
 
 
-def _raise_python(rows: Rows, mask: int, h: int, count: int) -> None:
+def _raise_to(rows: Rows, mask: int, h: int, count: int) -> None:
     """Lift the counters of `h` that are below `count` to `count`."""
     for row, index in zip(rows, _indexes(mask, h), strict=True):
         if row[index] < count:
             row[index] = count
 
 
-def _add_python(rows: Rows, mask: int, h: int) -> int:
-    """One conservative increment of the counters of `h` (saturating); the new estimate."""
-    low = _estimate_python(rows, mask, h)
+def _add(rows: Rows, mask: int, h: int) -> int:
+    """One conservative increment of the counters of `h` (saturating); the new estimate.
+
+    Once per miss, so `_indexes` and `_estimate` are written out here.
+    """
+    a = h & _LOW28
+    b = (h >> 36) | 1
+    i0 = a & mask
+    i1 = (a + b) & mask
+    i2 = (a + 2 * b) & mask
+    i3 = (a + 3 * b) & mask
+    r0, r1, r2, r3 = rows
+    low = min(r0[i0], r1[i1], r2[i2], r3[i3])
     if low < MAX_COUNT:
+        # Only the counters at the minimum grow.
+        if r0[i0] == low:
+            r0[i0] = low + 1
+        if r1[i1] == low:
+            r1[i1] = low + 1
+        if r2[i2] == low:
+            r2[i2] = low + 1
+        if r3[i3] == low:
+            r3[i3] = low + 1
         low += 1
-        _raise_python(rows, mask, h, low)  # only the counters at the minimum grow
     return low
-
-
-try:
-    from cluster.local.policies._sketch_core import add as _add
-    from cluster.local.policies._sketch_core import estimate as _estimate
-    from cluster.local.policies._sketch_core import raise_to as _raise_to
-
-    COMPILED = True
-except ImportError:  # installed where no C compiler was at hand: the same steps in Python
-    _add, _estimate, _raise_to = _add_python, _estimate_python, _raise_python
-    COMPILED = False
 
 
 class FrequencySketch:
@@ -189,6 +186,10 @@ class FrequencySketch:
         else:
             h = key_hash(key, self.seed)
         return h, _add(self._rows, self._mask, h)
+
+    def add(self, h: int) -> int:
+        """Record one sighting of hash `h`; returns its new estimate."""
+        return _add(self._rows, self._mask, h)
 
     def estimate(self, h: int) -> int:
         """Estimated sightings of hash `h`, halved at each aging."""

@@ -7,99 +7,52 @@ Management", 2018):
                                                                   main space: SLRU 20/80
 
 - Every newcomer enters the **window**, so a burst of new keys gets a chance to prove itself.
-- A key leaving the window is a **candidate** for the main space. When the main space is full it
-  meets the **victim** (the oldest probation key, else the oldest protected key) and the
-  frequency estimates decide who stays: the candidate must be more popular by more than
-  `admit_margin`. A scan of one-time keys therefore washes through the window and never
-  displaces the popular main space. Admission and eviction stay separate decisions.
-- A key used again in probation is promoted to **protected** (80% of the main space); protected
-  overflow is demoted back to the young end of probation.
-- `admit_margin=1` discounts the access that made the candidate a candidate: the candidate was
-  just requested, while the victim is compared at the oldest point of its reuse cycle. Without
-  that discount a loop larger than the cache churns forever (each newcomer leads the victim by
-  exactly that one access); with it, the cache holds a stable part of the loop. Workloads whose
-  popular keys arrive with only one access more than the victims prefer 0. `margin_from`
-  applies the margin only to candidates whose estimate is at least that much: `margin_from=3`
-  exempts a candidate's first reuse (an estimate of 2 or less needs only to beat the victim), the
-  one sighting that tells a returning key from a one-hit wonder, and discounts the rest, where
-  loops churn. The adaptive policy picks between rules online. The plain `tinylfu` keeps
-  Caffeine's rule (margin 0) by default.
-- `wear` wears down a victim that keeps its place only by rejecting candidates: every `wear`-th
-  rejection takes one from the estimate of the victim that made it (0, the default: never),
-  down to 1, never to 0: a worn victim still beats a key seen once, so wear never opens the main
-  space to one-hit wonders (under the graded rule a candidate of 1 beats a victim of 0).
-  The victim stays at the head of probation while it wins, and the main space behind it is
-  frozen until aging halves the estimates (every 10 x entries sightings); where the popular set
-  drifts faster than that (block I/O: on the CloudPhysics trace at 9,795 entries the victims'
-  estimates are 4 to 6 while the candidates that come back have 1 or 2), the main space keeps
-  the keys of an earlier phase. S3-FIFO's main space takes one from a key's count at each pass
-  of its hand for the same reason. Wear loses on loops, whose stable part is a set of victims
-  that reject the rest of the loop, so the adaptive policy races it.
+- A key leaving the window is a **candidate** for the main space. When the main space is full
+  it meets the **victim** (the oldest probation key, else the oldest protected key) and the
+  frequency estimates (`sketch`) decide who stays: the candidate must be more popular by more
+  than `admit_margin`, so a scan of one-time keys washes through the window and never displaces
+  the popular main space. A key used again in probation is promoted to **protected** (80% of the
+  main space); protected overflow goes back to probation.
+- The admission rule has three knobs, because no single rule suits every workload:
+  `admit_margin=1` discounts the access that made the candidate a candidate (without it, a loop
+  larger than the cache churns forever: each newcomer leads the victim by exactly that access);
+  `margin_from` applies the margin only to candidates whose estimate is at least that much
+  (`3` lets a key's first reuse in, which tells it from a one-hit wonder); `wear` takes one from
+  the estimate of a victim at every `wear`-th candidate it rejects (never below 1), so that a
+  main space filled in an earlier phase thaws before aging halves the estimates. 0 turns it off.
 - Ties reject the candidate, which lets a hash-flooding attacker pin a victim by inflating its
-  estimate; so a candidate that is warm (estimate >= 6) but not more popular is still admitted
-  with probability 1/128, from a seeded generator (no global randomness).
+  estimate; so a warm candidate (estimate >= 6) that is not more popular is still admitted with
+  probability 1/128, from a seeded generator.
 
-Bookkeeping waits until room is needed, so that a hit, the common case, costs one counter
-update in the key's node:
+Bookkeeping waits until room is needed, so that a hit costs one counter update in the key's node:
 
-- **CLOCK orders.** Each segment is a FIFO queue of nodes. A hit only counts the access; a key
-  that reaches the head of its queue with accesses counted since it was last there gets a second
-  chance instead of leaving: it goes to the tail of the window or of protected, or from
-  probation into protected. This is CLOCK's approximation of the LRU orders that Caffeine keeps
-  exactly; it moves each key at most once per lap instead of on every hit.
-- **Frequencies in the nodes.** A node carries its key's estimate: the sketch's at the miss
-  that brought the key in, plus the hits counted since (folded in when the hand passes, capped
-  at 15 like a sketch counter). The candidate and the victim are compared from their nodes. The
-  sketch is written back only when a key leaves residency with a higher estimate than it came
-  with, so a resident key costs the sketch nothing. Aging halves the sketch and every node's
-  estimate together, after `sample_size` sightings (misses plus folded hits).
+- **CLOCK orders.** Each segment is a FIFO queue; a hit only counts the access, and a key that
+  reaches the head of its queue with accesses counted gets a second chance instead of leaving
+  (CLOCK's approximation of Caffeine's exact LRU orders).
+- **Frequencies in the nodes.** A node carries its key's estimate (the sketch's at the miss that
+  brought it in, plus the hits folded in when the hand passes, capped at 15); the sketch is
+  written back only when a key leaves with a higher estimate than it came with. Aging halves the
+  sketch and every node's estimate together.
 - **Lazy removal.** `remove` marks the node dead; the hands skip dead nodes, and the queues are
   compacted when dead nodes outnumber the living ones.
-- **No counters on the hot paths.** Hits and misses are not counted as they happen;
-  `requests_so_far` derives them when asked (the adaptive policy asks once per sample).
-
-Measured against Caffeine's exact LRU orders (the previous implementation) on the shared traces,
-the CLOCK orders cost or gain about a point here and there (-2.3 on LIRS multi2 at 284 with
-`admit_margin=1`, +9 on LIRS gli at 500 with 0); a hit costs about an eighth and a miss about
-half of what they did.
 
 Charges are arbitrary positive integers: the window and the segments are bounded in charge
-units, a candidate may need several victims, and it must beat each of them in turn; a candidate
-that cannot fit even in an empty main space is rejected. The window keeps at least one charge
-unit, so on small caches a newcomer still has one step of recency before it must compete.
-
-An owner's entry bound (`max_entries`: the result cache bounds bytes and entries) is kept as a
-**minimum charge**: every key is charged at least `ceil(capacity / max_entries)` units, so
-keeping the charges within the capacity keeps the entry count within its bound, and the one
-admission decision covers whichever bound binds, with the window and the segments in the same
-proportions. (Kept by the owner's `evict_one` calls after the fact, the entry bound bypassed
-admission: every candidate was admitted, and LIRS multi2 at 1,137 entries fell from 58.6% to
-50.7%.) The price: when entries far smaller and far larger than `capacity / max_entries` share
-a cache, the policy may give way before either bound is reached, by at most half of the space.
-
-The sketch is sized by entry count, not by charge: a cache charged in bytes does not know its
-entry count in advance, so the sketch starts at `min(capacity, 1024)` entries and grows with the
-resident count (`expected_entries` skips the growth when the count is known).
+units, and a candidate must beat every victim it needs. An owner's entry bound (`max_entries`)
+is kept as a **minimum charge** of `ceil(capacity / max_entries)`, so the one admission decision
+covers whichever bound binds (an owner that kept the bound with `evict_one` after the fact would
+bypass admission). The sketch is sized by entry count, which a cache charged in bytes learns
+only as it fills: it starts at `min(capacity, 1024)` entries and grows with the resident count.
 """
 
 from __future__ import annotations
 
 import random
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 from cluster.local.policies.base import Key, register
 from cluster.local.policies.sketch import MAX_COUNT, FrequencySketch
-
-try:
-    from cluster.local.policies._tinylfu_core import bind as _bind_compiled
-    from cluster.local.policies._tinylfu_core import hit_keys as _compiled_hit_keys
-    from cluster.local.policies._tinylfu_core import place as _compiled_place
-
-    COMPILED = True
-except ImportError:  # installed where no C compiler was at hand: the Python method runs
-    COMPILED = False
 
 _HASHDOS_THRESHOLD = 6
 _INITIAL_SKETCH_ENTRIES = 1024
@@ -112,7 +65,7 @@ HASH = 3  # the key's sketch hash
 BASE = 4  # FREQ when the key came in (halved with it): higher at exit means write back
 SEGMENT = 5  # which queue holds the node, or DEAD once removed
 KEY = 6
-SAMPLED = 7  # whether the adaptive policy's shadows follow this key
+SAMPLED = 7  # whether the adaptive policy simulates this key (see `adaptive`)
 
 WINDOW, PROBATION, PROTECTED, DEAD = range(4)
 Node = list[Any]
@@ -120,21 +73,12 @@ Node = list[Any]
 
 @register("tinylfu", bounds_entries=True)
 class WTinyLFUPolicy:
-    """W-TinyLFU with a window of `window_fraction` of the capacity.
+    """W-TinyLFU with a window of `window_fraction` of the capacity."""
 
-    A policy given a `sketch` is a shadow (see `adaptive`): it never writes nor ages that sketch,
-    and its owner feeds it through `place` with the key's hash and current estimate.
-    """
-
-    # Slots, because attribute access is most of a miss's cost: a subclass (`adaptive`) adds
-    # attributes past what CPython keeps in a shared instance dict (30), and past that every
-    # `self.x` on the hot paths takes a slower lookup (measured: ~10% of an adaptive put). The
-    # compiled `place` reads and writes these slots at their offsets (`_tinylfu_core.bind`).
+    # Slots, because attribute access is most of a miss's cost.
     __slots__ = (
         "_dead",
-        "_folded_hits",
         "_index",
-        "_owns_sketch",
         "_probation",
         "_protected",
         "_protected_fraction",
@@ -142,7 +86,6 @@ class WTinyLFUPolicy:
         "_protected_used",
         "_random",
         "_rejections",
-        "_seed",
         "_sightings",
         "_sketch_entries",
         "_used",
@@ -172,7 +115,6 @@ class WTinyLFUPolicy:
         expected_entries: int | None = None,
         sample_factor: float = 10.0,
         width_factor: int = 4,
-        sketch: FrequencySketch | None = None,
         max_entries: int | None = None,
     ) -> None:
         if not 0.0 <= window_fraction <= 1.0:
@@ -209,19 +151,11 @@ class WTinyLFUPolicy:
         if expected_entries is None:
             expected_entries = min(capacity, _INITIAL_SKETCH_ENTRIES)
         self._sketch_entries = max(expected_entries, 1)
-        self._owns_sketch = sketch is None
-        if sketch is None:
-            sketch = FrequencySketch(
-                self._sketch_entries,
-                seed=seed,
-                sample_factor=sample_factor,
-                width_factor=width_factor,
-            )
-        self.sketch = sketch
+        self.sketch = FrequencySketch(
+            self._sketch_entries, seed=seed, sample_factor=sample_factor, width_factor=width_factor
+        )
         self._sightings = 0  # since the last aging
         self.departures = 0  # keys that left: evicted, rejected or removed
-        self._folded_hits = 0  # hits counted into nodes so far
-        self._seed = seed
         self._random = random.Random(seed)
 
     def _min_charge(self) -> int:
@@ -251,29 +185,28 @@ class WTinyLFUPolicy:
     def used(self) -> int:
         return self._used
 
-    def estimate_of(self, key: Key, h: int) -> int:
-        """The current estimate of `key` (hash `h`): its node's if resident, else the sketch's."""
-        node = self._index.get(key)
-        if node is None:
-            return self.sketch.estimate(h)
-        freq: int = node[FREQ] + node[REFS]
-        return freq if freq < MAX_COUNT else MAX_COUNT
-
     def hit(self, key: Key) -> None:
         self._index[key][REFS] += 1
 
     def hit_many(self, keys: Iterable[Key]) -> None:
         """`hit` each resident key of `keys`, in order, skipping the others: an owner that
         buffers accesses hands over a batch in one call (keys may have left since)."""
-        hit_keys(self._index, keys, None)
+        index = self._index
+        for key in keys:
+            node = index.get(key)
+            if node is not None:
+                node[REFS] += 1
 
     def insert(self, key: Key, charge: int = 1) -> list[Key]:
         if charge < self.min_charge:
             charge = self.min_charge
         if charge > self.capacity:
             return [key]
-        h, freq = self.sketch.add_key(key)
-        evicted = place(self, key, charge, h, freq)
+        return self.insert_hashed(key, charge, self.sketch.hash(key))
+
+    def insert_hashed(self, key: Key, charge: int, h: int, sampled: bool = False) -> list[Key]:
+        """`insert` of a key whose sketch hash is `h` and whose `charge` fits the capacity."""
+        evicted = self.place(key, charge, h, self.sketch.add(h), sampled)
         self._sightings += 1
         if self._sightings >= self.sketch.sample_size:
             self._age()
@@ -297,9 +230,7 @@ class WTinyLFUPolicy:
         `h` is the key's sketch hash and `freq` its estimate including this access. Window
         overflow goes to admission, then the main space gives way until everything fits. This
         runs on every miss: the common steps are written out here, with the running totals in
-        locals, because CPython charges for every call and attribute access. The misses call
-        the module's `place`, this method compiled (`_tinylfu_core.c`) where it could be built:
-        this method is its definition and its fallback, and a change here is a change there.
+        locals, because CPython charges for every call and attribute access.
         """
         node = [0, charge, freq, h, freq, WINDOW, key, sampled]
         index = self._index
@@ -356,7 +287,7 @@ class WTinyLFUPolicy:
                     del index[loser]
                     candidate[SEGMENT] = DEAD
                     self.departures += 1
-                    if candidate_freq > candidate[BASE] and self._owns_sketch:
+                    if candidate_freq > candidate[BASE]:
                         self.sketch.raise_to(candidate[HASH], candidate_freq)
                     evicted.append(loser)
                     continue
@@ -416,7 +347,6 @@ class WTinyLFUPolicy:
         freq = node[FREQ] + refs
         node[FREQ] = freq if freq < MAX_COUNT else MAX_COUNT
         self._sightings += refs
-        self._folded_hits += refs
 
     def _admits(self, candidate: Node, victim: Node) -> bool:
         """TinyLFU's verdict: whether `candidate` should replace `victim`."""
@@ -506,27 +436,14 @@ class WTinyLFUPolicy:
         if refs:
             self._fold(node, refs)
         freq = node[FREQ]
-        if freq > node[BASE] and self._owns_sketch:
+        if freq > node[BASE]:
             self.sketch.raise_to(node[HASH], freq)
         return key
-
-    def requests_so_far(self) -> tuple[int, int]:
-        """Hits and misses since this policy was made: O(resident keys), for occasional use.
-
-        Not counted as they happen: a miss is a key that came in (resident or departed since),
-        and a hit is counted in its node and folded into a running total when the hand passes.
-        """
-        pending = sum(node[REFS] for node in self._index.values())
-        return self._folded_hits + pending, len(self._index) + self.departures
 
     def _age(self) -> None:
         """Halve the sketch and every estimate held in a node: a new sample period begins."""
         self.sketch.age()
-        self.halve_estimates()
         self._sightings //= 2
-
-    def halve_estimates(self) -> None:
-        """Halve the estimates the nodes hold (their sketch has just been aged)."""
         for node in self._index.values():
             node[FREQ] >>= 1
             node[BASE] >>= 1
@@ -566,7 +483,7 @@ class WTinyLFUPolicy:
                 del self._index[key]
                 victim[SEGMENT] = DEAD
                 self.departures += 1
-                if victim[FREQ] > victim[BASE] and self._owns_sketch:
+                if victim[FREQ] > victim[BASE]:
                     self.sketch.raise_to(victim[HASH], victim[FREQ])
                 return key
         found = self._victim()  # second chances, promotions, dead nodes
@@ -622,38 +539,6 @@ class WTinyLFUPolicy:
         if self._protected_used > self._protected_max:
             self._demote()
 
-    def resize(self, capacity: int, window_max: int) -> list[Key]:
-        """Change the capacity and the window bound at once; returns the keys evicted to fit.
-
-        With an entry bound the minimum charge follows the capacity, and resident keys below
-        it are charged it too, so the charge bound keeps implying the entry bound.
-        """
-        self.capacity = capacity
-        before, self.min_charge = self.min_charge, self._min_charge()
-        if self.min_charge > before:
-            self._charge_at_least(self.min_charge)
-        self.resize_window(window_max)
-        evicted: list[Key] = []
-        while self._used > capacity:
-            victim = self.evict_one()
-            if victim is None:
-                break
-            evicted.append(victim)
-        return evicted
-
-    def _charge_at_least(self, minimum: int) -> None:
-        """Raise the charge of every resident key below `minimum` to it."""
-        for node in self._index.values():
-            extra = minimum - node[CHARGE]
-            if extra <= 0:
-                continue
-            node[CHARGE] = minimum
-            self._used += extra
-            if node[SEGMENT] == WINDOW:
-                self._window_used += extra
-            elif node[SEGMENT] == PROTECTED:
-                self._protected_used += extra
-
     def check_integrity(self) -> None:
         used = {WINDOW: 0, PROBATION: 0, PROTECTED: 0}
         live = 0
@@ -682,31 +567,3 @@ class WTinyLFUPolicy:
             assert len(self._index) <= self.max_entries, "over the entry bound"
         assert self._window_used <= self._window_max, "window over its bound"
         assert self._protected_used <= self._protected_max, "protected over its bound"
-
-
-def _hit_keys_python(
-    index: dict[Key, Node], keys: Iterable[Key], on_sampled: Callable[..., None] | None
-) -> None:
-    """Count a hit in the node of each key of `keys` in `index`; for a node marked sampled, call
-    `on_sampled(key, charge, h, True)` unless it is None (the adaptive policy's shadows)."""
-    for key in keys:
-        node = index.get(key)
-        if node is not None:
-            node[REFS] += 1
-            if on_sampled is not None and node[SAMPLED]:
-                on_sampled(key, node[CHARGE], node[HASH], True)
-
-
-place: Callable[..., list[Key]]
-"""`place(policy, key, charge, h, freq, sampled=False)`: `WTinyLFUPolicy.place`, compiled
-(`_tinylfu_core`) where a C compiler was at hand, else the method itself. Every miss runs it, so
-`insert` and the adaptive policy's miniatures call this; a unit test checks the two agree."""
-hit_keys: Callable[[dict[Key, Node], Iterable[Key], Callable[..., None] | None], None]
-"""`_hit_keys_python`, compiled where it could be (the loop of every `hit_many`)."""
-if COMPILED:
-    _bind_compiled(WTinyLFUPolicy)
-    place = _compiled_place
-    hit_keys = _compiled_hit_keys
-else:
-    place = WTinyLFUPolicy.place
-    hit_keys = _hit_keys_python

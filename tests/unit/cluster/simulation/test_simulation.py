@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from benchmarks.hit_ratio_report import evaluate, parse_readme
+from benchmarks.hit_ratio_report import evaluate, largest_drop, parse_readme, run_setting
 from cluster.simulation import simulate, traces
 from cluster.simulation.opt import next_uses, opt_hits
 
@@ -143,3 +143,16 @@ def test_report_parses_the_readme_and_flags_violations() -> None:
     assert verdict["gaps"]["best"] == [-1.5, -1.5]
     assert verdict["gaps"]["opt"] == [-19.5, -16.5]
     assert verdict["violations"] == ["demo @ 20: -1.50 vs theine"]
+
+
+def test_report_runs_a_generated_setting_against_computed_references() -> None:
+    assert largest_drop([10.0, 12.0, 11.5, 13.0, 12.9]) == 0.5
+    assert largest_drop([1.0, 2.0]) == 0.0
+    entry = run_setting("loop:length=50,noise=0.0,requests=3000", [10, 60], {})
+    ratios = entry["hit_ratio_pct"]
+    assert {"default", "lru", "arc", "tinylfu", "opt"} <= set(ratios)
+    assert ratios["lru"] == [0.0, round(100 * (3000 - 50) / 3000, 2)]
+    assert entry["gaps"]["lru"] == [
+        round(a - b, 2) for a, b in zip(ratios["default"], ratios["lru"], strict=True)
+    ]
+    assert entry["largest_drop"] == 0.0

@@ -151,12 +151,17 @@ async def test_a_repeated_request_is_a_local_hit_identical_to_the_computed_answe
 
 
 @pytest.mark.asyncio
-async def test_a_sampled_request_is_never_stored() -> None:
-    core = await make_core(app_args())
-    sampled = job("Once upon a time", params=SamplingParams(max_tokens=4, temperature=0.9))
+async def test_a_sampled_request_is_never_stored_nor_shared() -> None:
+    redis = MemoryRedis()
+    core = await make_core(app_args(), redis=redis)
+    sampled = job(DOCUMENT, params=SamplingParams(max_tokens=4, temperature=0.9))
     for _ in range(2):
         assert (await core.complete(sampled)).cache_tier is None
+    await core.tiered.drain()
     assert core.cache.stats().entries == 0
+    assert redis.values == {}  # neither the answer nor the prompt's blocks
+    # Its prompt's blocks are still reused locally.
+    assert (await core.complete(job(DOCUMENT))).cached_tokens > 0
     await core.close()
 
 
