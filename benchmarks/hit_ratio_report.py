@@ -45,16 +45,21 @@ Notes on the default policy (`cluster.local.policies.adaptive`), measured with t
 - Why a growing margin: on LIRS zigzag strict admission and the whole window win alternate
   phases; without the backoff the policy switched 26 times and fell to 10% at 400 entries
   (17.7% with it; LRU 19.2%).
+- Why a switch of admission rule alone needs only a lead over chance: on CloudPhysics at 9,795
+  entries strict admission led the 1% window with wear on scores built up in an earlier phase
+  and kept the lead long after wear had overtaken it, under a margin that grows with the
+  requests; the policy got 25.7% (27.5% with the cheaper switch; the 1% window with wear alone
+  31.6%). With `rule_noise` 1 it switched on LIRS cs at 564 entries on a lead of 25 hits in
+  287 requests and fell from 33.5% to 32.2%; with 1.25 it keeps 33.6%.
 - Why the denser sketch (`width_factor` 8): the admission rules compare estimates that differ
   by one access, so collisions decide admissions; at 16 counters per entry a W-TinyLFU got 11.0%
   on LIRS gli at 250 entries, at 32 16.5%.
-- Known misses (2026-12-04; the JSON lists every one): theine's row on the short LIRS traces
-  gli at 250 and 500 entries (-1.1, -1.7) and cs at 141 (-1.1), where the first configuration
-  is not the best and the trace ends before a lead is clear; CloudPhysics at 9,795 (-5.3: the
-  whole window leads in a middle phase, the policy follows it late and comes back late); the
-  phase family at 10,000 entries (-2.2 to LRU, -2.5 to theine: scores remember about two
-  phases there); and where ARC wins by far: the trend family (-3.0 at 250 entries) and ARC P3
-  at 152,509 (-5.8).
+- Known misses (2026-12-04; the JSON lists every one): theine's row on the short LIRS trace
+  gli at 250 and 500 entries (-1.1, -1.6), where the first configuration is not the best and
+  the trace ends before a lead is clear; CloudPhysics at 9,795 (-3.5: the whole window leads
+  in a middle phase, the policy follows it late and comes back late); the phase family at
+  10,000 entries (-2.2 to LRU, -2.5 to theine: scores remember about two phases there); and
+  where ARC wins by far: the trend family (-3.0 at 250 entries) and ARC P3 at 152,509 (-5.8).
 """
 
 from __future__ import annotations

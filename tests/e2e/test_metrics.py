@@ -18,16 +18,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 
 from cluster.keys import routing_key
-from cluster.ray_secret import shared_secret
-from cluster.sharing.directory_actor import ACTOR_NAMESPACE, directory_actor
-from cluster.sharing.redis_store import redis_key
+from cluster.sharing.directory_actor import directory_actor
 from cluster.sharing.ring import Ring
 from serve_app.api.auth import OTHER_TENANTS
-from serve_app.api.completions import CompletionJob, parse_completion_request
+from serve_app.api.completions import CompletionJob
 from serve_app.config import parse_args
 from serve_app.models import ByteTokenizer, SamplingParams
-from serve_app.replica.answers import completion_key
 from tests.conftest import API_KEYS, APP_NAME
+from tests.support.answer_keys import answer_redis_key
 from tests.support.processes import wait_until
 from tests.unit.test_grafana_dashboard import dashboard_metrics
 
@@ -184,23 +182,6 @@ def namespace_of(running_app) -> str:
     return running_app.app_args()["namespace"]
 
 
-def redis_key_of(running_app, tenant: str, body: dict[str, object]) -> str:
-    """The Redis key the replicas look `body`'s answer up under for `tenant` (the test is a
-    driver of the cluster: it reads the cluster secret as a replica does)."""
-    namespace = namespace_of(running_app)
-    request = parse_completion_request(body)
-    job = CompletionJob(
-        model=MODEL,
-        tenant=tenant,
-        prompt_tokens=tuple(ByteTokenizer().encode(request.prompt)),
-        params=request.sampling_params(),
-    )
-    versions = ray.get_actor(f"versions-{namespace}", namespace=ACTOR_NAMESPACE)
-    record = ray.get(versions.current.remote())[MODEL]
-    key = completion_key(namespace, shared_secret(namespace, None), job, record)
-    return redis_key(namespace, MODEL, record.version, "r", key)
-
-
 def job_for(namespace: str, prompt: str) -> CompletionJob:
     """Alice's job of `prompt`, as the ingress builds it, for a handle to the replicas."""
     tokens = tuple(ByteTokenizer().encode(prompt))
@@ -282,7 +263,7 @@ def events(running_app, metrics_url, redis_server) -> Events:
         assert len(invalidated.json()["acknowledged"]) == running_app.replica_count()
         # A value in Redis under a live key that is no envelope: refused as corrupt.
         body = completion(f"Corrupted in Redis for the metrics {marker}")
-        redis_server.client().set(redis_key_of(running_app, "alice", body), b"not an envelope")
+        redis_server.client().set(answer_redis_key(running_app, "alice", body), b"not an envelope")
         assert http.post("/v1/completions", json=body).json()["cache"]["hit"] is False
     # One document, two questions: the second asked of the replica that does not own it,
     # which fetches the document's blocks from the owner (the prompts share their routing key).

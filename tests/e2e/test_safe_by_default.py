@@ -21,16 +21,11 @@ import pytest
 import ray
 
 from cluster.codec import encode
-from cluster.ray_secret import shared_secret
 from cluster.secret import ClusterSecret
-from cluster.sharing.directory_actor import ACTOR_NAMESPACE, directory_actor
+from cluster.sharing.directory_actor import directory_actor
 from cluster.sharing.peer_blocks import Status, encode_request
 from cluster.sharing.proto import peer_pb2, peer_pb2_grpc
-from cluster.sharing.redis_store import redis_key
-from cluster.versions.records import ModelVersion
-from serve_app.api.completions import CompletionJob, parse_completion_request
-from serve_app.models import ByteTokenizer
-from serve_app.replica.answers import completion_key
+from tests.support.answer_keys import answer_redis_key, serving_version
 from tests.support.processes import wait_until
 
 pytestmark = pytest.mark.e2e
@@ -45,25 +40,10 @@ def completion(prompt: str, **overrides: object) -> dict[str, object]:
 
 
 def redis_key_of(running_app, tenant: str, body: dict[str, object]) -> str:
-    """The Redis key the replicas look `body` up under for `tenant`."""
+    """The Redis key the replicas look `body` up under for `tenant`, at `VERSION`."""
     namespace = running_app.app_args()["namespace"]
-    request = parse_completion_request(body)
-    job = CompletionJob(
-        model=MODEL,
-        tenant=tenant,
-        prompt_tokens=tuple(ByteTokenizer().encode(request.prompt)),
-        params=request.sampling_params(),
-    )
-    key = completion_key(namespace, shared_secret(namespace, None), job, serving_version(namespace))
-    return redis_key(namespace, MODEL, VERSION, "r", key)
-
-
-def serving_version(namespace: str) -> ModelVersion:
-    """The record of `MODEL` the replicas serve: its generation enters the result keys."""
-    versions = ray.get_actor(f"versions-{namespace}", namespace=ACTOR_NAMESPACE)
-    current = ray.get(versions.current.remote())[MODEL]
-    assert current.version == VERSION
-    return current
+    assert serving_version(namespace, MODEL).version == VERSION
+    return answer_redis_key(running_app, tenant, body)
 
 
 @pytest.mark.parametrize(

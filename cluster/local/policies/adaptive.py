@@ -26,6 +26,10 @@ same requests and runs whichever has recently scored the most hits:
   (sqrt(requests)); each switch multiplies the margin by `backoff` and each decay period
   takes it back by `recovery`, so that configurations that win alternate phases of a periodic
   workload do not make the policy flap.
+- **A switch of admission rule alone is cheap**: between configurations with the same window
+  nothing moves and the contents need not catch up, so the leader needs only a lead over
+  chance (`rule_noise` standard deviations, no margin) and the margin does not grow; otherwise
+  a lead built up in an earlier phase keeps the worse rule long after the other has overtaken.
 - **A switch** moves the window boundary (keys change segment, nothing is evicted) and sets the
   admission rule.
 """
@@ -89,6 +93,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         "_noise",
         "_recovery",
         "_requests",
+        "_rule_noise",
         "_sample_mask",
         "_scores",
         "_seen",
@@ -113,6 +118,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         switch_margin: float = 0.02,
         backoff: float = 2.0,
         noise: float = 1.0,
+        rule_noise: float = 1.25,
         recovery: float = 0.9,
         warmup: float = 1.0,
         warmup_margin: float = 5.0,
@@ -141,6 +147,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         self._switch_margin = self._margin = switch_margin
         self._backoff = backoff
         self._noise = noise
+        self._rule_noise = rule_noise
         self._recovery = recovery
         self._warming = True
         self._warm_start: int | None = None
@@ -213,9 +220,13 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             self._scores = scores = [score / 2 for score in scores]
             self._margin = max(self._switch_margin, self._margin * self._recovery)
         best = max(range(len(scores)), key=scores.__getitem__)
+        lead = scores[best] - scores[self.config]
         requests = self._requests
-        bar = margin * requests + self._noise * requests**0.5 + _MIN_LEAD
-        if scores[best] - scores[self.config] > bar:
+        configs = self._configs
+        if configs[best].window_fraction == configs[self.config].window_fraction:
+            if lead > self._rule_noise * requests**0.5 + _MIN_LEAD:
+                self._adopt(best)
+        elif lead > margin * requests + self._noise * requests**0.5 + _MIN_LEAD:
             self._adopt(best)
             self._margin *= self._backoff
 

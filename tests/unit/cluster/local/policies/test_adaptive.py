@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cluster.local.policies import make_policy
-from cluster.local.policies.adaptive import CONFIGS, AdaptiveTinyLFUPolicy, sample_rate
+from cluster.local.policies.adaptive import CONFIGS, AdaptiveTinyLFUPolicy, Config, sample_rate
 from cluster.simulation import workloads
 from cluster.simulation.simulate import replay
 
@@ -76,6 +76,16 @@ def test_the_configuration_in_use_changes_only_with_a_lead() -> None:
     assert policy.config == start
     replay(policy, workloads.loop(20_000, length=300, noise=0.0))
     assert CONFIGS[policy.config].window_fraction < 1.0  # CLOCK keeps nothing of a loop
+    policy.check_integrity()
+
+
+def test_a_switch_of_admission_rule_alone_leaves_the_margin() -> None:
+    """Configurations with the same window differ only in admission: nothing moves, no backoff."""
+    configs = (Config(0.01, 0, 0), Config(0.01, 3, 6))
+    policy = AdaptiveTinyLFUPolicy(200, configs=configs, initial=1)
+    replay(policy, workloads.loop(20_000, length=300, noise=0.0))
+    assert policy.config == 0  # strict admission keeps a loop's stable part
+    assert policy._margin == policy._switch_margin
     policy.check_integrity()
 
 
