@@ -126,13 +126,12 @@ class Load:
                     "temperature": 0,
                 }
                 started = time.monotonic() - self._started
+                answer = Answer(started, started, 0, prompt)
                 try:
                     response = client.post("/v1/completions", json=body)
                 except httpx.HTTPError as exc:
-                    answer = Answer(started, time.monotonic() - self._started, 0, prompt)
                     answer.error = f"{type(exc).__name__}: {exc}"
                 else:
-                    answer = Answer(started, time.monotonic() - self._started, 0, prompt)
                     answer.status = response.status_code
                     if response.status_code == 200:
                         data = response.json()
@@ -142,6 +141,7 @@ class Load:
                         answer.tier = cache.get("tier") if cache.get("hit") else "miss"
                     else:
                         answer.error = response.text[:300]
+                answer.ended = time.monotonic() - self._started
                 with self._lock:
                     self.answers.append(answer)
 

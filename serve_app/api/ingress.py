@@ -407,14 +407,19 @@ class Ingress(GrpcMethods):
         try:
             return await method.remote(job)
         except REPLICA_LOST as exc:
-            if isinstance(job, CompletionJob) and not job.params.is_deterministic:
-                raise ReplicaUnavailable("the request's replica failed") from exc
-            logger.warning("a replica failed under a request; running it once more: %s", exc)
-        self._metrics.retried(job.model)
+            self._run_again(job, exc)
         try:
             return await method.remote(job)
         except REPLICA_LOST as exc:
             raise ReplicaUnavailable("the request's replica failed, twice") from exc
+
+    def _run_again(self, job: CompletionJob | EmbeddingJob, exc: Exception) -> None:
+        """`job`'s replica died under it (`exc`): count and log the run to come, or raise
+        `ReplicaUnavailable` for a sampled job, which is not run again."""
+        if isinstance(job, CompletionJob) and not job.params.is_deterministic:
+            raise ReplicaUnavailable("the request's replica failed") from exc
+        logger.warning("a replica failed under a request; running it once more: %s", exc)
+        self._metrics.retried(job.model)
 
     def _answered(
         self, endpoint: Endpoint, response: dict[str, Any], started: float, tenant_label: str
@@ -449,10 +454,7 @@ class Ingress(GrpcMethods):
             try:
                 event = await anext(events)
             except REPLICA_LOST as exc:
-                if not job.params.is_deterministic:
-                    raise ReplicaUnavailable("the request's replica failed") from exc
-                logger.warning("a replica failed under a stream; running it once more: %s", exc)
-                self._metrics.retried(job.model)
+                self._run_again(job, exc)
                 await events.aclose()
                 events = self._events(job)
                 event = await anext(events)
