@@ -3,6 +3,7 @@ two hops, side by side in one run.
 
     python -m benchmarks.hit_floor [--config configs/cluster.yaml] [--prompts 20]
                                    [--requests 300] [--clients 16] [--throughput-s 5]
+                                   [--ingress-cache config|off]
                                    [--json benchmarks/results/hit_floor.json]
 
 Starts its own redis-server (free port) and Ray cluster (a temporary directory, 4 logical CPUs),
@@ -10,9 +11,10 @@ then `serve run` of one Serve config with three applications on one HTTP port:
 
   raycache   configs/cluster.yaml's application as it is, at `/`;
   two_hop    `benchmarks.noop_stream_app:app` at `/noop`: proxy -> ingress -> a second
-             deployment, which returns the text (the hops of a cached raycache answer today);
+             deployment, which returns the text (the hops of a hit a replica answers, as
+             with `--ingress-cache off`);
   one_hop    `benchmarks.noop_stream_app:one_hop_app` at `/noop1`: proxy -> ingress, which
-             answers itself.
+             answers itself (the hops of a hit the ingress answers).
 
 `--prompts` distinct greedy completions are computed once on raycache (not measured). Then
 latency: `--requests` rounds, each sending one request to every application in a shuffled
@@ -151,11 +153,19 @@ def main() -> None:
     parser.add_argument("--throughput-s", type=float, default=5.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
+        "--ingress-cache",
+        choices=("config", "off"),
+        default="config",
+        help="off: hits take the ingress -> replica hop (the cache before the ingress had one)",
+    )
+    parser.add_argument(
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "hit_floor.json"
     )
     options = parser.parse_args()
     options.json.parent.mkdir(parents=True, exist_ok=True)
     base = yaml.safe_load(options.config.read_text())
+    if options.ingress_cache == "off":
+        base["applications"][0]["args"]["ingress_cache"] = {"enabled": False}
 
     load_before = os.getloadavg()
     workdir = Path(tempfile.mkdtemp(prefix="hit-floor-"))

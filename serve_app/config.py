@@ -182,6 +182,22 @@ class ResultCacheSettings(StrictModel):
         return self.ttl_s * (1 + self.ttl_jitter)
 
 
+class IngressCacheSettings(StrictModel):
+    """The ingress's own cache of deterministic completions, answered without the hop to a
+    replica (fenced by versions and invalidations as the replicas' caches are; it takes their
+    policy and lifetime from `result_cache`)."""
+
+    enabled: bool = Field(
+        default=True, description="Answer repeated deterministic completions at the ingress."
+    )
+    max_bytes: int = Field(
+        default=32 * 1024 * 1024,
+        ge=0,
+        description="Byte budget of the answers each ingress replica keeps (bytes).",
+    )
+    max_entries: int = Field(default=50_000, ge=0, description="Most answers kept (entries).")
+
+
 class PinnedPrompt(StrictModel):
     """A prompt prefix (a system prompt) computed at start-up and never evicted."""
 
@@ -303,6 +319,7 @@ class AppArgs(StrictModel):
         description="Models served by every replica.",
     )
     result_cache: ResultCacheSettings = Field(default_factory=ResultCacheSettings)
+    ingress_cache: IngressCacheSettings = Field(default_factory=IngressCacheSettings)
     prefix_cache: PrefixCacheSettings = Field(default_factory=PrefixCacheSettings)
     peer: PeerSettings = Field(default_factory=PeerSettings)
     model_pool: ModelPoolSettings = Field(default_factory=ModelPoolSettings)

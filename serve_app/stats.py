@@ -1,4 +1,5 @@
-"""The `/v1/cache/stats` document: per-replica counters and their cluster total.
+"""The `/v1/cache/stats` document: per-replica counters and their cluster total, and the
+counters of the ingress replica that answered (`ingress`: its own cache of answers).
 
 Shape of one replica's entry (and of `total`):
 
@@ -85,6 +86,14 @@ def total_stats(replicas: Iterable[Mapping[str, Any]]) -> dict[str, Any]:
     return total
 
 
-def cluster_stats(replicas: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The whole document: `{"total": ..., "replicas": {replica_id: ...}}`."""
-    return {"total": total_stats(replicas.values()), "replicas": dict(replicas)}
+def cluster_stats(
+    replicas: Mapping[str, Mapping[str, Any]], ingress: CacheStats = EMPTY
+) -> dict[str, Any]:
+    """The whole document: `{"total": ..., "replicas": {replica_id: ...}, "ingress": ...}`,
+    `ingress` with the six counters of a tier (zeros when the ingress keeps no answers). The
+    total counts the replicas' lookups: a request the ingress answered asked no replica."""
+    return {
+        "total": total_stats(replicas.values()),
+        "replicas": dict(replicas),
+        "ingress": _counters(ingress),
+    }

@@ -98,9 +98,14 @@ class RunningApp:
 
         return grpc.insecure_channel(f"127.0.0.1:{self.config['grpc_options']['port']}")
 
-    def replica_count(self) -> int:
+    def replica_count(self, deployment: str = "ModelReplica") -> int:
         deployments = self.config["applications"][0]["deployments"]
-        return next(d["num_replicas"] for d in deployments if d["name"] == "ModelReplica")
+        return next(d["num_replicas"] for d in deployments if d["name"] == deployment)
+
+    def subscriber_count(self) -> int:
+        """Who acknowledges a publish or an invalidation: every model replica, and every
+        ingress replica (it keeps answers of its own)."""
+        return self.replica_count() + self.replica_count("Ingress")
 
 
 @pytest.fixture(scope="session")

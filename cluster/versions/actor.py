@@ -183,9 +183,12 @@ class VersionActor:
         rules_seq: int,
         failures: Mapping[str, tuple[int, str]],
         timeout_s: float,
+        holds_weights: bool = True,
     ) -> VersionUpdate:
         """Acknowledge what `replica_id` applied, then return what it lacks as soon as there is
-        something, or an empty update after `timeout_s`."""
+        something, or an empty update after `timeout_s`. `holds_weights`: false for a
+        subscriber that loads no weights (an ingress), whose acknowledgement does not keep a
+        version that loaded nowhere from being rolled back."""
         await self._load()
         for record in applied.values():
             if record.generation > 0 and self._registry.adopt(record):
@@ -194,7 +197,7 @@ class VersionActor:
         self._next_rule_seq = max(self._next_rule_seq, rules_seq + 1)
         generations = {model: record.generation for model, record in applied.items()}
         self._subscriptions.acknowledge(
-            replica_id, generations, rules_seq, failures, time.monotonic()
+            replica_id, generations, rules_seq, failures, time.monotonic(), holds_weights
         )
         self._events()[1].set()
         await self._readmit_if_caught_up(replica_id)
@@ -416,7 +419,8 @@ class VersionActor:
                 acknowledged.append(rid)
             else:
                 missing.append(rid)
-        return PublishOutcome(record, tuple(acknowledged), tuple(missing), failed)
+        weightless = tuple(r for r in acknowledged if not self._subscriptions.holds_weights(r))
+        return PublishOutcome(record, tuple(acknowledged), tuple(missing), failed, None, weightless)
 
     def _has_reached(self, replica_id: str, record: ModelVersion | None, rule_seq: int) -> bool:
         if record is None:

@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import ray
 from ray.actor import ActorHandle
@@ -36,7 +36,7 @@ from cluster.versions.invalidation import InvalidationRule
 from cluster.versions.records import ModelVersion
 from cluster.versions.store import VersionStore
 
-__all__ = ["VersionFollower"]
+__all__ = ["AlwaysCurrent", "VersionFollower", "VersionView"]
 
 logger = logging.getLogger(__name__)
 
@@ -45,6 +45,24 @@ CALL_TIMEOUT_S = 5.0
 RETRY_PAUSE_S = 0.5
 FAILED_RETRY_PAUSE_S = 1.0
 CONTACT_S = 10.0
+
+
+class VersionView(Protocol):
+    """What a cache needs to know of published versions (a `VersionFollower` tells it)."""
+
+    def lagging(self, model: str) -> bool: ...
+
+    def in_contact(self) -> bool: ...
+
+
+class AlwaysCurrent:
+    """The view of a process alone: what it serves is current, and it is never out of touch."""
+
+    def lagging(self, model: str) -> bool:
+        return False
+
+    def in_contact(self) -> bool:
+        return True
 
 
 class VersionFollower:
@@ -62,10 +80,14 @@ class VersionFollower:
         contact_s: float = CONTACT_S,
         clock: Callable[[], float] = time.monotonic,
         on_change: Callable[[], None] | None = None,
+        holds_weights: bool = True,
     ) -> None:
         """`on_change()` is called (in the follower's threads) whenever `lagging` may have
-        changed: a newer version heard, or one applied."""
+        changed: a newer version heard, or one applied. `holds_weights`: false for a follower
+        whose `apply_version` loads no weights (an ingress's cache), which the actor must not
+        count as a replica that could load a version."""
         self.replica_id = replica_id
+        self._holds_weights = holds_weights
         self._on_change = on_change
         self._actor = actor
         self._apply_version = apply_version
@@ -190,6 +212,7 @@ class VersionFollower:
                             self._rules_seq,
                             self.failures(),
                             self._watch_timeout_s,
+                            self._holds_weights,
                         ),
                         timeout=self._watch_timeout_s + CALL_TIMEOUT_S,
                     ),

@@ -242,6 +242,10 @@ class PublishOutcome:
     it was made current again: `restored` is that record (a new generation), and the failed
     one is current nowhere. Every replica still behind the current version is out of the ring
     until it catches up.
+
+    `weightless` are the acknowledging subscribers that hold no weights (ingress replicas,
+    which apply a version by dropping the answers they keep): their acknowledgement says
+    nothing of whether the weights load.
     """
 
     record: ModelVersion | None
@@ -249,6 +253,7 @@ class PublishOutcome:
     missing: tuple[str, ...]
     failed: Mapping[str, str] = field(default_factory=dict)
     restored: ModelVersion | None = None
+    weightless: tuple[str, ...] = ()
 
     @property
     def complete(self) -> bool:
@@ -262,8 +267,8 @@ class PublishOutcome:
 
     @property
     def loaded_nowhere(self) -> bool:
-        """Whether replicas answered and every one that did failed to apply it."""
-        return bool(self.failed) and not self.acknowledged
+        """Whether replicas answered and every one holding weights that did failed to apply it."""
+        return bool(self.failed) and not set(self.acknowledged) - set(self.weightless)
 
     def as_json(self) -> dict[str, Any]:
         record, restored = self.record, self.restored
@@ -289,6 +294,7 @@ class _Subscriber:
     applied: dict[str, int] = field(default_factory=dict)
     rules_seq: int = 0
     failures: dict[str, tuple[int, str]] = field(default_factory=dict)
+    holds_weights: bool = True
 
 
 class Subscriptions:
@@ -315,15 +321,22 @@ class Subscriptions:
         rules_seq: int,
         failures: Mapping[str, tuple[int, str]],
         now: float,
+        holds_weights: bool = True,
     ) -> None:
         """Record what `replica_id` has applied (generation per model, last rule) and failed
-        to apply (model -> (generation, error))."""
+        to apply (model -> (generation, error)), and whether it holds weights."""
         self.renew(replica_id, now)
         subscriber = self._subscribers[replica_id]
+        subscriber.holds_weights = holds_weights
         for model, generation in applied.items():
             subscriber.applied[model] = max(subscriber.applied.get(model, 0), generation)
         subscriber.rules_seq = max(subscriber.rules_seq, rules_seq)
         subscriber.failures = dict(failures)
+
+    def holds_weights(self, replica_id: str) -> bool:
+        """Whether `replica_id` loads the weights of what it applies (an ingress does not)."""
+        subscriber = self._subscribers.get(replica_id)
+        return subscriber is None or subscriber.holds_weights
 
     def remove(self, replica_id: str) -> None:
         """Forget `replica_id` at once (a replica shutting down cleanly)."""

@@ -32,7 +32,7 @@ MAX_STOP_CHARS = 64
 MAX_INT64 = 2**63 - 1
 MAX_TOKEN_ID = 2**31 - 1
 TokenId = Annotated[int, Field(ge=0, le=MAX_TOKEN_ID)]
-CacheTier = Literal["local", "peer", "redis"]
+CacheTier = Literal["ingress", "local", "peer", "redis"]
 
 
 class StreamOptions(BaseModel):
@@ -249,6 +249,9 @@ class CompletionOutcome:
     cache_key: str | None = None
     pieces: tuple[int, ...] = ()
     """The lengths of the pieces the text was generated in (see `Generation.pieces`)."""
+    created_at: float | None = None
+    """When the answer was computed (seconds since the epoch), as its cached form records it:
+    what invalidation rules are checked against."""
 
 
 def completion_response(model: str, outcome: CompletionOutcome) -> dict[str, Any]:

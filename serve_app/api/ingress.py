@@ -41,16 +41,19 @@ from ray.serve.handle import DeploymentHandle
 
 from cluster.keys import ROUTING_PREFIX_TOKENS, routing_key
 from cluster.ray_secret import shared_secret
+from cluster.secret import ClusterSecret
 from cluster.sharing.directory_actor import directory_actor
 from cluster.sharing.redis_probe import RedisProbe
 from cluster.versions.actor import version_actor
-from cluster.versions.records import VersionRegression
-from cluster.versions.store import eviction_risk
+from cluster.versions.follower import VersionFollower
+from cluster.versions.records import ModelVersion, VersionRegression
+from cluster.versions.store import VersionStore, eviction_risk
 from serve_app.api.admin import parse_invalidation, parse_version_update, publish_update
 from serve_app.api.auth import DEFAULT_TENANT, check_admin_token, load_tenant_auth
 from serve_app.api.chat import ChatRequest, chat_response, parse_chat_request
 from serve_app.api.completions import (
     CompletionJob,
+    CompletionOutcome,
     CompletionRequest,
     SamplingFields,
     completion_response,
@@ -64,6 +67,7 @@ from serve_app.api.embeddings import (
 )
 from serve_app.api.grpc_messages import api_key
 from serve_app.api.grpc_service import GrpcMethods
+from serve_app.api.ingress_cache import IngressCache, Lookup
 from serve_app.api.request_body import read_json_body
 from serve_app.api.request_metrics import Endpoint, RequestMetrics, cache_outcome
 from serve_app.api.streaming import DONE, Kind, StreamChunks, error_event, sse
@@ -84,7 +88,8 @@ from serve_app.models.loading import (
     model_dimensions,
     model_vocab,
 )
-from serve_app.replica.streaming import StreamEnd, StreamEvent, TextPiece
+from serve_app.replica.streaming import StreamEnd, StreamEvent, TextPiece, split_pieces
+from serve_app.stats import EMPTY as EMPTY_STATS
 from serve_app.stats import cluster_stats
 
 logger = logging.getLogger(__name__)
@@ -183,6 +188,7 @@ class Ingress(GrpcMethods):
         # Before the first request is served: blocking here holds up no request.
         secret = shared_secret(self._args.namespace, self._args.configured_secret())
         self._versions = version_actor(self._args.namespace, self._args.redis_url, secret.records)
+        self._cache = self._start_cache(secret) if self._args.ingress_cache.enabled else None
         risk = eviction_risk(self._args.redis_url) if self._args.redis_url else None
         if risk is not None:
             logger.warning("%s", risk)
@@ -213,7 +219,7 @@ class Ingress(GrpcMethods):
         started = time.perf_counter()
         request = _unstreamed(parse_completion_request(body))
         job = self._completion_job(request, tenant)
-        outcome = await self._on_a_replica(self._replicas.complete, job)
+        outcome = await self._completion(job)
         response = completion_response(request.model, outcome)
         return self._answered("completions", response, started, job.tenant_label)
 
@@ -233,7 +239,7 @@ class Ingress(GrpcMethods):
         started = time.perf_counter()
         request = _unstreamed(parse_chat_request(body))
         job = await self._chat_job(request, tenant)
-        outcome = await self._on_a_replica(self._replicas.complete, job)
+        outcome = await self._completion(job)
         response = chat_response(request.model, outcome)
         return self._answered("chat", response, started, job.tenant_label)
 
@@ -323,10 +329,11 @@ class Ingress(GrpcMethods):
         }
 
     async def cache_stats(self) -> dict[str, Any]:
-        """`{"total": ..., "replicas": {replica_id: ...}}` as last reported by each replica."""
+        """`{"total": ..., "replicas": {replica_id: ...}, "ingress": ...}`: as last reported by
+        each replica, and this ingress replica's own cache now."""
         directory = directory_actor(self._args.namespace)
         replicas = await directory.stats.remote()
-        return cluster_stats(replicas)
+        return cluster_stats(replicas, self._cache.cache.stats() if self._cache else EMPTY_STATS)
 
     async def health(self) -> dict[str, Any]:
         """`{"status": "ok", "redis": "up" | "down" | "disabled", "replicas": n, "auth": ...}`;
@@ -396,6 +403,70 @@ class Ingress(GrpcMethods):
 
     # -- helpers ------------------------------------------------------------------------------
 
+    def _start_cache(self, secret: ClusterSecret) -> IngressCache:
+        """The ingress cache, following versions as a subscriber of the version actor from the
+        ones it holds now (blocking: called before the first request)."""
+        try:
+            current: dict[str, ModelVersion] = ray.get(
+                self._versions.current.remote(), timeout=DIRECTORY_TIMEOUT_S
+            )
+        except (ray.exceptions.RayError, TimeoutError):
+            current = {}  # heard from the actor's first answer to the follower
+        cache = IngressCache(
+            self._args.ingress_cache,
+            self._args.result_cache,
+            self._args.namespace,
+            secret,
+            initial=current,
+        )
+        replica = serve.get_replica_context().replica_id.unique_id
+        self._follower = VersionFollower(
+            f"ingress-{replica}",
+            actor=lambda: self._versions,
+            initial=current,
+            apply_version=cache.apply_version,
+            apply_rules=cache.apply_rules,
+            holds_weights=False,
+            store=(
+                VersionStore(self._args.redis_url, self._args.namespace, secret.records)
+                if self._args.redis_url
+                else None
+            ),
+        )
+        cache.connect(self._follower)
+        self._follower.start()
+        return cache
+
+    async def __del__(self) -> None:
+        """Serve's shutdown hook: stop following versions (unsubscribing, off the loop)."""
+        follower = getattr(self, "_follower", None)
+        if follower is not None:
+            await asyncio.to_thread(follower.stop)
+
+    def _cached(self, job: CompletionJob) -> tuple[Lookup | None, CompletionOutcome | None]:
+        """Where `job`'s answer is kept at the ingress (None when it may not be), and the
+        answer kept there (None when there is none)."""
+        cache = self._cache
+        lookup = cache.lookup(job) if cache is not None else None
+        if cache is None or lookup is None:
+            return None, None
+        kept = cache.get(lookup)
+        self._metrics.looked_up(job.model, kept is not None, tenant=job.tenant_label)
+        return lookup, kept
+
+    def _keep(self, lookup: Lookup | None, outcome: CompletionOutcome) -> None:
+        if lookup is not None and self._cache is not None:
+            self._cache.put(lookup, outcome)
+
+    async def _completion(self, job: CompletionJob) -> CompletionOutcome:
+        """`job`'s answer: kept at the ingress, or from a replica (and then kept)."""
+        lookup, kept = self._cached(job)
+        if kept is not None:
+            return kept
+        outcome: CompletionOutcome = await self._on_a_replica(self._replicas.complete, job)
+        self._keep(lookup, outcome)
+        return outcome
+
     async def _on_a_replica(
         self, method: DeploymentHandle, job: CompletionJob | EmbeddingJob
     ) -> Any:
@@ -449,6 +520,21 @@ class Ingress(GrpcMethods):
         and so that a deterministic job whose replica dies before its first event runs once
         more, as `_on_a_replica` does (once text was sent, a stream cannot be resumed)."""
         started = time.perf_counter()
+        chunks = StreamChunks(kind, request.model, request.include_usage)
+        lookup, kept = self._cached(job)
+        if kept is not None:
+            for chunk in chunks.opening():
+                yield chunk
+            if kept.text:
+                seconds = time.perf_counter() - started
+                self._metrics.first_token(job.model, kind, seconds, tenant=job.tenant_label)
+            for piece in split_pieces(kept.text, kept.pieces):
+                yield chunks.piece(piece)
+            for chunk in chunks.ending(kept):
+                yield chunk
+            seconds = time.perf_counter() - started
+            self._metrics.answered(job.model, kind, "ingress", seconds, tenant=job.tenant_label)
+            return
         events = self._events(job)
         try:
             try:
@@ -458,7 +544,6 @@ class Ingress(GrpcMethods):
                 await events.aclose()
                 events = self._events(job)
                 event = await anext(events)
-            chunks = StreamChunks(kind, request.model, request.include_usage)
             for chunk in chunks.opening():
                 yield chunk
             first = True
@@ -470,6 +555,7 @@ class Ingress(GrpcMethods):
                 yield chunks.piece(event.text)
                 event = await anext(events)
             assert isinstance(event, StreamEnd)
+            self._keep(lookup, event.outcome)
             for chunk in chunks.ending(event.outcome):
                 yield chunk
             cache = event.outcome.cache_tier or "miss"

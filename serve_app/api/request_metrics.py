@@ -4,10 +4,14 @@ by where its answer came from, the time to the first token of a stream
 requests run again because their replica died under them
 (`ray_raycache_requests_retried_total`).
 
-`cache` is the answer's tier (`local`, `peer`, `redis`), `miss` when it was computed, and for
-embeddings `partial` when some inputs were cached and some not. Labels are bounded: `model` by
-the configuration, `endpoint` and `cache` by these sets, `tenant` by the configured tenants
-(`TenantAuth.tenant_label`: a tenant the configuration names, or `other`).
+The ingress's own cache counts its lookups and hits in the replicas' series
+(`ray_raycache_result_cache_lookups_total` and `_hits_total`, tier `ingress`): a request it
+answers asks no replica, and one it does not answer is looked up at the replica as before.
+
+`cache` is the answer's tier (`ingress`, `local`, `peer`, `redis`), `miss` when it was
+computed, and for embeddings `partial` when some inputs were cached and some not. Labels are
+bounded: `model` by the configuration, `endpoint` and `cache` by these sets, `tenant` by the
+configured tenants (`TenantAuth.tenant_label`: a tenant the configuration names, or `other`).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
-from serve_app.replica.metrics import PREFIX, MetricsBackend
+from serve_app.replica.metrics import PREFIX, MetricsBackend, make_counter
 
 Endpoint = Literal["completions", "chat", "embeddings"]
 SECONDS: Final = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
@@ -46,6 +50,8 @@ class RequestMetrics:
             boundaries=list(SECONDS),
             tag_keys=("model", "endpoint", "tenant"),
         )
+        self._lookups = make_counter(backend, "result_cache_lookups")
+        self._hits = make_counter(backend, "result_cache_hits")
         self._retried = backend.Counter(
             PREFIX + "requests_retried",
             description="Requests run again on another replica after theirs died under them.",
@@ -63,6 +69,13 @@ class RequestMetrics:
         """A stream's first text after `seconds`; `tenant` is its tenant label."""
         tags = {"model": model, "endpoint": endpoint, "tenant": tenant}
         self._first_token.observe(seconds, tags)
+
+    def looked_up(self, model: str, hit: bool, *, tenant: str) -> None:
+        """The ingress's cache was asked for an answer of `model`, and had it (`hit`) or not."""
+        tags = {"model": model, "tier": "ingress", "tenant": tenant}
+        self._lookups.inc(1, tags)
+        if hit:
+            self._hits.inc(1, tags)
 
     def retried(self, model: str) -> None:
         """A request of `model` runs again, its replica having died under it."""

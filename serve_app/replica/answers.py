@@ -133,9 +133,15 @@ def cached_pieces(generation: Generation) -> tuple[int, ...]:
     return generation.pieces if sum(generation.pieces) == len(generation.text) else ()
 
 
-def encode_answer(generation: Generation, identity: AnswerIdentity, secret: ClusterSecret) -> bytes:
+def encode_answer(
+    generation: Generation,
+    identity: AnswerIdentity,
+    secret: ClusterSecret,
+    created_at: float | None = None,
+) -> bytes:
     """The envelope of `generation`, signed under `secret`, recording `identity` (so that it
-    is refused under any other key, and invalidation by key reaches every copy)."""
+    is refused under any other key, and invalidation by key reaches every copy) and when it
+    was computed (`created_at`, now when not given)."""
     answer = {
         "text": generation.text,
         "finish_reason": generation.finish_reason,
@@ -147,7 +153,7 @@ def encode_answer(generation: Generation, identity: AnswerIdentity, secret: Clus
         ANSWER_KIND,
         identity.model,
         identity.version,
-        created_at=time.time(),
+        created_at=time.time() if created_at is None else created_at,
         blob=msgpack.packb(answer),
         meta={"tenant": identity.tenant, "key": identity.key},
         secret=secret,
@@ -270,6 +276,7 @@ def _value(envelope: Envelope, tier: CacheTier) -> CompletionOutcome | Embedding
         model_version=envelope.version,
         cache_tier=tier,
         pieces=tuple(pieces),
+        created_at=envelope.created_at,
     )
 
 

@@ -65,6 +65,7 @@ from cluster.sharing.tiered_prefix import (
     PromptChain,
     TieredPrefix,
 )
+from cluster.versions.follower import AlwaysCurrent, VersionView
 from cluster.versions.invalidation import InvalidationRule, InvalidationRules
 from cluster.versions.records import ModelVersion
 from serve_app.api.completions import CompletionJob, CompletionOutcome
@@ -105,27 +106,9 @@ class OwnerLookup(Protocol):
     def owner(self, routing_key: str) -> Member | None: ...
 
 
-class VersionView(Protocol):
-    """What the replica knows of published versions (its `VersionFollower`)."""
-
-    def lagging(self, model: str) -> bool: ...
-
-    def in_contact(self) -> bool: ...
-
-
 class _NoRing:
     def owner(self, routing_key: str) -> Member | None:
         return None
-
-
-class _Current:
-    """A replica alone: what it serves is current, and it is never out of touch."""
-
-    def lagging(self, model: str) -> bool:
-        return False
-
-    def in_contact(self) -> bool:
-        return True
 
 
 @dataclass(frozen=True)
@@ -175,7 +158,7 @@ class ReplicaCore:
         self._block_hash = keyed_blake2b_256(secret.keys)
         self._tenant_salts: dict[str, str] = {}
         self._owners: OwnerLookup = _NoRing()
-        self._versions: VersionView = _Current()
+        self._versions: VersionView = AlwaysCurrent()
         self._version_changed = ChangeSignal()
         self.rules = InvalidationRules()
         self._metrics = metrics
@@ -543,6 +526,7 @@ class ReplicaCore:
                 self._in_background(
                     self._cache_answer(plan, chain, generation.text), "caching a chat answer"
                 )
+        created_at = time.time()
         outcome = CompletionOutcome(
             text=generation.text,
             finish_reason=generation.finish_reason,
@@ -552,13 +536,14 @@ class ReplicaCore:
             model_version=plan.serving.version,
             cache_tier=None,
             pieces=cached_pieces(generation),  # as a local hit serves this outcome
+            created_at=created_at,
         )
         if plan.key is None:
             return outcome, b""
         identity = AnswerIdentity(
             key=plan.key, tenant=plan.job.tenant, model=plan.job.model, version=plan.tags.version
         )
-        return outcome, encode_answer(generation, identity, self._secret)
+        return outcome, encode_answer(generation, identity, self._secret, created_at)
 
     def _observe_prefix(
         self,

@@ -107,14 +107,19 @@ _LABELS: Final = {
 }
 
 
+def make_counter(backend: MetricsBackend, name: str) -> Any:
+    """The counter `name` of this catalogue (the ingress counts its own lookups in the same
+    series, under tier `ingress`)."""
+    return backend.Counter(
+        PREFIX + name, description=_DESCRIPTIONS[name], tag_keys=_LABELS.get(name, ())
+    )
+
+
 class ReplicaMetrics:
     """The metrics of one replica (see the module docstring)."""
 
     def __init__(self, backend: MetricsBackend) -> None:
-        self._counters = {
-            name: backend.Counter(PREFIX + name, description=text, tag_keys=_LABELS.get(name, ()))
-            for name, text in _DESCRIPTIONS.items()
-        }
+        self._counters = {name: make_counter(backend, name) for name in _DESCRIPTIONS}
         self._gauges = {
             name: backend.Gauge(PREFIX + name, description=text, tag_keys=_LABELS.get(name, ()))
             for name, text in _GAUGES.items()

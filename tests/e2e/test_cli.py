@@ -81,12 +81,12 @@ def test_publish_prints_who_acknowledged(raycache, running_app):
     seed = next(m["seed"] for m in running_app.app_args()["models"] if m["id"] == MODEL)
     # The version in use again, with its own weights: every replica acknowledges, none changes.
     answer = _json(raycache("publish", MODEL, current["version"], "--seed", str(seed), "--json"))
-    assert len(answer["acknowledged"]) == running_app.replica_count()
+    assert len(answer["acknowledged"]) == running_app.subscriber_count()
     assert not answer["missing"] and not answer["failed"]
 
     table = raycache("publish", MODEL, current["version"], "--seed", str(seed))
     assert table.exit_code == 0, table.output
-    assert table.stdout.count("acknowledged") == running_app.replica_count()
+    assert table.stdout.count("acknowledged") == running_app.subscriber_count()
 
 
 def test_publish_failures_are_one_line_with_their_exit_code(raycache):
@@ -117,7 +117,7 @@ def test_invalidate_drops_an_answer_everywhere(raycache, running_app):
         key = http.post("/v1/completions", json=prompt).json()["cache"]["key"]
         assert http.post("/v1/completions", json=prompt).json()["cache"]["hit"]
         answer = _json(raycache("invalidate", "--key", key, "--json"))
-        assert len(answer["acknowledged"]) == running_app.replica_count()
+        assert len(answer["acknowledged"]) == running_app.subscriber_count()
         assert not http.post("/v1/completions", json=prompt).json()["cache"]["hit"]
     _one_line_error(raycache("invalidate"), ExitCode.USAGE, "--key")
     _one_line_error(raycache("invalidate", "--key", "not-hex"), ExitCode.REFUSED, "key")

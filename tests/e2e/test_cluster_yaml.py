@@ -32,7 +32,8 @@ def test_http_completion_is_served_from_cache_the_second_time(running_app):
     assert first.status_code == second.status_code == 200, first.text
     first, second = first.json(), second.json()
     assert first["cache"] == {"hit": False, "tier": None, "key": second["cache"]["key"]}
-    assert second["cache"] == {"hit": True, "tier": "local", "key": first["cache"]["key"]}
+    # Answered by the ingress itself: no hop to a replica.
+    assert second["cache"] == {"hit": True, "tier": "ingress", "key": first["cache"]["key"]}
     assert len(first["cache"]["key"]) == 64  # hex of a 256-bit result key
     assert answer_of(first) == answer_of(second)
     assert first["object"] == "text_completion" and first["model"] == MODEL
@@ -63,7 +64,7 @@ def test_handle_completion_is_served_from_cache_the_second_time(app_handle):
     first = app_handle.complete.remote(body).result(timeout_s=60)
     second = app_handle.complete.remote(body).result(timeout_s=60)
     assert first["cache"]["hit"] is False
-    assert {k: second["cache"][k] for k in ("hit", "tier")} == {"hit": True, "tier": "local"}
+    assert {k: second["cache"][k] for k in ("hit", "tier")} == {"hit": True, "tier": "ingress"}
     assert answer_of(first) == answer_of(second)
 
 
@@ -120,20 +121,24 @@ def test_models_lists_every_model_with_its_version(running_app):
 
 def test_stats_count_hits_and_misses_per_replica(running_app):
     with running_app.http() as http:
-        before = http.get("/v1/cache/stats").json()["total"]
+        before_all = http.get("/v1/cache/stats").json()
+        before, before_ingress = before_all["total"], before_all["ingress"]
         for _ in range(3):
             http.post("/v1/completions", json=completion("Count me"))
 
         def counted() -> bool:
-            total = http.get("/v1/cache/stats").json()["total"]
-            return total["hits"] - before["hits"] >= 2 and total["misses"] - before["misses"] >= 1
+            stats = http.get("/v1/cache/stats").json()
+            # The first request asked a replica; the ingress answered the other two itself.
+            hits = stats["ingress"]["hits"] - before_ingress["hits"]
+            return hits >= 2 and stats["total"]["misses"] - before["misses"] >= 1
 
         wait_until(counted, 10, "stats to count the new requests")
         stats = http.get("/v1/cache/stats").json()
     assert len(stats["replicas"]) == running_app.replica_count()
     total = stats["total"]
     assert total["entries"] >= 1 and total["bytes"] > 0
-    assert 0 < total["hit_ratio"] < 1
+    assert 0 <= total["hit_ratio"] < 1
+    assert stats["ingress"]["entries"] >= 1 and 0 < stats["ingress"]["hit_ratio"] < 1
     assert set(total["tiers"]) == {"local", "peer", "redis"}
     assert total["tiers"]["peer"]["hits"] == total["tiers"]["redis"]["hits"] == 0
     assert set(total["prefix"]) == {"queried_tokens", "cached_tokens"}

@@ -83,12 +83,25 @@ def counts(samples: Samples) -> dict[str, float]:
         "local_lookups": total(
             samples, "ray_raycache_result_cache_lookups_total", **alice, tier="local"
         ),
-        "hit_latencies": total(
+        "ingress_hits": total(
+            samples, "ray_raycache_result_cache_hits_total", **alice, tier="ingress"
+        ),
+        "ingress_lookups": total(
+            samples, "ray_raycache_result_cache_lookups_total", **alice, tier="ingress"
+        ),
+        "local_hit_latencies": total(
             samples,
             "ray_raycache_request_duration_seconds_count",
             **alice,
             endpoint="completions",
             cache="local",
+        ),
+        "ingress_hit_latencies": total(
+            samples,
+            "ray_raycache_request_duration_seconds_count",
+            **alice,
+            endpoint="completions",
+            cache="ingress",
         ),
         "miss_latencies": total(
             samples,
@@ -129,11 +142,15 @@ def test_known_traffic_is_counted_exactly(running_app, metrics_url):
         stream = {"model": MODEL, "prompt": prompts[0], "max_tokens": 4, "stream": True}
         with http.stream("POST", "/v1/completions", json=stream) as response:
             list(response.iter_lines())  # sampled: computed, not looked up
+    # The second round is answered by the ingress: the replicas see the first round only.
     expected = {
         "misses": 4,
-        "local_hits": 4,
-        "local_lookups": 8,
-        "hit_latencies": 4,
+        "local_hits": 0,
+        "local_lookups": 4,
+        "ingress_hits": 4,
+        "ingress_lookups": 8,
+        "local_hit_latencies": 0,
+        "ingress_hit_latencies": 4,
         "miss_latencies": 5,  # the stream's too: computed
         "first_tokens": 1,
     }
@@ -260,7 +277,7 @@ def events(running_app, metrics_url, redis_server) -> Events:
             "/v1/cache/invalidate", json={"key": key}, headers=running_app.admin_headers()
         )
         assert invalidated.status_code == 200, invalidated.text
-        assert len(invalidated.json()["acknowledged"]) == running_app.replica_count()
+        assert len(invalidated.json()["acknowledged"]) == running_app.subscriber_count()
         # A value in Redis under a live key that is no envelope: refused as corrupt.
         body = completion(f"Corrupted in Redis for the metrics {marker}")
         redis_server.client().set(answer_redis_key(running_app, "alice", body), b"not an envelope")

@@ -56,12 +56,12 @@ def test_invalidate_over_http_answers_who_acknowledged(running_app):
     prompt = {"model": MODEL, "prompt": "invalidate me", "max_tokens": 4, "temperature": 0}
     with running_app.http() as http:
         key = http.post("/v1/completions", json=prompt).json()["cache"]["key"]
-        assert http.post("/v1/completions", json=prompt).json()["cache"]["hit"]
+        assert http.post("/v1/completions", json=prompt).json()["cache"]["tier"] == "ingress"
         response = http.post(
             "/v1/cache/invalidate", json={"key": key}, headers=running_app.admin_headers()
         )
         assert response.status_code == 200, response.text
-        assert len(response.json()["acknowledged"]) == running_app.replica_count()
+        assert len(response.json()["acknowledged"]) == running_app.subscriber_count()
         assert not http.post("/v1/completions", json=prompt).json()["cache"]["hit"]
 
 
@@ -77,6 +77,11 @@ def test_serve_deploy_with_a_new_user_config_version_updates_replicas_in_place(r
         m.replica_id for m in ray.get(directory_actor(namespace).members.remote())
     )
     prompt = {"model": MODEL, "prompt": "which weights?", "max_tokens": 8, "temperature": 0}
+    with running_app.http() as http:
+        before = [http.post("/v1/completions", json=prompt).json() for _ in range(2)]
+    # Kept by the ingress too: the new version must drop it there as well.
+    assert [answer["cache"]["tier"] for answer in before] == [None, "ingress"]
+    assert before[1]["model_version"] == "1"
 
     serve.context._get_global_client().deploy_apps(ServeDeploySchema.model_validate(config))
 
@@ -100,3 +105,4 @@ def test_serve_deploy_with_a_new_user_config_version_updates_replicas_in_place(r
     for answer in answers:
         assert answer["model_version"] == "deployed-2"
         assert answer["choices"][0]["text"] == expected
+    assert answers[0]["cache"]["tier"] != "ingress" and answers[-1]["cache"]["tier"] == "ingress"

@@ -41,6 +41,7 @@ class Replica:
         redis_url: str,
         initial: ModelVersion,
         can_load: Callable[[ModelVersion], bool],
+        holds_weights: bool = True,
     ) -> None:
         self.loads: list[ModelVersion] = []
         self._can_load = can_load
@@ -53,6 +54,7 @@ class Replica:
             apply_rules=lambda rules: None,
             store=self.store,
             watch_timeout_s=1.0,
+            holds_weights=holds_weights,
         )
 
     def _load(self, record: ModelVersion) -> None:
@@ -84,13 +86,20 @@ def cluster(ray_cluster, redis_server) -> Iterator[tuple[str, ray.actor.ActorHan
             ray.kill(ray.get_actor(name, namespace=ACTOR_NAMESPACE), no_restart=True)
 
 
-def start_replicas(cluster, redis_url: str, *can_load: Callable[[ModelVersion], bool]):
-    """One started `Replica` per `can_load`, once each is subscribed."""
+def start_replicas(
+    cluster, redis_url: str, *can_load: Callable[[ModelVersion], bool], weightless: int = 0
+):
+    """One started `Replica` per `can_load`, and `weightless` followers that load nothing
+    (as an ingress), once each is subscribed."""
     namespace, actor, replicas = cluster
     current = ray.get(actor.current.remote())[MODEL]
     started = [
         Replica(f"replica-{i}", namespace, redis_url, current, loads)
         for i, loads in enumerate(can_load)
+    ]
+    started += [
+        Replica(f"ingress-{i}", namespace, redis_url, current, lambda _: True, holds_weights=False)
+        for i in range(weightless)
     ]
     replicas.extend(started)
     for replica in started:
@@ -130,6 +139,19 @@ def test_a_version_no_replica_can_load_is_rolled_back_everywhere(cluster, redis_
         "the restarted actor to reload the restored version",
         0.5,
     )
+
+
+def test_a_follower_without_weights_does_not_keep_a_version_no_replica_loads(cluster, redis_server):
+    """An ingress applies every version (it only drops answers): its acknowledgement says
+    nothing of whether the weights load."""
+    _, actor, _ = cluster
+    start_replicas(cluster, redis_server.url, loads_seeds, loads_seeds, weightless=1)
+    outcome = ray.get(
+        actor.publish.remote(MODEL, "broken", checkpoint="/ckpt/broken", timeout_s=30.0)
+    )
+    assert outcome.rolled_back, outcome
+    assert sorted(outcome.failed) == ["replica-0", "replica-1"]
+    assert outcome.acknowledged == outcome.weightless == ("ingress-0",)
 
 
 def test_a_version_some_replicas_load_is_kept(cluster, redis_server):

@@ -74,6 +74,19 @@ def members(namespace: str) -> list[str]:
     return sorted(m.replica_id for m in ray.get(directory_actor(namespace).members.remote()))
 
 
+def ingresses(namespace: str) -> list[str]:
+    """The ingress replicas following the versions (one, in these apps): they acknowledge too."""
+    actor = ray.get_actor(f"versions-{namespace}", namespace=ACTOR_NAMESPACE)
+    following = [s for s in ray.get(actor.subscribers.remote()) if s.startswith("ingress-")]
+    assert len(following) == 1, following
+    return following
+
+
+def subscribers(namespace: str) -> list[str]:
+    """Who must acknowledge a publish or an invalidation: every model replica and the ingress."""
+    return sorted(members(namespace) + ingresses(namespace))
+
+
 def ring_members(namespace: str) -> list[str]:
     snapshot = ray.get(directory_actor(namespace).snapshot.remote())
     return sorted(m.replica_id for m in snapshot.members)
@@ -82,7 +95,7 @@ def ring_members(namespace: str) -> list[str]:
 def test_under_load_every_answer_names_the_weights_that_produced_it(app):
     name, handle = app
     seeds = {"1": 0, "2": 2, "3": 3, "4": 4}
-    replicas = members(name)
+    replicas = subscribers(name)
     results: list[tuple[float, str, str, str, bool]] = []
     stop = threading.Event()
     errors: list[BaseException] = []
@@ -165,7 +178,7 @@ def test_a_label_republished_with_other_weights_never_answers_from_the_old_ones(
             MODEL, {"version": "1", "seed": 7, "force": True}
         ).result(timeout_s=120)
         returned_at = time.monotonic()
-        assert sorted(outcome["acknowledged"]) == members(name), outcome
+        assert sorted(outcome["acknowledged"]) == subscribers(name), outcome
         time.sleep(2.0)
     finally:
         stop.set()
@@ -199,7 +212,7 @@ def test_the_version_actor_comes_back_with_the_current_versions_from_redis(app, 
     outcome = handle.publish_version.remote(MODEL, {"version": "3", "seed": 3}).result(
         timeout_s=120
     )
-    assert sorted(outcome["acknowledged"]) == members(name)
+    assert sorted(outcome["acknowledged"]) == subscribers(name)
     assert outcome["generation"] == 3
     response = handle.complete.remote(body(PROMPTS[0])).result(timeout_s=60)
     assert response["model_version"] == "3"
@@ -238,7 +251,8 @@ def test_a_version_no_replica_can_load_is_rolled_back_and_serving_resumes(
     outcome = handle.publish_version.remote(
         MODEL, {"version": "broken", "checkpoint": str(broken), "timeout_s": 30}
     ).result(timeout_s=120)
-    assert outcome["acknowledged"] == [] and outcome["missing"] == []
+    # Only the ingress applied it (it loads no weights): the version loaded nowhere.
+    assert outcome["acknowledged"] == ingresses(name) and outcome["missing"] == []
     assert sorted(outcome["failed"]) == replicas, outcome
     assert outcome["rolled_back"] and outcome["restored"]["version"] == "1", outcome
 
@@ -258,7 +272,8 @@ def test_a_version_no_replica_can_load_is_rolled_back_and_serving_resumes(
     outcome = handle.publish_version.remote(MODEL, {"version": "5", "seed": 5}).result(
         timeout_s=120
     )
-    assert sorted(outcome["acknowledged"]) == replicas and not outcome["rolled_back"], outcome
+    assert sorted(outcome["acknowledged"]) == subscribers(name), outcome
+    assert not outcome["rolled_back"], outcome
     response = handle.complete.remote(body(PROMPTS[1])).result(timeout_s=60)
     assert response["model_version"] == "5" and not response["cache"]["hit"]
     assert response["choices"][0]["text"] == expected_text(5, PROMPTS[1])
@@ -273,7 +288,7 @@ def test_invalidation_reaches_every_replica_and_redis(app, redis_server):
     assert handle.complete.remote(body(PROMPTS[2])).result(timeout_s=60)["cache"]["hit"]
 
     outcome = handle.invalidate.remote({"key": key}).result(timeout_s=60)
-    assert sorted(outcome["acknowledged"]) == members(name)
+    assert sorted(outcome["acknowledged"]) == subscribers(name)
     wait_until(lambda: not redis_server.client().exists(redis_key), 30, "the Redis purge")
     again = handle.complete.remote(body(PROMPTS[2])).result(timeout_s=60)
     assert not again["cache"]["hit"]
@@ -325,7 +340,6 @@ def test_versions_announced_by_another_cluster_are_followed_even_when_a_message_
 
 def test_records_written_to_redis_without_the_secret_do_not_change_the_weights(app, redis_server):
     name, handle = app
-    replicas = members(name)
     generation = handle.models.remote().result(timeout_s=30)["data"][0]["generation"]
     evil = ModelVersion(MODEL, "evil", generation + 100, source="attacker", seed=1337)
     client = redis_server.client()
@@ -353,7 +367,7 @@ def test_records_written_to_redis_without_the_secret_do_not_change_the_weights(a
         timeout_s=120
     )
     assert outcome["generation"] == generation + 1
-    assert sorted(outcome["acknowledged"]) == replicas, outcome
+    assert sorted(outcome["acknowledged"]) == subscribers(name), outcome
 
 
 def test_admin_routes_are_closed_without_an_admin_token(app):

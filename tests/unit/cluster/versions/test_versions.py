@@ -110,6 +110,13 @@ def test_subscriptions_track_leases_and_what_each_replica_applied():
     assert subscriptions.alive(now=12.0) == ["a"]  # b's lease lapsed
 
 
+def test_subscriptions_know_who_holds_no_weights():
+    subscriptions = Subscriptions(lease_s=10)
+    subscriptions.acknowledge("replica", {"m": 1}, 0, {}, now=0.0)
+    subscriptions.acknowledge("ingress", {"m": 1}, 0, {}, now=0.0, holds_weights=False)
+    assert subscriptions.holds_weights("replica") and not subscriptions.holds_weights("ingress")
+
+
 def test_a_removed_subscriber_is_not_waited_for():
     subscriptions = Subscriptions(lease_s=10)
     subscriptions.renew("a", now=0.0)
@@ -138,6 +145,11 @@ def test_an_outcome_says_whether_it_loaded_nowhere_and_was_rolled_back():
     assert nowhere.loaded_nowhere and not nowhere.rolled_back and not nowhere.complete
     assert not PublishOutcome(failed, ("a",), (), {"b": "OSError: x"}).loaded_nowhere
     assert not PublishOutcome(failed, (), ("a",)).loaded_nowhere  # nobody answered
+    # An ingress applies every version (it drops answers, loads no weights): it proves nothing.
+    weightless = PublishOutcome(
+        failed, ("ingress-1",), (), {"a": "OSError: x"}, None, ("ingress-1",)
+    )
+    assert weightless.loaded_nowhere
     rolled = replace(nowhere, restored=restored)
     assert rolled.rolled_back
     assert rolled.as_json() == {

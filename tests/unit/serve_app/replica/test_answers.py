@@ -36,6 +36,12 @@ def test_round_trip():
     assert (outcome.model_version, outcome.cache_tier) == ("7", "redis")
 
 
+def test_the_answer_records_when_it_was_computed():
+    """What invalidation rules are checked against, wherever the answer is kept."""
+    blob = encode_answer(GENERATION, IDENTITY, SECRET, created_at=1234.5)
+    assert decode_answer(blob, "peer", SECRET, expect=IDENTITY).created_at == 1234.5
+
+
 @pytest.mark.parametrize(
     "moved",
     [
