@@ -222,6 +222,13 @@ class PrefixCacheSettings(StrictModel):
         le=1024,
         description="Blocks per Redis value when prefixes are shared through Redis (blocks).",
     )
+    share_new_tokens: int = Field(
+        default=1024,
+        ge=1,
+        description="A prompt's blocks go to Redis on their second use; a request that "
+        "computes at least this many of its prompt's tokens writes them at once, as such a "
+        "prefill costs more than the write (tokens).",
+    )
     peer_chunk_bytes: int = Field(
         default=1024 * 1024,
         ge=1,
@@ -232,6 +239,22 @@ class PrefixCacheSettings(StrictModel):
     )
     pinned: tuple[PinnedPrompt, ...] = Field(
         default=(), description="Prefixes computed at start-up and never evicted."
+    )
+
+
+class SharedWriteSettings(StrictModel):
+    """How much each tenant may write to the shared tiers (Redis, owner replicas) from one
+    replica: answers and prefix blocks past the budget stay in the local caches only."""
+
+    tenant_bytes_per_s: float | None = Field(
+        default=64 * 1024 * 1024,
+        gt=0,
+        description="Bytes per second each tenant's writes may average (bytes/s); null: no cap.",
+    )
+    tenant_burst_bytes: int = Field(
+        default=256 * 1024 * 1024,
+        gt=0,
+        description="Bytes a tenant may write at once after a quiet spell (bytes).",
     )
 
 
@@ -322,6 +345,7 @@ class AppArgs(StrictModel):
     ingress_cache: IngressCacheSettings = Field(default_factory=IngressCacheSettings)
     prefix_cache: PrefixCacheSettings = Field(default_factory=PrefixCacheSettings)
     peer: PeerSettings = Field(default_factory=PeerSettings)
+    shared_writes: SharedWriteSettings = Field(default_factory=SharedWriteSettings)
     model_pool: ModelPoolSettings = Field(default_factory=ModelPoolSettings)
     normalize_text: bool = Field(
         default=False,

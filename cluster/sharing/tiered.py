@@ -58,6 +58,7 @@ from typing import Final, Generic, Literal, Protocol, TypeVar
 from cluster.keys import ResultKey
 from cluster.local.result_cache import CacheStats, EntryTags, ResultCache
 from cluster.sharing.redis_store import redis_key
+from cluster.sharing.write_budget import TenantWriteBudget
 
 logger = logging.getLogger(__name__)
 
@@ -252,8 +253,10 @@ class TieredCache(Generic[T]):
         timer: Callable[[], float] = time.perf_counter,
         decode_remote: Decoder[T] | None = None,
         error_log_interval_s: float = ERROR_LOG_INTERVAL_S,
+        write_budget: TenantWriteBudget | None = None,
     ) -> None:
         self.local = local
+        self._write_budget = write_budget
         self._decode = decode
         self._decode_remote = decode if decode_remote is None else decode_remote
         self._peer = peer
@@ -386,8 +389,15 @@ class TieredCache(Generic[T]):
         value: T | None = None,
     ) -> None:
         """Store locally now (with `value`, the decoded `encoded`, when given: local hits then
-        serve it as it is); to the owner and to Redis in the background (may be dropped)."""
+        serve it as it is); to the owner and to Redis in the background (may be dropped, and
+        is not made when the tenant's write budget is spent)."""
         self.local.put(key, encoded, tags, decoded=value)
+        to_peer = self._peer is not None and placement.owner_address is not None
+        to_redis = self._redis is not None and placement.redis_key is not None
+        budget = self._write_budget
+        writes = (to_peer + to_redis) * len(encoded)
+        if writes and budget is not None and not budget.take(tags.tenant, writes):
+            return
         if self._peer is not None and placement.owner_address is not None:
             peer, address = self._peer, placement.owner_address
             self.enqueue(lambda: peer.put_results(address, [(key, encoded)], self._peer_timeout_s))
@@ -574,15 +584,18 @@ class TieredCache(Generic[T]):
         counters.misses += 1
         return rejection
 
-    def enqueue(self, store: Callable[[], Awaitable[object]]) -> None:
-        """Run `store` in the background; dropped (and counted) when the queue is full."""
+    def enqueue(self, store: Callable[[], Awaitable[object]]) -> bool:
+        """Run `store` in the background; False when it was dropped (and counted) because the
+        queue is full."""
         if self._writer is None:
             self._writer = asyncio.get_running_loop().create_task(self._write_forever())
         try:
             self._queue.put_nowait(store)
-            self.stats.stores_queued += 1
         except asyncio.QueueFull:
             self.stats.stores_dropped += 1
+            return False
+        self.stats.stores_queued += 1
+        return True
 
     async def _write_forever(self) -> None:
         while True:

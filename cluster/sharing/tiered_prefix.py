@@ -11,17 +11,22 @@ inserting it: a chunk that fails any check ends the fetched run, and the rest of
 prefilled locally. The chained block hash binds the tenant and the weights' generation as well.
 
 Encoding copies and signs MiBs: `encode_chunk` and the decoders are pure and safe in any thread.
-The async functions here encode in `run_off_loop`'s worker threads (a stack of the blocks, a
-copy, the MAC); chunks are decoded on the loop as each arrives, from Redis or from the owner,
-while the next is on its way (see `fetch_chunks_from_redis`). Fetched blocks are copied to the
-model's device and inserted into the cache in those threads.
+The async functions here encode shares in a thread of lower scheduler priority than
+generation (`run_in_background`: a stack of the blocks, a copy, the MAC); chunks are decoded on
+the loop as each arrives, from Redis or from the owner, while the next is on its way (see
+`fetch_chunks_from_redis`). Fetched blocks are copied to the model's device and inserted into
+the cache in `run_off_loop`'s worker threads, at the priority of the request waiting for them.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import threading
 import time
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -35,6 +40,7 @@ from cluster.local.prefix_cache import PrefixCache
 from cluster.secret import ClusterSecret
 from cluster.sharing.peer import PeerClient
 from cluster.sharing.redis_store import RedisStore, redis_key
+from cluster.sharing.write_budget import TenantWriteBudget
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +50,34 @@ CHUNK_KIND = "kv-chunk"
 # Our own threads, not the loop's default executor: generation runs there, and sharing a prefix
 # must not wait behind it (nor fill it). Two: torch's copies release the GIL.
 _WORKERS: Final = ThreadPoolExecutor(max_workers=2, thread_name_prefix="raycache-codec")
+# How many chunks a replica remembers Redis holds (a hash and a dict slot each).
+MAX_CHUNKS_REMEMBERED: Final = 16384
+# The scheduler priority (nice) of the thread that encodes shares, above the generation's 0.
+SHARING_NICENESS: Final = 10
+
+
+def _yield_to_generation() -> None:
+    """Lower this thread's scheduler priority (Linux schedules threads one by one): encoding
+    a share is background work, and takes the cores only when generation leaves them."""
+    with contextlib.suppress(AttributeError, OSError):  # no per-thread priority here
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SHARING_NICENESS)
+
+
+# One thread for writes that no request waits for, at a lower priority than generation.
+_SHARING: Final = ThreadPoolExecutor(
+    max_workers=1, thread_name_prefix="raycache-share", initializer=_yield_to_generation
+)
 
 
 async def run_off_loop(work: Callable[[], _T]) -> _T:
     """The result of `work()` run in this module's worker threads (encoding, decoding)."""
     return await asyncio.get_running_loop().run_in_executor(_WORKERS, work)
+
+
+async def run_in_background(work: Callable[[], _T]) -> _T:
+    """The result of `work()` run in the sharing thread, which yields the cores to generation
+    (encoding blocks for Redis: no request waits for it)."""
+    return await asyncio.get_running_loop().run_in_executor(_SHARING, work)
 
 
 def _own_copy(kv: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -216,7 +245,9 @@ async def store_prefix_in_redis(
         runs.append(([f[0] for f in found if f is not None], hashes[start:end]))
     if not runs:
         return 0
-    blobs = await run_off_loop(lambda: [encode_chunk(kvs, run, scope, secret) for kvs, run in runs])
+    blobs = await run_in_background(
+        lambda: [encode_chunk(kvs, run, scope, secret) for kvs, run in runs]
+    )
     items = [
         (chunk_key(namespace, scope, run[-1]), blob)
         for (_, run), blob in zip(runs, blobs, strict=True)
@@ -379,7 +410,8 @@ class TieredPrefix:
 
     `fetch` extends the locally cached run of a prompt's chain, so that the prefill that
     follows finds it in `cache`; every failure of a tier only leaves more to prefill.
-    `share` hands the store to `enqueue` (the result tier's bounded background queue).
+    `share` hands the store of the blocks worth writing (see there) to `enqueue` (the result
+    tier's bounded background queue).
     """
 
     def __init__(
@@ -391,10 +423,16 @@ class TieredPrefix:
         redis: RedisStore | None,
         redis_chunk_blocks: int,
         peer_timeout_s: float,
-        enqueue: Callable[[Callable[[], Awaitable[object]]], None],
+        enqueue: Callable[[Callable[[], Awaitable[object]]], bool],
+        share_new_tokens: int = 1024,
+        write_budget: TenantWriteBudget | None = None,
         timer: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.cache = cache
+        self._write_budget = write_budget
+        self._share_new_tokens = share_new_tokens
+        # The chunks (by their last block) this replica wrote to Redis or read from it.
+        self._in_redis: OrderedDict[BlockHash, None] = OrderedDict()
         self._secret = secret
         self._namespace = namespace
         self._peer = peer
@@ -430,6 +468,7 @@ class TieredPrefix:
             fetched.peer_fetches, fetched.peer_seconds = 1, self._timer() - started
         if self._redis is not None and self._lacks_blocks(chain):
             started = self._timer()
+            before = self.cache.cached_run(chain.hashes[: chain.usable])
             fetched.from_redis = await fetch_prefix_from_redis(
                 self._redis,
                 self.cache,
@@ -444,6 +483,9 @@ class TieredPrefix:
                 secret=self._secret,
             )
             fetched.redis_fetches, fetched.redis_seconds = 1, self._timer() - started
+            for _, end in chunk_ranges(chain.usable, self._chunk_blocks):
+                if end > before and end <= before + fetched.from_redis:
+                    self._remember_in_redis(chain.hashes[end - 1])
         self.counters.add(fetched)
         return fetched
 
@@ -452,21 +494,66 @@ class TieredPrefix:
         a tier get asked (the fetch functions return at once otherwise)."""
         return self.cache.cached_run(chain.hashes[: chain.usable]) < chain.usable
 
-    def share(self, chain: PromptChain, cached_tokens: int) -> None:
-        """Write the chunks of `chain` past its first `cached_tokens` (which came from a
-        cache, so are shared already) to Redis, in the background."""
+    def share(self, chain: PromptChain, reused_tokens: int, computed_tokens: int) -> bool:
+        """Write to Redis, in the background, the chunks of `chain` that are worth a write;
+        True when a write was queued.
+
+        A block is worth writing on its second use: the chunks within the first
+        `reused_tokens` (found in a cache by this request) that Redis does not hold yet, as
+        far as this replica knows (it wrote them, or read them there). Blocks used once are
+        not written (a prompt nobody repeats costs no encoding and no Redis memory), unless
+        this request computed at least `share_new_tokens` (`computed_tokens`): a prefill that
+        long costs more than the write, so every chunk goes at once. Nothing is written when
+        the tenant's write budget cannot pay for it.
+        """
         if self._redis is None:
-            return
-        redis, cache = self._redis, self.cache
-        self._enqueue(
+            return False
+        cache = self.cache
+        blocks = len(chain.hashes)
+        if computed_tokens >= self._share_new_tokens:
+            ranges = chunk_ranges(blocks, self._chunk_blocks)
+        else:
+            # Whole chunks only: a chunk cut where this prompt's reuse ends is keyed by this
+            # prompt's own next blocks, and only this very prompt would ever read it.
+            reused = reused_tokens // cache.block_size
+            ranges = [(s, e) for s, e in chunk_ranges(blocks, self._chunk_blocks) if e <= reused]
+        unshared = [(s, e) for s, e in ranges if chain.hashes[e - 1] not in self._in_redis]
+        if not unshared:
+            return False
+        first, last = unshared[0][0], unshared[-1][1]
+        budget = self._write_budget
+        if budget is not None and not budget.take(
+            chain.scope.tenant, self._bytes(chain, first, last)
+        ):
+            return False
+        redis = self._redis
+        queued = self._enqueue(
             lambda: store_prefix_in_redis(
                 redis,
                 cache,
-                chain.hashes,
-                already_shared=cached_tokens // cache.block_size,
+                chain.hashes[:last],
+                already_shared=first,
                 scope=chain.scope,
                 namespace=self._namespace,
                 chunk_blocks=self._chunk_blocks,
                 secret=self._secret,
             )
         )
+        if queued:
+            for _, end in unshared:
+                self._remember_in_redis(chain.hashes[end - 1])
+        return queued
+
+    def _bytes(self, chain: PromptChain, start: int, end: int) -> int:
+        """Tensor bytes of the blocks [start, end) of `chain` (every block has one shape)."""
+        found = self.cache.block_kv(chain.hashes[start])
+        return 0 if found is None else found[0].nbytes * (end - start)
+
+    def _remember_in_redis(self, chunk_end: BlockHash) -> None:
+        """Note that Redis holds the chunk ending at block `chunk_end` (bounded: the oldest
+        note goes first, and a chunk forgotten is at worst written again)."""
+        in_redis = self._in_redis
+        in_redis[chunk_end] = None
+        in_redis.move_to_end(chunk_end)
+        if len(in_redis) > MAX_CHUNKS_REMEMBERED:
+            in_redis.popitem(last=False)

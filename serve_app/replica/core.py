@@ -65,6 +65,7 @@ from cluster.sharing.tiered_prefix import (
     PromptChain,
     TieredPrefix,
 )
+from cluster.sharing.write_budget import TenantWriteBudget
 from cluster.versions.follower import AlwaysCurrent, VersionView
 from cluster.versions.invalidation import InvalidationRule, InvalidationRules
 from cluster.versions.records import ModelVersion
@@ -179,6 +180,12 @@ class ReplicaCore:
         )
         self._peer = peer
         self._redis = redis
+        writes = args.shared_writes
+        self.write_budget = (
+            TenantWriteBudget(writes.tenant_bytes_per_s, writes.tenant_burst_bytes)
+            if writes.tenant_bytes_per_s is not None
+            else None
+        )
         self.tiered: TieredCache[CompletionOutcome | EmbeddingOutcome] = TieredCache(
             self.cache,
             decode=lambda blob, key, tags: decode_answer(
@@ -191,6 +198,7 @@ class ReplicaCore:
             redis=redis,
             peer_timeout_s=args.peer.timeout_s,
             redis_ttl_s=settings.ttl_s,
+            write_budget=self.write_budget,
         )
         self.tiered_prefix = (
             TieredPrefix(
@@ -202,6 +210,8 @@ class ReplicaCore:
                 redis_chunk_blocks=prefix.redis_chunk_blocks,
                 peer_timeout_s=args.peer.timeout_s,
                 enqueue=self.tiered.enqueue,
+                share_new_tokens=prefix.share_new_tokens,
+                write_budget=self.write_budget,
             )
             if self.prefix is not None
             else None
@@ -518,7 +528,8 @@ class ReplicaCore:
             if plan.key is not None:
                 # Only a deterministic request's prompt goes to Redis: sampled requests, which
                 # are never cached, cannot fill the shared tier with prompts nobody repeats.
-                self.tiered_prefix.share(chain, cached_tokens)
+                computed = len(plan.job.prompt_tokens) - cached_tokens
+                self.tiered_prefix.share(chain, cached_tokens, computed)
             if plan.job.answer_end is not None:
                 # Held from now, not from when the background task runs: the weights must not
                 # be evicted or drained between the answer and its blocks.
@@ -662,7 +673,9 @@ class ReplicaCore:
             running.add_done_callback(lambda _: self.pool.release(plan.serving))
             await asyncio.wrap_future(running)
             if not plan.serving.retired and plan.key is not None:  # as in `_compute`
-                self.tiered_prefix.share(chain, len(prompt.hashes) * self.prefix.block_size)
+                # The answer's blocks were computed now; the prompt's were offered already.
+                added = (len(chain.hashes) - len(prompt.hashes)) * self.prefix.block_size
+                self.tiered_prefix.share(chain, 0, added)
         finally:
             self.pool.release(plan.serving)
 
@@ -782,6 +795,7 @@ class ReplicaCore:
             "stale_values": tiers.peer.stale + tiers.redis.stale,
             "single_flight_waits": tiers.single_flight_waits,
             "stores_dropped": tiers.stores_dropped,
+            "shared_writes_refused": self.write_budget.refused if self.write_budget else 0,
             "generations_stopped": self.generations_stopped,
             "expirations": local.expirations,
             # Entries dropped by invalidation rules; those of a version switch are apart.

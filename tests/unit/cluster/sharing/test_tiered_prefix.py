@@ -2,6 +2,8 @@
 the one asked for (other hashes, model, version or secret)."""
 
 import asyncio
+import os
+import sys
 import threading
 
 import pytest
@@ -11,7 +13,13 @@ from cluster.block_hashes import PrefixScope, prompt_block_hashes
 from cluster.codec import CodecError
 from cluster.secret import ClusterSecret
 from cluster.sharing import tiered_prefix
-from cluster.sharing.tiered_prefix import decode_chunk, decode_leading_chunk, encode_chunk
+from cluster.sharing.tiered_prefix import (
+    SHARING_NICENESS,
+    decode_chunk,
+    decode_leading_chunk,
+    encode_chunk,
+    run_in_background,
+)
 
 SECRET = ClusterSecret(b"shared block tests' cluster secret")
 SCOPE = PrefixScope("tenant-salt", "tiny-gpt", "1")
@@ -90,3 +98,13 @@ def test_work_off_the_loop_runs_in_a_worker_thread():
         return await tiered_prefix.run_off_loop(threading.current_thread)
 
     assert asyncio.run(main()) is not threading.main_thread()
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread priorities are Linux's")
+async def test_shares_are_encoded_at_a_lower_priority_than_generation():
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    # At least SHARING_NICENESS (a process already running nicer keeps its own).
+    assert await run_in_background(niceness) == max(niceness(), SHARING_NICENESS)

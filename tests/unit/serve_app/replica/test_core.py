@@ -245,13 +245,62 @@ async def test_a_prefix_cached_at_the_owner_is_fetched_and_the_answer_is_unchang
         await core.close()
 
 
+def prefix_keys(redis: MemoryRedis) -> list[str]:
+    return [key for key in redis.values if ":kv:" in key]
+
+
+@pytest.mark.asyncio
+async def test_a_prompt_used_once_writes_no_block_to_redis_and_its_second_use_does() -> None:
+    args, redis = app_args(), MemoryRedis()
+    core = await make_core(args, redis=redis)
+    await core.complete(job(DOCUMENT + "First question?"))
+    await core.tiered.drain()
+    assert prefix_keys(redis) == []  # a prompt nobody repeats costs Redis nothing
+    await core.complete(job(DOCUMENT + "Second question?"))
+    await core.tiered.drain()
+    written = prefix_keys(redis)
+    assert written  # the document's blocks, used twice
+    await core.complete(job(DOCUMENT + "Third question?"))
+    await core.tiered.drain()
+    assert prefix_keys(redis) == written  # already there: not written again
+    await core.close()
+
+
+@pytest.mark.asyncio
+async def test_a_long_prefill_writes_its_blocks_at_once() -> None:
+    args = app_args(prefix_cache={"block_size": BLOCK, "share_new_tokens": len(DOCUMENT)})
+    redis = MemoryRedis()
+    core = await make_core(args, redis=redis)
+    await core.complete(job(DOCUMENT))
+    await core.tiered.drain()
+    assert prefix_keys(redis)
+    await core.close()
+
+
+@pytest.mark.asyncio
+async def test_a_tenant_past_its_write_budget_writes_nothing_to_the_shared_tiers() -> None:
+    args = app_args(
+        prefix_cache={"block_size": BLOCK, "share_new_tokens": 1},
+        shared_writes={"tenant_bytes_per_s": 1, "tenant_burst_bytes": 64},
+    )
+    redis = MemoryRedis()
+    core = await make_core(args, redis=redis)
+    answer = await core.complete(job(DOCUMENT))
+    await core.tiered.drain()
+    assert answer.text == reference(args, job(DOCUMENT))  # answered, and cached locally
+    assert redis.values == {} and core.write_budget is not None and core.write_budget.refused
+    assert (await core.complete(job(DOCUMENT))).cache_tier == "local"
+    await core.close()
+
+
 @pytest.mark.asyncio
 async def test_a_prefix_shared_through_redis_is_fetched_and_the_answer_is_unchanged() -> None:
     args, redis = app_args(), MemoryRedis()
     writer = await make_core(args, "writer", redis=redis)
     await writer.complete(job(DOCUMENT))
+    await writer.complete(job(DOCUMENT + "Asked twice, the document is shared."))
     await writer.tiered.drain()
-    assert any(":kv:" in key for key in redis.values)
+    assert prefix_keys(redis)
     reader = await make_core(args, "reader", redis=redis)
     request = job(DOCUMENT + "Where do the blocks live?")
     answer = await reader.complete(request)
