@@ -38,7 +38,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import tempfile
 import threading
 import time
@@ -50,7 +49,7 @@ import httpx
 import yaml
 
 from benchmarks.chat_ttft import model_replicas
-from benchmarks.serve_cluster import RedisServer, serve_cluster
+from benchmarks.serve_cluster import RedisServer, latency_summary, serve_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-gpt"
@@ -193,21 +192,14 @@ def phases(url: str, options: argparse.Namespace, repeat: float, seed: int) -> d
             )
             for name, value in got.items():
                 totals[app][name] += value
+    if totals["off"]["hits"]:
+        raise SystemExit("the application with caching off answered from a cache")
     rates = {app: t["requests"] / t["seconds"] for app, t in totals.items()}
     return {
         "totals": totals,
         "requests_per_s": rates,
         "hit_ratio": {app: t["hits"] / max(t["requests"], 1) for app, t in totals.items()},
         "on_over_off": rates["on"] / rates["off"],
-    }
-
-
-def summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "median_ms": 1000 * statistics.median(ordered),
-        "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
-        "requests": len(ordered),
     }
 
 
@@ -233,8 +225,8 @@ def main() -> None:
     redis_server = RedisServer(workdir)
     try:
         config = serve_config(base, redis_server.url)
-        env = {"RAYCACHE_REDIS_URL": redis_server.url}
-        with serve_cluster(config, workdir, env, all_answer) as url:
+        # No RAYCACHE_REDIS_URL: it would override the `off` application's null redis_url.
+        with serve_cluster(config, workdir, {}, all_answer) as url:
             seconds = alone(url, options.alone, options.prompt_tokens, options.seed)
             distinct = phases(url, options, 0.0, options.seed + 100)
             repeats = phases(url, options, options.repeat, options.seed + 200)
@@ -242,7 +234,7 @@ def main() -> None:
         redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    latency = {name: summary(values) for name, values in seconds.items()}
+    latency = {name: latency_summary(values) for name, values in seconds.items()}
     on_miss, off_miss = latency["on"]["median_ms"], latency["off"]["median_ms"]
     hit = latency["hit"]["median_ms"]
     share = repeats["hit_ratio"]["on"]  # the repeats that were hits, as measured

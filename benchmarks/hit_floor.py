@@ -34,7 +34,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import tempfile
 import threading
 import time
@@ -45,7 +44,7 @@ import httpx
 import yaml
 
 from benchmarks.chat_ttft import model_replicas
-from benchmarks.serve_cluster import RedisServer, serve_cluster
+from benchmarks.serve_cluster import RedisServer, latency_summary, serve_cluster
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "tiny-gpt"
@@ -135,15 +134,6 @@ def throughput(url: str, app: str, prompts: list[str], clients: int, duration_s:
     return sum(done) / (time.perf_counter() - started)
 
 
-def summary(values: list[float]) -> dict[str, float]:
-    ordered = sorted(values)
-    return {
-        "median_ms": 1000 * statistics.median(ordered),
-        "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
-        "requests": len(ordered),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", type=Path, default=ROOT / "configs" / "cluster.yaml")
@@ -187,7 +177,7 @@ def main() -> None:
         redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
 
-    latency = {app: summary(values) for app, values in seconds.items()}
+    latency = {app: latency_summary(values) for app, values in seconds.items()}
     cached = latency["raycache"]["median_ms"]
     result = {
         "benchmark": "hit_floor",

@@ -9,6 +9,7 @@ cluster with one `serve run` on it.
   URL once `ready(client)` holds; on leaving it stops `serve run` and Ray and restores the
   environment. `env` is set in this process's environment first: the replicas inherit it from
   the raylet this process starts.
+- `latency_summary(seconds)`: the median and p90 of request latencies, in milliseconds.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -197,3 +199,13 @@ def _serve_run(
             except (httpx.HTTPError, ValueError):
                 pass
             time.sleep(0.5)
+
+
+def latency_summary(seconds: list[float]) -> dict[str, float]:
+    """The median and p90 (milliseconds) of request latencies given in `seconds`, and how many."""
+    ordered = sorted(seconds)
+    return {
+        "median_ms": 1000 * statistics.median(ordered),
+        "p90_ms": 1000 * ordered[int(0.9 * (len(ordered) - 1))],
+        "requests": len(ordered),
+    }
