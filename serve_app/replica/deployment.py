@@ -181,6 +181,7 @@ class ModelReplica:
                     model: error
                     for model, (_, error) in (follower.failures() if follower else {}).items()
                 },
+                "node_id": str(ray.get_runtime_context().get_node_id()),
                 "ring_size": len(snapshot.members) if snapshot else 0,
                 "ring_version": snapshot.version if snapshot else None,
                 "version_records_refused": store.rejected_records if store else 0,
