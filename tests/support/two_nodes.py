@@ -57,13 +57,16 @@ class TwoNodeCluster:
         env.update(extra)
         return env
 
-    def start(self) -> None:
+    def start(self, worker: bool = True) -> None:
+        """Start the head, and the worker unless `worker` is false (a one-node cluster)."""
         common = ["--num-cpus", str(self._cpus), "--disable-usage-stats"]
         self._ray(
             "start", "--head", "--port", str(self.gcs_port), "--temp-dir", str(self.temp_dir),
             "--include-dashboard", "false",
             "--resources", json.dumps({self.head_resource: 1}), *common,
         )  # fmt: skip
+        if not worker:
+            return
         self._ray(
             "start", "--address", self.address,
             "--resources", json.dumps({self.worker_resource: 1}), *common,
