@@ -26,6 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass, replace
 
 from cluster.keys import ResultKey
 from cluster.local.result_cache import EntryTags, ResultCache
@@ -42,16 +43,14 @@ __all__ = ["IngressCache", "Lookup"]
 MAX_TENANT_SALTS = 4096
 
 
+@dataclass(frozen=True, slots=True)
 class Lookup:
     """A deterministic job's place in the ingress cache, fixed when the job arrives: its key
-    under the version followed then, and that version."""
+    under the version followed then, that version, and the entry's tags."""
 
-    __slots__ = ("key", "record", "tags")
-
-    def __init__(self, key: ResultKey, record: ModelVersion, tags: EntryTags) -> None:
-        self.key = key
-        self.record = record
-        self.tags = tags
+    key: ResultKey
+    record: ModelVersion
+    tags: EntryTags
 
 
 class IngressCache:
@@ -122,18 +121,7 @@ class IngressCache:
         still `lookup`'s, and no rule covers the answer."""
         if outcome.cache_key != lookup.key or outcome.created_at is None:
             return False
-        kept = CompletionOutcome(
-            text=outcome.text,
-            finish_reason=outcome.finish_reason,
-            prompt_tokens=outcome.prompt_tokens,
-            completion_tokens=outcome.completion_tokens,
-            cached_tokens=0,
-            model_version=outcome.model_version,
-            cache_tier="ingress",
-            cache_key=lookup.key,
-            pieces=outcome.pieces,
-            created_at=outcome.created_at,
-        )
+        kept = replace(outcome, cached_tokens=0, cache_tier="ingress")
         # Charged as the text it holds (the object is a small dataclass around it).
         text = outcome.text.encode("utf-8", "surrogatepass")
         with self._lock:
