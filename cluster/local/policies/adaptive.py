@@ -1,12 +1,16 @@
 """The default policy: a W-TinyLFU that copies its window size and admission rule from the best
-of a few small simulations of itself that run beside it.
+of a few small simulations of itself and of ARC that run beside it, and runs as ARC when ARC
+is the best.
 
 No fixed W-TinyLFU suits every workload. A 1% window with strict admission wins where
 popularity is stable or keys loop; a window as large as the cache (CLOCK, close to LRU) wins
 where the keys that come back are the recent ones, as in chat sessions that are abandoned
 after a few turns; a main space that victims hold only by rejecting newcomers wants them worn
-down where popularity drifts. So the policy simulates each configuration of `CONFIGS` on the
-same requests and runs whichever has recently scored the most hits:
+down where popularity drifts; and where popular keys keep changing but each stays popular for
+a while (a drifting ranking, disk traces such as ARC's P3), ARC's balance of a recency list and
+a frequency list, moved by ghost hits, beats every W-TinyLFU. So the policy simulates each
+configuration of `CONFIGS` on the same requests and runs whichever has recently scored the
+most hits:
 
 - **Sampled simulations** (SHARDS, Waldspurger et al. 2015): a simulation sees only the keys
   whose hash falls in a 1/R slice and has 1/R of the capacity, which keeps its hit ratio close
@@ -26,12 +30,24 @@ same requests and runs whichever has recently scored the most hits:
   (sqrt(requests)); each switch multiplies the margin by `backoff` and each decay period
   takes it back by `recovery`, so that configurations that win alternate phases of a periodic
   workload do not make the policy flap.
+- **A switch to or from ARC needs `arc_margin` times that margin**: it keeps every resident
+  and its standing (seen once or more, how recently), so the contents catch up sooner than
+  after a move of the window, and ARC's lead where it wins (2 to 3 points) is about the usual
+  margin, which would otherwise keep the policy from ever following it.
 - **A switch of admission rule alone is cheap**: between configurations with the same window
   nothing moves and the contents need not catch up, so the leader needs only a lead over
   chance (`rule_noise` standard deviations, no margin) and the margin does not grow; otherwise
   a lead built up in an earlier phase keeps the worse rule long after the other has overtaken.
-- **A switch** moves the window boundary (keys change segment, nothing is evicted) and sets the
-  admission rule.
+- **A switch between W-TinyLFUs** moves the window boundary (keys change segment, nothing is
+  evicted) and sets the admission rule.
+- **A switch to ARC** moves the residents into an `ARCPolicy` of the same capacity, coldest
+  first (probation, protected, then the window): keys seen more than once to T2, the others
+  to T1, with T1's target scaled from the ARC simulation's. While ARC runs, this W-TinyLFU
+  holds no key, but its sketch still counts the misses. **A switch back** moves ARC's
+  residents into the W-TinyLFU, T1 before T2 (coldest first): the youngest fill the window,
+  the youngest of T2 the protected segment, the rest probation. Neither evicts anything.
+- **Entry bound**: both structures charge each key at least `capacity / max_entries`
+  (`tinylfu`'s minimum charge), so the capacity bounds the entries too, whichever runs.
 """
 
 from __future__ import annotations
@@ -39,16 +55,27 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
+from cluster.local.policies.arc import ARCPolicy
 from cluster.local.policies.base import Key, register
-from cluster.local.policies.tinylfu import CHARGE, HASH, REFS, SAMPLED, WTinyLFUPolicy
+from cluster.local.policies.tinylfu import (
+    CHARGE,
+    FREQ,
+    HASH,
+    KEY,
+    REFS,
+    SAMPLED,
+    WTinyLFUPolicy,
+)
 
 
 class Config(NamedTuple):
-    """One W-TinyLFU configuration (see `tinylfu` for the admission rule's fields)."""
+    """One W-TinyLFU configuration (see `tinylfu` for the admission rule's fields), or ARC
+    (`arc=True`, the other fields unused)."""
 
     window_fraction: float
     margin_from: int
     wear: int
+    arc: bool = False
 
     def options(self) -> dict[str, Any]:
         """The `WTinyLFUPolicy` options of this configuration (every one has a margin of 1)."""
@@ -65,6 +92,7 @@ CONFIGS = (
     Config(0.01, 3, 6),  # a first reuse gets in, and victims that only reject wear down
     Config(0.2, 3, 2),  # a larger window and faster wear, for popularity that drifts
     Config(1.0, 3, 0),  # all window: CLOCK, no admission, for recency
+    Config(0.0, 0, 0, arc=True),  # ARC: a balance of recency and frequency that it adapts
 )
 
 # The sketch hash bits that pick the sample: bits the sketch's counter indexes do not use.
@@ -81,14 +109,24 @@ def sample_rate(entries: int, min_entries: int, max_rate: int) -> int:
     return rate
 
 
+def _same_structure(a: Config, b: Config) -> bool:
+    """Whether switching between `a` and `b` moves no key: the same W-TinyLFU window."""
+    return not a.arc and not b.arc and a.window_fraction == b.window_fraction
+
+
 @register("adaptive", bounds_entries=True)
 class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
-    """W-TinyLFU whose configuration follows the best of its sampled simulations."""
+    """W-TinyLFU whose configuration follows the best of its sampled simulations; while the
+    ARC configuration runs, an `ARCPolicy` holds the resident keys and this W-TinyLFU is empty
+    but for its frequency sketch."""
 
     __slots__ = (
+        "_arc",
+        "_arc_margin",
         "_backoff",
         "_configs",
         "_decay_after",
+        "_hashes",
         "_margin",
         "_noise",
         "_recovery",
@@ -122,12 +160,13 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         recovery: float = 0.9,
         warmup: float = 1.0,
         warmup_margin: float = 5.0,
+        arc_margin: float = 0.5,
         width_factor: int = 8,
         max_entries: int | None = None,
         **options: Any,
     ) -> None:
-        if not 0 <= initial < len(configs):
-            raise ValueError(f"initial must index configs, got {initial}")
+        if not 0 <= initial < len(configs) or configs[initial].arc:
+            raise ValueError(f"initial must index a W-TinyLFU configuration, got {initial}")
         if max_sample_rate < 1 or max_sample_rate & (max_sample_rate - 1):
             raise ValueError(f"max_sample_rate must be a power of two, got {max_sample_rate}")
         options["width_factor"] = width_factor
@@ -136,10 +175,15 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         self._sample_mask = rate - 1
         small = max(1, capacity // rate)
         entries = None if max_entries is None else max(1, max_entries // rate)
-        self._simulations = [
-            WTinyLFUPolicy(small, max_entries=entries, **config.options(), **options)
+        self._simulations: list[WTinyLFUPolicy | ARCPolicy] = [
+            ARCPolicy(small)
+            if config.arc
+            else WTinyLFUPolicy(small, max_entries=entries, **config.options(), **options)
             for config in configs
         ]
+        # While ARC runs: it holds the residents, and each one's sketch hash is kept here.
+        self._arc: ARCPolicy | None = None
+        self._hashes: dict[Key, int] = {}
         self.config = initial
         self._configs = configs
         self._scores = [0.0] * len(configs)
@@ -155,25 +199,53 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         small_entries = max(1, small // self.min_charge)
         self._warmup = warmup * small_entries
         self._warmup_margin = warmup_margin
+        self._arc_margin = arc_margin
         self._decay_after = decay_factor * small_entries
 
     def _is_sampled(self, h: int) -> bool:
         return not (h >> _SAMPLE_SHIFT) & self._sample_mask
 
+    def __contains__(self, key: object) -> bool:
+        arc = self._arc
+        return key in self._index if arc is None else key in arc
+
+    def __len__(self) -> int:
+        arc = self._arc
+        return len(self._index) if arc is None else len(arc)
+
+    @property
+    def used(self) -> int:
+        arc = self._arc
+        return self._used if arc is None else arc.used
+
     def hit(self, key: Key) -> None:
-        node = self._index[key]
-        node[REFS] += 1
-        if node[SAMPLED]:
-            self._simulate(key, node[CHARGE], node[HASH])
+        arc = self._arc
+        if arc is None:
+            node = self._index[key]
+            node[REFS] += 1
+            if node[SAMPLED]:
+                self._simulate(key, node[CHARGE], node[HASH])
+            return
+        arc.hit(key)
+        h = self._hashes[key]
+        if self._is_sampled(h):
+            self._simulate(key, arc._charges[key], h)
 
     def hit_many(self, keys: Iterable[Key]) -> None:
-        index = self._index
+        keys = iter(keys)
+        if self._arc is None:
+            index = self._index
+            for key in keys:
+                node = index.get(key)
+                if node is not None:
+                    node[REFS] += 1
+                    if node[SAMPLED]:
+                        self._simulate(key, node[CHARGE], node[HASH])
+                        if self._arc is not None:
+                            break  # switched to ARC: the rest go through `hit`
         for key in keys:
-            node = index.get(key)
-            if node is not None:
-                node[REFS] += 1
-                if node[SAMPLED]:
-                    self._simulate(key, node[CHARGE], node[HASH])
+            if key in self:
+                self.hit(key)
 
     def insert(self, key: Key, charge: int = 1) -> list[Key]:
         if charge < self.min_charge:
@@ -182,15 +254,52 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             return [key]
         h = self.sketch.hash(key)
         sampled = self._is_sampled(h)
-        evicted = self.insert_hashed(key, charge, h, sampled)
+        arc = self._arc
+        if arc is None:
+            evicted = self.insert_hashed(key, charge, h, sampled)
+        else:
+            # ARC decides; the sketch still counts misses, for a switch back to W-TinyLFU.
+            self.sketch.add(h)
+            self._sightings += 1
+            if self._sightings >= self.sketch.sample_size:
+                self._age()
+            evicted = arc.insert(key, charge)
+            hashes = self._hashes
+            for gone in evicted:
+                del hashes[gone]
+            hashes[key] = h
         if sampled:
             self._simulate(key, charge, h)
         return evicted
 
+    def remove(self, key: Key) -> None:
+        arc = self._arc
+        if arc is None:
+            super().remove(key)
+        elif self._hashes.pop(key, None) is not None:
+            arc.remove(key)
+
+    def evict_one(self) -> Key | None:
+        arc = self._arc
+        if arc is None:
+            return super().evict_one()
+        key = arc.evict_one()
+        if key is not None:
+            del self._hashes[key]
+        return key
+
     def _simulate(self, key: Key, charge: int, h: int) -> None:
         """Replay a request of a sampled key on every simulation; switch when one leads."""
         scores = self._scores
+        configs = self._configs
         for i, simulation in enumerate(self._simulations):
+            if isinstance(simulation, ARCPolicy):
+                if key in simulation:
+                    simulation.hit(key)
+                    scores[i] += 1.0
+                elif charge <= simulation.capacity:
+                    simulation.insert(key, charge)
+                continue
             node = simulation._index.get(key)
             if node is not None:
                 node[REFS] += 1
@@ -201,7 +310,11 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         if self._warming:
             self._seen += 1
             if self._warm_start is None:
-                if all(simulation.departures for simulation in self._simulations):
+                if all(
+                    simulation.departures
+                    for simulation in self._simulations
+                    if isinstance(simulation, WTinyLFUPolicy)
+                ):
                     self._warm_start = self._seen
                     self._scores = [0.0] * len(scores)
                     self._requests = 0.0
@@ -222,23 +335,72 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         best = max(range(len(scores)), key=scores.__getitem__)
         lead = scores[best] - scores[self.config]
         requests = self._requests
-        configs = self._configs
-        if configs[best].window_fraction == configs[self.config].window_fraction:
+        if _same_structure(configs[best], configs[self.config]):
             if lead > self._rule_noise * requests**0.5 + _MIN_LEAD:
                 self._adopt(best)
-        elif lead > margin * requests + self._noise * requests**0.5 + _MIN_LEAD:
-            self._adopt(best)
-            self._margin *= self._backoff
+        else:
+            if configs[best].arc or configs[self.config].arc:
+                margin *= self._arc_margin
+            if lead > margin * requests + self._noise * requests**0.5 + _MIN_LEAD:
+                self._adopt(best)
+                self._margin *= self._backoff
 
     def _adopt(self, index: int) -> None:
-        """Run configuration `index` from now on."""
-        self.config = index
+        """Run configuration `index` from now on; no resident key leaves."""
         config = self._configs[index]
-        self.margin_from = config.margin_from
-        self.wear = config.wear
-        self.resize_window(round(config.window_fraction * self.capacity))
+        simulation = self._simulations[index]
+        if isinstance(simulation, ARCPolicy):
+            self._to_arc(simulation)
+        else:
+            self.margin_from = config.margin_from
+            self.wear = config.wear
+            window_max = round(config.window_fraction * self.capacity)
+            if self._arc is None:
+                self.resize_window(window_max)
+            else:
+                self._set_window_max(window_max)
+                self._from_arc()
+        self.config = index
+
+    def _to_arc(self, simulation: ARCPolicy) -> None:
+        """Move the residents into an ARC: keys seen more than once to T2, the others to T1,
+        coldest first (probation, protected, then the window), and T1's target scaled from
+        the ARC simulation's."""
+        recent: list[tuple[Key, int]] = []
+        frequent: list[tuple[Key, int]] = []
+        hashes = self._hashes
+        for node in self.take_residents():
+            key = node[KEY]
+            (frequent if node[FREQ] >= 2 else recent).append((key, node[CHARGE]))
+            hashes[key] = node[HASH]
+        arc = ARCPolicy(self.capacity)
+        arc.restore(recent, frequent, simulation.target * self.capacity / simulation.capacity)
+        self._arc = arc
+
+    def _from_arc(self) -> None:
+        """Move the residents of the ARC back into this W-TinyLFU (whose window the caller has
+        set), T1 before T2: coldest first."""
+        assert self._arc is not None
+        recent, frequent = self._arc.residents()
+        hashes = self._hashes
+        entries = [
+            (key, charge, hashes[key], self._is_sampled(hashes[key]), seen_again)
+            for keys, seen_again in ((recent, False), (frequent, True))
+            for key, charge in keys
+        ]
+        self._arc = None
+        self._hashes = {}
+        self.restore(entries)
 
     def check_integrity(self) -> None:
         super().check_integrity()
+        arc = self._arc
+        assert (arc is not None) == self._configs[self.config].arc, "structure is not config's"
+        if arc is not None:
+            arc.check_integrity()
+            assert not self._index, "W-TinyLFU holds keys while ARC runs"
+            assert self._hashes.keys() == arc._charges.keys(), "hashes drifted"
+            if self.max_entries is not None:
+                assert len(arc) <= self.max_entries, "over the entry bound"
         for simulation in self._simulations:
             simulation.check_integrity()

@@ -38,6 +38,32 @@ class ARCPolicy(ChargedPolicy):
         """The adaptive target size of T1, in charge units."""
         return self._p
 
+    def restore(
+        self,
+        recent: list[tuple[Key, int]],
+        frequent: list[tuple[Key, int]],
+        target: float,
+    ) -> None:
+        """Fill an empty ARC with resident keys and their charges, each list oldest first:
+        `recent` (seen once) becomes T1, `frequent` (seen more than once) T2, and the target
+        size of T1 becomes `target` (clamped to the capacity). The charges must fit the
+        capacity together. No ghosts are remembered.
+
+        For an owner that switches its residents from another structure to ARC.
+        """
+        assert not self._charges, "restore fills an empty ARC"
+        for keys, lst in ((recent, self._t1), (frequent, self._t2)):
+            for key, charge in keys:
+                lst[key] = charge
+                self._charges[key] = charge
+                self._used += charge
+        self._t1_used = sum(self._t1.values())
+        self._p = min(max(target, 0.0), float(self.capacity))
+
+    def residents(self) -> tuple[list[tuple[Key, int]], list[tuple[Key, int]]]:
+        """The keys and charges of T1 (seen once) and of T2 (seen more), each oldest first."""
+        return list(self._t1.items()), list(self._t2.items())
+
     def hit(self, key: Key) -> None:
         charge = self._t1.pop(key, None)
         if charge is not None:

@@ -539,6 +539,73 @@ class WTinyLFUPolicy:
         if self._protected_used > self._protected_max:
             self._demote()
 
+    def take_residents(self) -> list[Node]:
+        """Empty the policy and return its live nodes, coldest first: probation, protected, then
+        the window, each oldest first. Hits are folded into the estimates and estimates above
+        what a key came with are written to the sketch, which stays; no departure is counted.
+
+        For an owner that moves the resident keys to another structure (see `adaptive`).
+        """
+        nodes = []
+        for queue, segment in (
+            (self._probation, PROBATION),
+            (self._protected, PROTECTED),
+            (self._window, WINDOW),
+        ):
+            for node in queue:
+                if node[SEGMENT] != segment:
+                    continue
+                refs = node[REFS]
+                if refs:
+                    self._fold(node, refs)
+                if node[FREQ] > node[BASE]:
+                    self.sketch.raise_to(node[HASH], node[FREQ])
+                node[SEGMENT] = DEAD
+                nodes.append(node)
+            queue.clear()
+        self._index.clear()
+        self._dead = 0
+        self._window_used = self._protected_used = self._used = 0
+        return nodes
+
+    def restore(self, entries: list[tuple[Key, int, int, bool, bool]]) -> None:
+        """Fill an empty policy with resident keys, coldest first, each as
+        (key, charge, sketch hash, sampled, seen more than once); the charges must fit the
+        capacity together.
+
+        The youngest keys fill the window; of the others, the youngest seen more than once
+        fill the protected segment and the rest wait in probation in their order. Estimates
+        come from the sketch, at least 2 for a key seen more than once.
+        """
+        assert not self._index, "restore fills an empty policy"
+        placed: list[Node] = []
+        window_room = self._window_max
+        protected_room = self._protected_max
+        for key, charge, h, sampled, frequent in reversed(entries):
+            freq = min(max(self.sketch.estimate(h), 2 if frequent else 1), MAX_COUNT)
+            if window_room >= charge:
+                segment = WINDOW
+                window_room -= charge
+            else:
+                window_room = 0  # the window is the young end: it takes no older key
+                if frequent and protected_room >= charge:
+                    segment = PROTECTED
+                    protected_room -= charge
+                else:
+                    segment = PROBATION
+            placed.append([0, charge, freq, h, freq, segment, key, sampled])
+        queues = {WINDOW: self._window, PROBATION: self._probation, PROTECTED: self._protected}
+        for node in reversed(placed):
+            queues[node[SEGMENT]].append(node)
+            self._index[node[KEY]] = node
+            self._used += node[CHARGE]
+            if node[SEGMENT] == WINDOW:
+                self._window_used += node[CHARGE]
+            elif node[SEGMENT] == PROTECTED:
+                self._protected_used += node[CHARGE]
+        if len(self._index) > self._sketch_entries:
+            self._grow_sketch()
+
     def check_integrity(self) -> None:
         used = {WINDOW: 0, PROBATION: 0, PROTECTED: 0}
         live = 0

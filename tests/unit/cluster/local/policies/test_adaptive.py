@@ -6,6 +6,7 @@ seconds (`cluster.simulation.workloads`)."""
 from __future__ import annotations
 
 import itertools
+import random
 
 import numpy as np
 import pytest
@@ -115,3 +116,78 @@ def test_invalid_options_are_refused() -> None:
         AdaptiveTinyLFUPolicy(10, initial=len(CONFIGS))
     with pytest.raises(ValueError, match="power of two"):
         AdaptiveTinyLFUPolicy(10, max_sample_rate=3)
+
+
+ARC_INDEX = next(i for i, config in enumerate(CONFIGS) if config.arc)
+
+
+def _drive(policy: AdaptiveTinyLFUPolicy, rng: random.Random, steps: int, resident: dict) -> None:
+    """Random accesses (random charges), removals and `evict_one` calls, each checked against
+    `resident`, the keys the policy has reported resident, and the protocol's promises."""
+    for _ in range(steps):
+        key = rng.randrange(400)
+        roll = rng.random()
+        if roll < 0.05:
+            policy.remove(key)
+            resident.pop(key, None)
+        elif roll < 0.08:
+            victim = policy.evict_one()
+            assert (victim is None) == (not resident)
+            resident.pop(victim, None)
+        elif key in policy:
+            policy.hit(key)
+        else:
+            before = set(resident)
+            evicted = policy.insert(key, rng.choice((1, 1, 1, 2, 5)))
+            assert set(evicted) <= before | {key}
+            for gone in evicted:
+                resident.pop(gone, None)
+            if key not in evicted:
+                resident[key] = True
+        assert set(resident) == {k for k in resident if k in policy}
+        assert len(policy) == len(resident)
+        assert policy.used <= policy.capacity
+        if policy.max_entries is not None:
+            assert len(policy) <= policy.max_entries
+
+
+@pytest.mark.parametrize("max_entries", [None, 90])
+def test_switches_to_arc_and_back_keep_every_resident_and_the_bounds(
+    max_entries: int | None,
+) -> None:
+    """A switch moves the residents between the W-TinyLFU and an ARC and evicts nothing; both
+    keep the protocol, the capacity and the entry bound."""
+    rng = random.Random(11)
+    policy = AdaptiveTinyLFUPolicy(300, max_entries=max_entries)
+    resident: dict = {}
+    for target in (ARC_INDEX, 0, ARC_INDEX, 3, ARC_INDEX, 2, ARC_INDEX, 1):
+        _drive(policy, rng, 3_000, resident)
+        keys, used = set(resident), policy.used
+        policy._adopt(target)
+        assert {key for key in keys if key in policy} == keys and len(policy) == len(keys)
+        assert policy.used == used
+        assert (policy._arc is not None) == CONFIGS[target].arc
+        policy.check_integrity()
+    _drive(policy, rng, 3_000, resident)
+    policy.check_integrity()
+
+
+def test_hit_many_follows_a_switch_to_arc_midway() -> None:
+    policy = AdaptiveTinyLFUPolicy(100)
+    for key in range(100):
+        policy.insert(key)
+    policy._adopt(ARC_INDEX)
+    policy.hit_many([*range(50), 500])  # 500 is not resident: skipped
+    policy.check_integrity()
+    _recent, frequent = policy._arc.residents()
+    assert {key for key, _ in frequent} == set(range(50))
+
+
+def test_where_arc_wins_by_far_the_default_runs_as_arc() -> None:
+    keys = workloads.trend(60_000, keys=20_000)
+    policy = AdaptiveTinyLFUPolicy(500)
+    hits = replay(policy, keys)
+    assert policy._arc is not None
+    policy.check_integrity()
+    arc = hit_ratio("arc", 500, keys)
+    assert 100.0 * hits / len(keys) >= arc - 2.0
