@@ -5,12 +5,12 @@ is the best.
 No fixed W-TinyLFU suits every workload. A 1% window with strict admission wins where
 popularity is stable or keys loop; a window as large as the cache (CLOCK, close to LRU) wins
 where the keys that come back are the recent ones, as in chat sessions that are abandoned
-after a few turns; a main space that victims hold only by rejecting newcomers wants them worn
-down where popularity drifts; and where popular keys keep changing but each stays popular for
-a while (a drifting ranking, disk traces such as ARC's P3), ARC's balance of a recency list and
-a frequency list, moved by ghost hits, beats every W-TinyLFU. So the policy simulates each
-configuration of `CONFIGS` on the same requests and runs whichever has recently scored the
-most hits:
+after a few turns; a main space whose victims stay only by outscoring newcomers wants their
+estimates lowered where popularity drifts; and where popular keys keep changing but each stays
+popular for a while (a drifting ranking, disk traces such as ARC's P3), ARC's balance of a
+recency list and a frequency list, moved by ghost hits, beats every W-TinyLFU. So the policy
+simulates each configuration of `CONFIGS` on the same requests and runs whichever has recently
+scored the most hits:
 
 - **Sampled simulations** (SHARDS, Waldspurger et al. 2015): a simulation sees only the keys
   whose hash falls in a 1/R slice and has 1/R of the capacity, which keeps its hit ratio close
@@ -74,7 +74,7 @@ class Config(NamedTuple):
 
     window_fraction: float
     margin_from: int
-    wear: int
+    lower_every: int
     arc: bool = False
 
     def options(self) -> dict[str, Any]:
@@ -83,14 +83,14 @@ class Config(NamedTuple):
             "window_fraction": self.window_fraction,
             "admit_margin": 1,
             "margin_from": self.margin_from,
-            "wear": self.wear,
+            "lower_every": self.lower_every,
         }
 
 
 CONFIGS = (
     Config(0.01, 0, 0),  # strict: loops and scans keep a stable part
-    Config(0.01, 3, 6),  # a first reuse gets in, and victims that only reject wear down
-    Config(0.2, 3, 2),  # a larger window and faster wear, for popularity that drifts
+    Config(0.01, 3, 6),  # a first reuse gets in, and victims that only reject are lowered
+    Config(0.2, 3, 2),  # a larger window, victims lowered faster, for popularity that drifts
     Config(1.0, 3, 0),  # all window: CLOCK, no admission, for recency
     Config(0.0, 0, 0, arc=True),  # ARC: a balance of recency and frequency that it adapts
 )
@@ -353,7 +353,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             self._to_arc(simulation)
         else:
             self.margin_from = config.margin_from
-            self.wear = config.wear
+            self.lower_every = config.lower_every
             window_max = round(config.window_fraction * self.capacity)
             if self._arc is None:
                 self.resize_window(window_max)

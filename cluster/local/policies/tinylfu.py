@@ -17,9 +17,10 @@ Management", 2018):
   `admit_margin=1` discounts the access that made the candidate a candidate (without it, a loop
   larger than the cache churns forever: each newcomer leads the victim by exactly that access);
   `margin_from` applies the margin only to candidates whose estimate is at least that much
-  (`3` lets a key's first reuse in, which tells it from a one-hit wonder); `wear` takes one from
-  the estimate of a victim at every `wear`-th candidate it rejects (never below 1), so that a
-  main space filled in an earlier phase thaws before aging halves the estimates. 0 turns it off.
+  (`3` lets a key's first reuse in, which tells it from a one-hit wonder); `lower_every` takes
+  one from the estimate of a victim at every `lower_every`-th candidate it rejects (never below
+  1), so that a main space filled in an earlier phase thaws before aging halves the estimates.
+  0 turns it off.
 - Ties reject the candidate, which lets a hash-flooding attacker pin a victim by inflating its
   estimate; so a warm candidate (estimate >= 6) that is not more popular is still admitted with
   probability 1/128, from a seeded generator.
@@ -95,11 +96,11 @@ class WTinyLFUPolicy:
         "admit_margin",
         "capacity",
         "departures",
+        "lower_every",
         "margin_from",
         "max_entries",
         "min_charge",
         "sketch",
-        "wear",
     )
 
     def __init__(
@@ -110,7 +111,7 @@ class WTinyLFUPolicy:
         protected_fraction: float = 0.8,
         admit_margin: int = 0,
         margin_from: int = 0,
-        wear: int = 0,
+        lower_every: int = 0,
         seed: int = 0,
         expected_entries: int | None = None,
         sample_factor: float = 10.0,
@@ -125,8 +126,8 @@ class WTinyLFUPolicy:
             raise ValueError(f"admit_margin must be >= 0, got {admit_margin}")
         if margin_from < 0:
             raise ValueError(f"margin_from must be >= 0, got {margin_from}")
-        if wear < 0:
-            raise ValueError(f"wear must be >= 0, got {wear}")
+        if lower_every < 0:
+            raise ValueError(f"lower_every must be >= 0, got {lower_every}")
         if max_entries is not None and max_entries < 1:
             raise ValueError(f"max_entries must be >= 1 (or None), got {max_entries}")
         self.max_entries = max_entries
@@ -134,8 +135,8 @@ class WTinyLFUPolicy:
         self.min_charge = self._min_charge()
         self.admit_margin = admit_margin
         self.margin_from = margin_from
-        self.wear = wear
-        self._rejections = 0  # since the last wear (see `_wear_down`)
+        self.lower_every = lower_every
+        self._rejections = 0  # since the last lowering (see `_lower_victim`)
         self._protected_fraction = protected_fraction
         self._index: dict[Key, Node] = {}
         self._window: deque[Node] = deque()
@@ -280,8 +281,8 @@ class WTinyLFUPolicy:
                     and not victim[REFS]
                 ):
                     used -= cost
-                    if self.wear:
-                        self._wear_down(victim)
+                    if self.lower_every:
+                        self._lower_victim(victim)
                     # `_forget(candidate)`, written out; it has no hits pending (see above).
                     loser = candidate[KEY]
                     del index[loser]
@@ -321,22 +322,23 @@ class WTinyLFUPolicy:
             if victim is None or victim[SEGMENT] != PROBATION or victim[REFS]:
                 victim = self._victim()
             if victim is None or not self._admits(candidate, victim):
-                if victim is not None and self.wear:
-                    self._wear_down(victim)
+                if victim is not None and self.lower_every:
+                    self._lower_victim(victim)
                 evicted.append(self._forget(candidate))
                 return False
             evicted.append(self._evict(victim))
         return True
 
-    def _wear_down(self, victim: Node) -> None:
-        """Count a rejection by `victim`; every `wear`-th takes one from its estimate (not below 1).
+    def _lower_victim(self, victim: Node) -> None:
+        """Count a rejection by `victim`; every `lower_every`-th takes one from its estimate (not
+        below 1).
 
         Only the node's estimate drops, not the sketch's: if the victim leaves and comes back,
-        its past accesses count again (a worn estimate is written back only where it is still
+        its past accesses count again (a lowered estimate is written back only where it is still
         above the one the victim came with).
         """
         self._rejections += 1
-        if self._rejections >= self.wear:
+        if self._rejections >= self.lower_every:
             self._rejections = 0
             if victim[FREQ] > 1:
                 victim[FREQ] -= 1

@@ -102,32 +102,40 @@ def test_margin_from_exempts_a_first_reuse() -> None:
     assert admitted == {0: False, 3: True}
 
 
-def test_wear_lets_returning_keys_past_the_victims_of_an_earlier_phase() -> None:
-    """Keys read five times fill the main space; then new keys come, each read twice. The graded
-    rule rejects every newcomer while the old estimates stand; with wear, every fourth rejection
-    takes one from the victim that made it, down to 1, and newcomers replace the old keys."""
+def test_lowering_victims_lets_returning_keys_past_the_victims_of_an_earlier_phase() -> None:
+    """Keys read five times fill the main space; then new keys come, each read twice. The margin
+    rule rejects every newcomer while the old estimates stand; with `lower_every=4`, every fourth
+    rejection takes one from the victim that made it, down to 1, and newcomers replace the old
+    keys."""
     newcomers = range(1000, 1300)
     admitted = {}
-    for wear in (0, 4):
-        policy = WTinyLFUPolicy(100, admit_margin=1, margin_from=3, wear=wear)  # window: 1 key
+    for lower_every in (0, 4):
+        policy = WTinyLFUPolicy(
+            100, admit_margin=1, margin_from=3, lower_every=lower_every
+        )  # window: 1 key
         for _ in range(5):
             for key in range(100):
                 access(policy, key)
         for key in newcomers:
             access(policy, key)
             access(policy, key)
-        admitted[wear] = sum(key in policy for key in newcomers)
+        admitted[lower_every] = sum(key in policy for key in newcomers)
         policy.check_integrity()
     assert admitted[0] <= 1  # the window's
     assert admitted[4] >= 10
 
 
-def test_wear_stops_at_one() -> None:
-    """A one-time scan wears the victims down to 1, not 0, which a key seen once does not beat
+def test_lowering_stops_at_one() -> None:
+    """A one-time scan lowers the victims to 1, not 0, which a key seen once does not beat
     under the graded rule (at 0 it would: 20 hot keys lost). The sketch is large and does not
     age here, so no collision or halving lifts or lowers an estimate."""
     policy = WTinyLFUPolicy(
-        100, admit_margin=1, margin_from=3, wear=1, expected_entries=1 << 14, sample_factor=1000
+        100,
+        admit_margin=1,
+        margin_from=3,
+        lower_every=1,
+        expected_entries=1 << 14,
+        sample_factor=1000,
     )
     for _ in range(3):
         for key in range(100):
@@ -174,8 +182,8 @@ def test_invalid_options_are_refused() -> None:
         WTinyLFUPolicy(10, admit_margin=-1)
     with pytest.raises(ValueError, match="margin_from"):
         WTinyLFUPolicy(10, margin_from=-1)
-    with pytest.raises(ValueError, match="wear"):
-        WTinyLFUPolicy(10, wear=-1)
+    with pytest.raises(ValueError, match="lower_every"):
+        WTinyLFUPolicy(10, lower_every=-1)
 
 
 def test_a_used_key_gets_a_second_chance_over_an_unused_older_one() -> None:
