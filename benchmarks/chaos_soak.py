@@ -3,7 +3,7 @@ and each process's memory over time.
 
     python -m benchmarks.chaos_soak [--config configs/cluster.yaml] [--duration-s 180]
                                     [--clients 8] [--repeat 0.35] [--max-tokens 8]
-                                    [--json benchmarks/results/chaos_soak.json]
+                                    [--two-nodes] [--json benchmarks/results/chaos_soak.json]
 
 Starts its own redis-server (a fixed free port, so it can be killed and started again there)
 and Ray cluster (a temporary directory, 4 logical CPUs), then `serve run` of the config with an
@@ -19,6 +19,12 @@ is warm-up; then, at fixed fractions of the duration, one fault each:
   redis_frozen         redis-server is stopped (SIGSTOP) for 10 s, then continued
   versions_killed      the version-broadcast actor is killed (Ray restarts it)
   published            a new version of the model is published (other weights)
+  node_lost            with `--two-nodes` only: the worker node's raylet is killed, and with
+                       it the model replica (and the proxy) on that node
+
+`--two-nodes` runs the application on a Ray cluster of two nodes instead (a head and a worker
+from `ray start`, `tests/support/two_nodes.py`): a model replica on each, the ingress on the
+head, the clients on the head's proxy.
 
 Counted: `failed` (any answer but a 200), `stale` (an answer of the old version to a request
 sent after the publish was acknowledged), `inconsistent` (an answer whose text differs from
@@ -51,6 +57,8 @@ import httpx
 import yaml
 
 from benchmarks.serve_cluster import RedisServer, serve_cluster
+from benchmarks.two_nodes import app_config
+from tests.support.two_nodes import TwoNodeCluster, wait_for_http
 
 ROOT = Path(__file__).resolve().parents[1]
 ADMIN_TOKEN = "chaos-soak-admin-token"
@@ -63,6 +71,7 @@ FAULTS = (
     (0.70, "versions_killed"),
     (0.80, "published"),
 )
+NODE_LOST = (0.88, "node_lost")
 REDIS_DOWN_S = 5.0
 REDIS_FROZEN_S = 10.0
 RSS_INTERVAL_S = 2.0
@@ -183,8 +192,11 @@ def sample_memory(
                 into.append({"t": now, "pid": pid, "process": title, "rss_mb": size})
 
 
-def inject(fault: str, redis: RedisServer, namespace: str, url: str, model: str) -> dict[str, Any]:
-    """Cause `fault`; returns what happened (and, for a publish, when it was acknowledged)."""
+def inject(
+    fault: str, redis: RedisServer, namespace: str, url: str, model: str, nodes: Any = None
+) -> dict[str, Any]:
+    """Cause `fault` (`nodes`: the two-node cluster, for `node_lost`); returns what happened
+    (and, for a publish, when it was acknowledged)."""
     import ray
 
     from cluster.sharing.directory_actor import ACTOR_NAMESPACE
@@ -219,7 +231,45 @@ def inject(fault: str, redis: RedisServer, namespace: str, url: str, model: str)
         )
         detail["status"] = response.status_code
         detail["answer"] = response.json() if response.status_code == 200 else response.text
+    elif fault == "node_lost":
+        nodes.kill_worker_node()
     return detail
+
+
+class TwoNodeRun:
+    """The config's application on a Ray cluster of two nodes (a model replica on each, the
+    ingress on the head) with `redis_url` and the admin token; entering connects this process
+    to the cluster and gives the head proxy's URL."""
+
+    def __init__(self, config: dict[str, Any], workdir: Path, redis_url: str) -> None:
+        self.nodes = TwoNodeCluster()
+        self._config = app_config(config, self.nodes, redis_url, split=True)
+        self._config["applications"][0]["args"]["admin_token"] = ADMIN_TOKEN
+        self._workdir = workdir
+
+    def __enter__(self) -> str:
+        # Read when Ray is imported: the cluster `ray start` made uses token authentication.
+        os.environ["RAY_AUTH_MODE"] = "token"
+        import ray
+
+        try:
+            self.nodes.start()
+            path = self._workdir / "two-nodes.yaml"
+            path.write_text(yaml.safe_dump(self._config))
+            self.nodes.serve_run(path, self._workdir / "serve-run.log")
+            url = f"http://127.0.0.1:{self.nodes.head_http_port}"
+            wait_for_http(url, 300)
+            ray.init(address=self.nodes.address, log_to_driver=False)
+        except BaseException:
+            self.nodes.stop()
+            raise
+        return url
+
+    def __exit__(self, *_: object) -> None:
+        import ray
+
+        ray.shutdown()
+        self.nodes.stop()
 
 
 def percentiles(values: list[float]) -> dict[str, float]:
@@ -332,6 +382,7 @@ def main() -> None:
     parser.add_argument("--result-mb", type=int, default=8)
     parser.add_argument("--prefix-mb", type=int, default=32)
     parser.add_argument("--redis-mb", type=int, default=64)
+    parser.add_argument("--two-nodes", action="store_true", help="a head and a worker node")
     parser.add_argument(
         "--json", type=Path, default=ROOT / "benchmarks" / "results" / "chaos_soak.json"
     )
@@ -354,12 +405,20 @@ def main() -> None:
     memory: list[dict[str, Any]] = []
     published_at = None
     try:
-        with serve_cluster(
-            config,
-            workdir,
-            env,
-            lambda client: client.post("/v1/completions", json=probe).status_code == 200,
-        ) as url:
+        two_nodes = TwoNodeRun(config, workdir, redis.url) if options.two_nodes else None
+        running = (
+            two_nodes
+            if two_nodes is not None
+            else serve_cluster(
+                config,
+                workdir,
+                env,
+                lambda client: client.post("/v1/completions", json=probe).status_code == 200,
+            )
+        )
+        schedule = (*FAULTS, NODE_LOST) if two_nodes is not None else FAULTS
+        with running as url:
+            nodes = two_nodes.nodes if two_nodes is not None else None
             started = time.monotonic()
             load = Load(url, options, started)
             stop_sampling = threading.Event()
@@ -368,11 +427,11 @@ def main() -> None:
             )
             sampler.start()
             load.start()
-            for fraction, fault in FAULTS:
+            for fraction, fault in schedule:
                 time.sleep(max(0.0, started + fraction * options.duration_s - time.monotonic()))
                 at = time.monotonic() - started
                 print(f"{at:7.1f} s  {fault}", flush=True)
-                detail = inject(fault, redis, namespace, url, options.model)
+                detail = inject(fault, redis, namespace, url, options.model, nodes)
                 if fault == "published" and detail.get("status") == 200:
                     published_at = time.monotonic() - started
                 ended = time.monotonic() - started

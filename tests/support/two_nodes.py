@@ -12,6 +12,7 @@ would stop every Ray cluster on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -112,8 +113,15 @@ class TwoNodeCluster:
                 self._serve.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self._serve.kill()
-        for marker in (self.worker_resource, self.head_resource, str(self.temp_dir)):
-            for pid in self._pids(marker):
+        ours = {
+            pid
+            for marker in (self.worker_resource, self.head_resource, str(self.temp_dir))
+            for pid in self._pids(marker)
+        }
+        # The raylets' agents retitle themselves (`ray::DashboardAgent`) and outlive a killed
+        # raylet: found as its children, before it goes.
+        for pid in ours | _descendants(ours):
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         wait_until(lambda: not self._pids(str(self.temp_dir)), 30, "the two nodes to stop", 0.5)
         shutil.rmtree(self.temp_dir, ignore_errors=True)
@@ -143,6 +151,27 @@ class TwoNodeCluster:
             if marker in cmdline and name in cmdline:
                 found.append(int(entry.name))
         return found
+
+
+def _descendants(parents: set[int]) -> set[int]:
+    """Every process below `parents` in the process tree."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry.name))
+    found: set[int] = set()
+    todo = list(parents)
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
 
 
 def wait_for_http(url: str, timeout_s: float) -> None:
