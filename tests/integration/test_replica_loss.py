@@ -85,8 +85,11 @@ async def test_requests_in_flight_on_a_killed_replica_are_answered_by_the_other(
     before = retried(metrics_url, name)
     prompts = [f"loss {i} {uuid.uuid4().hex[:6]}" for i in range(REQUESTS)]
     calls = [asyncio.ensure_future(handle.complete.remote(body(p))) for p in prompts]
-    await asyncio.sleep(0.3)  # every request reached a replica; none has finished
-    assert not any(call.done() for call in calls)
+    await asyncio.sleep(0.3)  # every request reached a replica
+    for call in calls:
+        if call.done():
+            call.result()  # a short answer may be over already; a failure is raised here
+    assert sum(not call.done() for call in calls) >= REQUESTS // 2  # most are in flight
     ray.kill(replica_actor(name, replicas[0]), no_restart=True)
     responses = await asyncio.wait_for(asyncio.gather(*calls), timeout=120)
     for prompt, response in zip(prompts, responses, strict=True):
