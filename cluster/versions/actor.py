@@ -420,7 +420,9 @@ class VersionActor:
             else:
                 missing.append(rid)
         weightless = tuple(r for r in acknowledged if not self._subscriptions.holds_weights(r))
-        return PublishOutcome(record, tuple(acknowledged), tuple(missing), failed, None, weightless)
+        return PublishOutcome(
+            record, tuple(acknowledged), tuple(missing), failed, weightless=weightless
+        )
 
     def _has_reached(self, replica_id: str, record: ModelVersion | None, rule_seq: int) -> bool:
         if record is None:

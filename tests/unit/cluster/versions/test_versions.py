@@ -147,7 +147,7 @@ def test_an_outcome_says_whether_it_loaded_nowhere_and_was_rolled_back():
     assert not PublishOutcome(failed, (), ("a",)).loaded_nowhere  # nobody answered
     # An ingress applies every version (it drops answers, loads no weights): it proves nothing.
     weightless = PublishOutcome(
-        failed, ("ingress-1",), (), {"a": "OSError: x"}, None, ("ingress-1",)
+        failed, ("ingress-1",), (), {"a": "OSError: x"}, weightless=("ingress-1",)
     )
     assert weightless.loaded_nowhere
     rolled = replace(nowhere, restored=restored)
