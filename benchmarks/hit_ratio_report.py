@@ -51,17 +51,26 @@ Notes on the default policy (`cluster.local.policies.adaptive`), measured with t
   entries strict admission led the 1% window with lowering on scores built up in an earlier
   phase and kept the lead long after lowering had overtaken it, under a margin that grows with
   the requests; the policy got 25.7% (27.5% with the cheaper switch; the 1% window with
-  lowering alone 31.6%). With `rule_noise` 1 it switched on LIRS cs at 564 entries on a lead
-  of 25 hits in 287 requests and fell from 33.5% to 32.2%; with 1.25 it keeps 33.6%.
+  lowering alone 31.6%).
+- Why chance is judged by the requests two rules disagree on: on LIRS gli (6,015 requests) the
+  strict rule leads the one the policy starts with by 2 points, but by less than
+  1.25 sqrt(requests) hits: the policy never switched and got 14.7% at 250 entries (theine
+  15.8%). The two rules disagree on a tenth of the requests or less, and a lead of 2 standard
+  deviations of those switches at request 2,084: 16.8%. The cost: on LIRS cs at 564 entries
+  it switches at request 1,435 instead of 2,759 and gets 32.2% instead of 33.6% (theine 33.7%).
+- Why warm-up deficits are kept: on CloudPhysics at 9,795 entries the whole window was 681
+  hits behind during the warm-up, then led a burst of 474 requests right after it; the policy
+  followed it there, came back 50,000 requests later (the scores remembered that burst) and
+  got 27.5%. Starting the whole window 681 hits behind, it stays with the 1% window: 32.6%
+  (theine 31.0%).
 - Why the denser sketch (`width_factor` 8): the admission rules compare estimates that differ
   by one access, so collisions decide admissions; at 16 counters per entry a W-TinyLFU got 11.0%
   on LIRS gli at 250 entries, at 32 16.5%.
-- Known misses (2026-12-04; the JSON lists every one): theine's row on the short LIRS trace
-  gli at 250 and 500 entries (-1.1, -1.6), where the first configuration is not the best and
-  the trace ends before a lead is clear; CloudPhysics at 9,795 (-3.5: the whole window leads
-  in a middle phase, the policy follows it late and comes back late); the phase family at
-  10,000 entries (-2.2 to LRU, -2.5 to theine: scores remember about two phases there); and
-  where ARC wins by far: the trend family (-3.0 at 250 entries) and ARC P3 at 152,509 (-5.8).
+- Known misses (2026-12-06; the JSON lists every one): theine's row on LIRS cs at 564 entries
+  (-1.5, see above); the phase family at 10,000 entries (-2.2 to LRU on `phase:`, -2.1 to ARC
+  on `phase:alpha=0.7,...`): the first phase fills the cache, and the scores of a whole phase
+  in which the 1% windows led keep the policy from following the whole window for 15,000 to
+  30,000 requests after the key set changes.
 """
 
 from __future__ import annotations

@@ -21,7 +21,9 @@ scored the most hits:
   after it the large windows flush the fill's leftovers fastest, so for `warmup` x the
   simulations' entries more requests only a lead of `warmup_margin` times the usual margin
   switches (a cache that must leave its first configuration at once still can), and then the
-  scores start afresh.
+  scores start afresh but for deficits: a configuration that fell behind the one in use even
+  while the fill favoured it starts that far behind, so a short burst right after the warm-up
+  does not switch to it against what the warm-up showed.
 - **Recent scores**: hits are halved every `decay_factor` x the simulations' entries requests,
   so the choice follows a workload that changes.
 - **Switch on a clear lead only**: a switch costs hits while the contents catch up with the
@@ -38,6 +40,9 @@ scored the most hits:
   nothing moves and the contents need not catch up, so the leader needs only a lead over
   chance (`rule_noise` standard deviations, no margin) and the margin does not grow; otherwise
   a lead built up in an earlier phase keeps the worse rule long after the other has overtaken.
+  Chance is judged by the requests on which the two simulations disagree (one hit, the other
+  missed), the only ones that move the lead: two rules that agree on most requests differ
+  by chance far less than sqrt(requests), and a real lead shows within a short trace.
 - **A switch between W-TinyLFUs** moves the window boundary (keys change segment, nothing is
   evicted) and sets the admission rule.
 - **A switch to ARC** moves the residents into an `ARCPolicy` of the same capacity, coldest
@@ -52,6 +57,7 @@ scored the most hits:
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterable
 from typing import Any, NamedTuple
 
@@ -126,12 +132,14 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         "_backoff",
         "_configs",
         "_decay_after",
+        "_disagreements",
         "_hashes",
         "_margin",
         "_noise",
         "_recovery",
         "_requests",
         "_rule_noise",
+        "_rule_pairs",
         "_sample_mask",
         "_scores",
         "_seen",
@@ -156,7 +164,7 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         switch_margin: float = 0.02,
         backoff: float = 2.0,
         noise: float = 1.0,
-        rule_noise: float = 1.25,
+        rule_noise: float = 2.0,
         recovery: float = 0.9,
         warmup: float = 1.0,
         warmup_margin: float = 5.0,
@@ -187,6 +195,13 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         self.config = initial
         self._configs = configs
         self._scores = [0.0] * len(configs)
+        # Per pair of configurations with the same window: the requests one hit, the other not.
+        self._rule_pairs = [
+            (i, j)
+            for i, j in itertools.combinations(range(len(configs)), 2)
+            if _same_structure(configs[i], configs[j])
+        ]
+        self._disagreements = dict.fromkeys(self._rule_pairs, 0.0)
         self._requests = 0.0
         self._switch_margin = self._margin = switch_margin
         self._backoff = backoff
@@ -292,11 +307,13 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         """Replay a request of a sampled key on every simulation; switch when one leads."""
         scores = self._scores
         configs = self._configs
+        hits = 0  # bit i: simulation i hit
         for i, simulation in enumerate(self._simulations):
             if isinstance(simulation, ARCPolicy):
                 if key in simulation:
                     simulation.hit(key)
                     scores[i] += 1.0
+                    hits |= 1 << i
                 elif charge <= simulation.capacity:
                     simulation.insert(key, charge)
                 continue
@@ -304,8 +321,14 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             if node is not None:
                 node[REFS] += 1
                 scores[i] += 1.0
+                hits |= 1 << i
             elif charge <= simulation.capacity:
                 simulation.insert_hashed(key, charge, h)
+        if hits:
+            disagreements = self._disagreements
+            for pair in self._rule_pairs:
+                if (hits >> pair[0] ^ hits >> pair[1]) & 1:
+                    disagreements[pair] += 1.0
         margin = self._margin
         if self._warming:
             self._seen += 1
@@ -316,13 +339,12 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
                     if isinstance(simulation, WTinyLFUPolicy)
                 ):
                     self._warm_start = self._seen
-                    self._scores = [0.0] * len(scores)
-                    self._requests = 0.0
+                    self._restart_scores([0.0] * len(scores))
                 return
             if self._seen - self._warm_start >= self._warmup:
                 self._warming = False
-                self._scores = scores = [0.0] * len(scores)
-                self._requests = 0.0
+                current = scores[self.config]
+                self._restart_scores([min(0.0, score - current) for score in scores])
                 return
             if not self._warmup_margin:
                 return
@@ -331,12 +353,17 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
         if self._requests >= self._decay_after:
             self._requests /= 2
             self._scores = scores = [score / 2 for score in scores]
+            for pair, count in self._disagreements.items():
+                self._disagreements[pair] = count / 2
             self._margin = max(self._switch_margin, self._margin * self._recovery)
         best = max(range(len(scores)), key=scores.__getitem__)
         lead = scores[best] - scores[self.config]
+        if lead <= _MIN_LEAD:
+            return
         requests = self._requests
         if _same_structure(configs[best], configs[self.config]):
-            if lead > self._rule_noise * requests**0.5 + _MIN_LEAD:
+            disagreed = self._disagreements[min(best, self.config), max(best, self.config)]
+            if lead > self._rule_noise * disagreed**0.5 + _MIN_LEAD:
                 self._adopt(best)
         else:
             if configs[best].arc or configs[self.config].arc:
@@ -344,6 +371,13 @@ class AdaptiveTinyLFUPolicy(WTinyLFUPolicy):
             if lead > margin * requests + self._noise * requests**0.5 + _MIN_LEAD:
                 self._adopt(best)
                 self._margin *= self._backoff
+
+    def _restart_scores(self, scores: list[float]) -> None:
+        """Score from `scores` on, with no request counted yet."""
+        self._scores = scores
+        self._requests = 0.0
+        for pair in self._disagreements:
+            self._disagreements[pair] = 0.0
 
     def _adopt(self, index: int) -> None:
         """Run configuration `index` from now on; no resident key leaves."""

@@ -90,6 +90,46 @@ def test_a_switch_of_admission_rule_alone_leaves_the_margin() -> None:
     policy.check_integrity()
 
 
+def test_a_switch_of_admission_rule_is_judged_by_the_requests_the_rules_disagree_on() -> None:
+    """Two rules that agree on most requests (a hot set both keep) differ by chance far less
+    than sqrt(requests): a steady lead on the rest (a long loop, of which strict admission
+    keeps a part) switches soon after the warm-up."""
+    configs = (Config(0.01, 0, 0), Config(0.01, 3, 6))
+    for seed in range(4):
+        policy = AdaptiveTinyLFUPolicy(200, configs=configs, initial=1)
+        rng = np.random.default_rng(seed)
+        hot = rng.integers(0, 60, 4_000)
+        loop = 10_000 + np.arange(4_000) % 1_000
+        for key in np.where(rng.random(4_000) < 0.5, loop, hot).tolist():
+            if key in policy:
+                policy.hit(key)
+            else:
+                policy.insert(key)
+            if policy.config == 0:
+                break
+        assert policy.config == 0, f"seed {seed}: strict admission never taken"
+        assert policy._disagreements[0, 1] < policy._requests / 10
+        policy.check_integrity()
+
+
+def test_a_configuration_behind_during_the_warm_up_starts_behind() -> None:
+    """The warm-up's leads are the fill's (large windows flush its leftovers fastest), but a
+    configuration that fell behind even so is behind for real."""
+    policy = AdaptiveTinyLFUPolicy(200)
+    loop = workloads.loop(20_000, length=300, noise=0.0).tolist()
+    step = 0
+    while policy._warming:
+        key = loop[step]
+        if key in policy:
+            policy.hit(key)
+        else:
+            policy.insert(key)
+        step += 1
+    clock = next(i for i, config in enumerate(CONFIGS) if config.window_fraction == 1.0)
+    assert policy._scores[clock] < -10  # CLOCK keeps nothing of a loop
+    assert max(policy._scores) == policy._scores[policy.config] == 0.0
+
+
 def test_hit_many_is_hit_for_each_key_still_resident() -> None:
     """An owner that buffers accesses hands them over in batches, some for keys gone since."""
     one_by_one = make_policy("adaptive", 200)
