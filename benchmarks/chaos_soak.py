@@ -8,8 +8,8 @@ and each process's memory over time.
 Starts its own redis-server (a fixed free port, so it can be killed and started again there)
 and Ray cluster (a temporary directory, 4 logical CPUs), then `serve run` of the config with an
 admin token, the caches' budgets lowered so that they fill within the warm-up
-(`--result-mb`, `--prefix-mb`; Redis gets `--redis-mb` and `volatile-lru`, as in
-k8s/redis.yaml). `--clients` threads send greedy completions back to back for `--duration-s`: a
+(`--result-mb`, `--prefix-mb`, `--ingress-mb`; Redis gets `--redis-mb` and `volatile-lru`, as
+in k8s/redis.yaml). `--clients` threads send greedy completions back to back for `--duration-s`: a
 share `--repeat` of them repeats an earlier prompt, the rest are new. The first 15% of the run
 is warm-up; then, at fixed fractions of the duration, one fault each:
 
@@ -30,9 +30,14 @@ Counted: `failed` (any answer but a 200), `stale` (an answer of the old version 
 sent after the publish was acknowledged), `inconsistent` (an answer whose text differs from
 another answer to the same prompt from the same version). Latency percentiles per phase
 between faults. Every 2 s the resident memory of each Ray worker (by its process title) and of
-redis-server is sampled; `rss_growth` compares each process's last sample with its first after
-warm-up. Writes the JSON and two plots beside it (latency over time with the faults marked,
-memory over time). `--duration-s` scales the whole schedule.
+redis-server is sampled, and so is how full each model replica's result and prefix caches and
+the ingress's cache are (`/v1/cache/stats`: `cache_fill`); `rss_growth` compares each process's
+last sample with its first once settled: after the warm-up and, for a model replica or the
+ingress, once its caches were reported full (a result cache still filling grows its process by
+several times the bytes its budget counts: an answer is also kept decoded and in the policy's
+bookkeeping), and, apart, from the end of the last fault to the end of the run. Writes the JSON
+and two plots beside it (latency over time with the faults marked, memory over time).
+`--duration-s` scales the whole schedule.
 """
 
 from __future__ import annotations
@@ -75,6 +80,10 @@ NODE_LOST = (0.88, "node_lost")
 REDIS_DOWN_S = 5.0
 REDIS_FROZEN_S = 10.0
 RSS_INTERVAL_S = 2.0
+FULL = 0.9
+"""A cache counts as full from this share of its byte budget."""
+QUIET_AFTER_FAULT_S = 5.0
+"""How long after the last fault ended its own rise in memory is over."""
 
 
 @dataclass
@@ -192,6 +201,49 @@ def sample_memory(
                 into.append({"t": now, "pid": pid, "process": title, "rss_mb": size})
 
 
+def sample_cache_fill(
+    stop: threading.Event,
+    started: float,
+    url: str,
+    budgets: dict[str, int],
+    into: list[dict[str, Any]],
+) -> None:
+    """Every RSS_INTERVAL_S, each model replica's process id and the share of its result and
+    prefix caches' byte budgets (`budgets`: "result", "prefix") in use, and the ingress's."""
+    with httpx.Client(base_url=url, timeout=10) as client:
+        while not stop.wait(RSS_INTERVAL_S):
+            try:
+                stats = client.get("/v1/cache/stats").json()
+            except (httpx.HTTPError, ValueError):
+                continue  # the next sample will do (the ingress may be busy with a fault)
+            now = time.monotonic() - started
+            for replica, entry in stats.get("replicas", {}).items():
+                into.append(
+                    {
+                        "t": now,
+                        "replica": replica,
+                        "pid": entry.get("cluster", {}).get("pid"),
+                        "result": entry.get("bytes", 0) / budgets["result"],
+                        "prefix": entry.get("prefix", {}).get("bytes", 0) / budgets["prefix"],
+                    }
+                )
+            ingress = stats.get("ingress", {}).get("bytes", 0)
+            into.append({"t": now, "replica": "ingress", "ingress": ingress / budgets["ingress"]})
+
+
+def caches_full_at(fill: list[dict[str, Any]]) -> dict[int | str, float]:
+    """When each model replica (by pid) first reported both its result and prefix caches full,
+    and the ingress (`"ingress"`: the config runs one ingress replica) its cache."""
+    full: dict[int | str, float] = {}
+    for sample in fill:
+        if "ingress" in sample:
+            if sample["ingress"] >= FULL:
+                full.setdefault("ingress", sample["t"])
+        elif sample["pid"] is not None and sample["result"] >= FULL and sample["prefix"] >= FULL:
+            full.setdefault(sample["pid"], sample["t"])
+    return full
+
+
 def inject(
     fault: str, redis: RedisServer, namespace: str, url: str, model: str, nodes: Any = None
 ) -> dict[str, Any]:
@@ -307,12 +359,26 @@ def judge(answers: list[Answer], published_at: float | None) -> dict[str, Any]:
     }
 
 
-def rss_growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, dict[str, float]]:
+def rss_growth(
+    samples: list[dict[str, Any]],
+    warmup_s: float,
+    full_at: dict[int | str, float] | None = None,
+    quiet_from: float | None = None,
+) -> dict[str, dict[str, Any]]:
     """Each process's RSS once settled against its last sample, and the change (%), under its
     last title (a new worker is `ray::IDLE` until it becomes a replica). A process settles at
     the end of the warm-up, or one warm-up after it appeared if it came later (a replacement
-    of a killed one, which starts empty and fills its caches as the first ones did); one that
-    lived less than 10 s after settling is left out."""
+    of a killed one, which starts empty and fills its caches as the first ones did); a model
+    replica not before `full_at[pid]`, when its caches were reported full, and the ingress
+    not before `full_at["ingress"]`. One whose caches never filled has `caches_full_at_s`
+    None: its change includes their filling. One that lived less than 10 s after settling is
+    left out.
+
+    `after_faults_pct` is the change from `quiet_from` (after the last fault) to the end, None
+    when that is under 10 s: a fault may raise a process's memory once and for good (a publish
+    holds two sets of weights while the old ones drain, and the allocator keeps the heap they
+    freed), so memory that still grows where no fault happens is what a leak looks like."""
+    full_at = full_at or {}
     by_pid: dict[int, list[dict[str, Any]]] = {}
     for sample in samples:
         by_pid.setdefault(sample["pid"], []).append(sample)
@@ -320,16 +386,31 @@ def rss_growth(samples: list[dict[str, Any]], warmup_s: float) -> dict[str, dict
     for pid, series in by_pid.items():
         appeared = series[0]["t"]
         settled_at = warmup_s if appeared <= 2 * RSS_INTERVAL_S else appeared + warmup_s
+        title = series[-1]["process"]
+        cached: int | str | None = (
+            pid if "ModelReplica" in title else "ingress" if ":Ingress" in title else None
+        )
+        settled_at = max(settled_at, full_at.get(cached, settled_at))
         settled = [sample for sample in series if sample["t"] >= settled_at]
         if not settled or settled[-1]["t"] - settled[0]["t"] < 10:
             continue
         first, last = settled[0], settled[-1]
-        growth[f"{last['process']} ({pid})"] = {
+        row: dict[str, Any] = {
             "settled_at_s": first["t"],
             "settled_mb": first["rss_mb"],
             "last_mb": last["rss_mb"],
             "change_pct": 100 * (last["rss_mb"] - first["rss_mb"]) / first["rss_mb"],
         }
+        if cached is not None:
+            row["caches_full_at_s"] = full_at.get(cached)
+        if quiet_from is not None:
+            quiet = [sample for sample in settled if sample["t"] >= quiet_from]
+            row["after_faults_pct"] = (
+                100 * (quiet[-1]["rss_mb"] - quiet[0]["rss_mb"]) / quiet[0]["rss_mb"]
+                if quiet and quiet[-1]["t"] - quiet[0]["t"] >= 10
+                else None
+            )
+        growth[f"{last['process']} ({pid})"] = row
     return growth
 
 
@@ -378,9 +459,11 @@ def main() -> None:
     parser.add_argument("--repeat", type=float, default=0.35)
     parser.add_argument("--max-tokens", type=int, default=8)
     # Small budgets, so that the caches fill within the warm-up: memory that grows after it is
-    # not the caches filling.
-    parser.add_argument("--result-mb", type=int, default=8)
-    parser.add_argument("--prefix-mb", type=int, default=32)
+    # not the caches filling. A replica stores about 20 new answers a second here, each
+    # counting about 700 bytes: 8 MB would take minutes (the prefix cache fills in seconds).
+    parser.add_argument("--result-mb", type=float, default=0.25)
+    parser.add_argument("--prefix-mb", type=float, default=32)
+    parser.add_argument("--ingress-mb", type=float, default=0.1)
     parser.add_argument("--redis-mb", type=int, default=64)
     parser.add_argument("--two-nodes", action="store_true", help="a head and a worker node")
     parser.add_argument(
@@ -397,12 +480,19 @@ def main() -> None:
     redis = RedisServer(workdir, options.redis_mb)
     config = copy.deepcopy(base)
     args = config["applications"][0]["args"]
-    args.setdefault("result_cache", {})["max_bytes"] = options.result_mb * 2**20
-    args.setdefault("prefix_cache", {})["max_bytes"] = options.prefix_mb * 2**20
+    budgets = {
+        "result": int(options.result_mb * 2**20),
+        "prefix": int(options.prefix_mb * 2**20),
+        "ingress": int(options.ingress_mb * 2**20),
+    }
+    args.setdefault("result_cache", {})["max_bytes"] = budgets["result"]
+    args.setdefault("prefix_cache", {})["max_bytes"] = budgets["prefix"]
+    args.setdefault("ingress_cache", {})["max_bytes"] = budgets["ingress"]
     env = {"RAYCACHE_REDIS_URL": redis.url, "RAYCACHE_ADMIN_TOKEN": ADMIN_TOKEN}
     probe = {"model": options.model, "prompt": "up?", "max_tokens": 1}
     faults: list[dict[str, Any]] = []
     memory: list[dict[str, Any]] = []
+    fill: list[dict[str, Any]] = []
     published_at = None
     try:
         two_nodes = TwoNodeRun(config, workdir, redis.url) if options.two_nodes else None
@@ -425,7 +515,11 @@ def main() -> None:
             sampler = threading.Thread(
                 target=sample_memory, args=(stop_sampling, started, redis.port, memory)
             )
+            filling = threading.Thread(
+                target=sample_cache_fill, args=(stop_sampling, started, url, budgets, fill)
+            )
             sampler.start()
+            filling.start()
             load.start()
             for fraction, fault in schedule:
                 time.sleep(max(0.0, started + fraction * options.duration_s - time.monotonic()))
@@ -441,6 +535,7 @@ def main() -> None:
             load.join()
             stop_sampling.set()
             sampler.join()
+            filling.join()
     finally:
         redis.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -464,8 +559,14 @@ def main() -> None:
         "latency": percentiles([a.ended - a.started for a in answers if a.status == 200]),
         "latency_by_phase": phases,
         "hits": sum(1 for a in answers if a.tier not in (None, "miss")),
-        "rss_growth": rss_growth(memory, WARMUP * options.duration_s),
+        "rss_growth": rss_growth(
+            memory,
+            WARMUP * options.duration_s,
+            caches_full_at(fill),
+            quiet_from=faults[-1]["ended"] + QUIET_AFTER_FAULT_S if faults else None,
+        ),
         "memory": memory,
+        "cache_fill": fill,
     }
     options.json.write_text(json.dumps(result, indent=2) + "\n")
     plot(result, answers, memory, options.json.with_suffix(".png"))
@@ -479,7 +580,18 @@ def main() -> None:
         print(f"  {label:<28} {row}")
     worst = max(result["rss_growth"].items(), key=lambda kv: kv[1]["change_pct"], default=None)
     if worst is not None:
-        print(f"largest RSS change after warm-up: {worst[0]} {worst[1]['change_pct']:+.1f}%")
+        print(f"largest RSS change once settled: {worst[0]} {worst[1]['change_pct']:+.1f}%")
+    quiet = [
+        (name, row["after_faults_pct"])
+        for name, row in result["rss_growth"].items()
+        if row.get("after_faults_pct") is not None
+    ]
+    if quiet:
+        name, change = max(quiet, key=lambda item: item[1])
+        print(f"largest RSS change after the last fault: {name} {change:+.1f}%")
+    for name, row in result["rss_growth"].items():
+        if "caches_full_at_s" in row and row["caches_full_at_s"] is None:
+            print(f"  caches never reported full: {name} (its change includes their filling)")
     print(f"-> {options.json} and {options.json.with_suffix('.png')}")
 
 

@@ -8,10 +8,10 @@ Shape of one replica's entry (and of `total`):
      "prefix": {"queried_tokens", "cached_tokens"}}
 
 Tiers a replica does not have report zeros, so dashboards can rely on every name. A replica's
-entry also has `cluster`: the Ray node it runs on (`node_id`), its ring size and version, Redis
-breaker state, mean peer and Redis fetch latencies, corrupt values seen, single-flight waits
-and dropped background stores, each model's version, and its model pool (`models`: loaded,
-loads, evictions, load seconds).
+entry also has `cluster`: the Ray node and the process it runs in (`node_id`, `pid`), its ring
+size and version, Redis breaker state, mean peer and Redis fetch latencies, corrupt values seen,
+single-flight waits and dropped background stores, each model's version, and its model pool
+(`models`: loaded, loads, evictions, load seconds).
 """
 
 from __future__ import annotations

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -182,6 +183,7 @@ class ModelReplica:
                     for model, (_, error) in (follower.failures() if follower else {}).items()
                 },
                 "node_id": str(ray.get_runtime_context().get_node_id()),
+                "pid": os.getpid(),
                 "ring_size": len(snapshot.members) if snapshot else 0,
                 "ring_version": snapshot.version if snapshot else None,
                 "version_records_refused": store.rejected_records if store else 0,

@@ -145,6 +145,7 @@ def test_stats_count_hits_and_misses_per_replica(running_app):
     for replica in stats["replicas"].values():
         assert replica["cluster"]["ring_size"] == running_app.replica_count()
         assert replica["cluster"]["redis_breaker"] == "closed"
+        assert isinstance(replica["cluster"]["pid"], int) and replica["cluster"]["pid"] > 0
 
 
 def test_healthz_reports_redis(running_app):
