@@ -3,6 +3,7 @@ two hops, side by side in one run.
 
     python -m benchmarks.hit_floor [--config configs/cluster.yaml] [--prompts 20]
                                    [--requests 300] [--clients 16] [--throughput-s 5]
+                                   [--rounds 3]
                                    [--ingress-cache config|off]
                                    [--json benchmarks/results/hit_floor.json]
 
@@ -19,10 +20,12 @@ then `serve run` of one Serve config with three applications on one HTTP port:
 `--prompts` distinct greedy completions are computed once on raycache (not measured). Then
 latency: `--requests` rounds, each sending one request to every application in a shuffled
 order, one at a time on one kept-alive connection: raycache gets the prompts again in turn
-(every answer must be a result-cache hit), the no-ops the same bodies. Then throughput: for
-`--throughput-s` seconds per application, `--clients` threads each send requests back to back
-(closed loop), raycache's again all hits. Reports the median and p90 latency of each, the ratio
-of raycache's median to each floor's, and requests per second of each and their ratios.
+(every answer must be a result-cache hit), the no-ops the same bodies. Then throughput, in
+`--rounds` rounds, each application in a shuffled order per round: for `--throughput-s`
+seconds, `--clients` threads each send requests back to back (closed loop), raycache's again
+all hits. Reports the median and p90 latency of each, the ratio of raycache's median to each
+floor's, and each application's median requests per second over the rounds and their ratios
+(a machine that speeds up or slows down during the run moves every application alike).
 Numbers are of this machine only: the client shares its cores with the cluster.
 """
 
@@ -34,6 +37,7 @@ import json
 import os
 import random
 import shutil
+import statistics
 import tempfile
 import threading
 import time
@@ -141,6 +145,7 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--throughput-s", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--ingress-cache",
@@ -169,10 +174,15 @@ def main() -> None:
                 for prompt in prompts:  # computed once: every later raycache request is a hit
                     complete(client, "raycache", prompt, hit=False)
             seconds = latencies(url, prompts, options.requests, options.seed)
-            rates = {
-                app: throughput(url, app, prompts, options.clients, options.throughput_s)
-                for app in ROUTES
-            }
+            rounds: dict[str, list[float]] = {app: [] for app in ROUTES}
+            order = list(ROUTES)
+            rng = random.Random(options.seed)
+            for _ in range(options.rounds):
+                rng.shuffle(order)
+                for app in order:
+                    rate = throughput(url, app, prompts, options.clients, options.throughput_s)
+                    rounds[app].append(rate)
+            rates = {app: statistics.median(values) for app, values in rounds.items()}
     finally:
         redis_server.stop()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -191,6 +201,7 @@ def main() -> None:
             "cached_over_one_hop": cached / latency["one_hop"]["median_ms"],
         },
         "requests_per_s": rates,
+        "requests_per_s_per_round": rounds,
         "throughput_ratio": {
             "cached_over_two_hop": rates["raycache"] / rates["two_hop"],
             "cached_over_one_hop": rates["raycache"] / rates["one_hop"],

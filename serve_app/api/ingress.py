@@ -217,7 +217,13 @@ class Ingress(GrpcMethods):
         """Answer an OpenAI completion body (not streamed: see `complete_stream`); raises
         `RaycacheError` on bad input."""
         started = time.perf_counter()
-        request = _unstreamed(parse_completion_request(body))
+        return await self._complete(parse_completion_request(body), tenant, started)
+
+    async def _complete(
+        self, request: CompletionRequest, tenant: str, started: float
+    ) -> dict[str, Any]:
+        """`complete` of a parsed body that arrived at `started`."""
+        request = _unstreamed(request)
         job = self._completion_job(request, tenant)
         outcome = await self._completion(job)
         response = completion_response(request.model, outcome)
@@ -237,7 +243,11 @@ class Ingress(GrpcMethods):
         """Answer an OpenAI chat completion body (not streamed: see `chat_stream`); raises
         `RaycacheError` on bad input."""
         started = time.perf_counter()
-        request = _unstreamed(parse_chat_request(body))
+        return await self._chat(parse_chat_request(body), tenant, started)
+
+    async def _chat(self, request: ChatRequest, tenant: str, started: float) -> dict[str, Any]:
+        """`chat` of a parsed body that arrived at `started`."""
+        request = _unstreamed(request)
         job = await self._chat_job(request, tenant)
         outcome = await self._completion(job)
         response = chat_response(request.model, outcome)
@@ -356,21 +366,21 @@ class Ingress(GrpcMethods):
 
     @http_app.post("/v1/completions")
     async def http_completions(self, request: Request) -> Response:
+        started = time.perf_counter()
         tenant = self._tenant(request)
-        body = await _json_body(request)
-        parsed = parse_completion_request(body)
+        parsed = parse_completion_request(await _json_body(request))
         if not parsed.stream:
-            return JSONResponse(await self.complete(body, tenant=tenant))
+            return JSONResponse(await self._complete(parsed, tenant, started))
         job = self._completion_job(parsed, tenant)
         return await _event_stream(self._chunks("completions", parsed, job))
 
     @http_app.post("/v1/chat/completions")
     async def http_chat(self, request: Request) -> Response:
+        started = time.perf_counter()
         tenant = self._tenant(request)
-        body = await _json_body(request)
-        parsed = parse_chat_request(body)
+        parsed = parse_chat_request(await _json_body(request))
         if not parsed.stream:
-            return JSONResponse(await self.chat(body, tenant=tenant))
+            return JSONResponse(await self._chat(parsed, tenant, started))
         job = await self._chat_job(parsed, tenant)
         return await _event_stream(self._chunks("chat", parsed, job))
 

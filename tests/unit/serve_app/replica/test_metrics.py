@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections import defaultdict
 
@@ -11,6 +12,7 @@ import pytest
 from cluster.sharing.directory import ReplicaId
 from cluster.versions.actor import RolloutMetrics
 from cluster.versions.records import ModelVersion, PublishOutcome
+from serve_app.api import request_metrics
 from serve_app.api.auth import OTHER_TENANTS, TenantAuth
 from serve_app.api.request_metrics import RequestMetrics, cache_outcome
 from serve_app.config import AppArgs
@@ -178,6 +180,36 @@ def test_request_latency_by_cache_outcome() -> None:
     inputs = [{"hit": True, "tier": "local"}, {"hit": False, "tier": None}]
     assert cache_outcome(inputs) == "partial"
     assert cache_outcome(inputs[:1] * 2) == "local"
+
+
+def test_ingress_lookups_outside_an_event_loop_are_counted_at_once() -> None:
+    backend = Recorded()
+    RequestMetrics(backend).looked_up("m", True, tenant="alice")
+    ingress = {"model": "m", "tier": "ingress", "tenant": "alice"}
+    assert backend.value("result_cache_lookups", **ingress) == 1
+    assert backend.value("result_cache_hits", **ingress) == 1
+
+
+@pytest.mark.asyncio
+async def test_ingress_lookups_are_tallied_and_counted_within_a_second(monkeypatch) -> None:
+    """A burst of hits costs one increment per label set, not one per hit."""
+    monkeypatch.setattr(request_metrics, "COUNTS_EVERY_S", 0.05)
+    backend = Recorded()
+    metrics = RequestMetrics(backend)
+    for hit in [True] * 5 + [False] * 2:
+        metrics.looked_up("m", hit, tenant="alice")
+    metrics.looked_up("m", False, tenant=OTHER_TENANTS)
+    alice = {"model": "m", "tier": "ingress", "tenant": "alice"}
+    assert backend.value("result_cache_lookups", **alice) == 0  # not yet
+    await asyncio.sleep(0.2)
+    assert backend.value("result_cache_lookups", **alice) == 7
+    assert backend.value("result_cache_hits", **alice) == 5
+    other = {**alice, "tenant": OTHER_TENANTS}
+    assert backend.value("result_cache_lookups", **other) == 1
+    assert backend.value("result_cache_hits", **other) == 0
+    metrics.looked_up("m", True, tenant="alice")  # a new tally after the hand-over
+    await asyncio.sleep(0.2)
+    assert backend.value("result_cache_hits", **alice) == 6
 
 
 async def metered_core(
