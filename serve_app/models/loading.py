@@ -3,7 +3,10 @@ checkpoint file or its seed, or a Hugging Face checkpoint directory."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
+import threading
 from pathlib import Path
 
 import torch
@@ -28,6 +31,23 @@ from serve_app.models.hf import (
 )
 from serve_app.models.tiny_gpt import TinyGPT, TinyGPTConfig
 from serve_app.models.tokenizer import ByteTokenizer, Tokenizer
+
+
+@functools.cache
+def _import_torch_dynamo() -> None:
+    """Import `torch._dynamo` before a model is built, in a thread of its own.
+
+    torch imports it when it first runs an operation on the meta device (where models are built
+    before their weights are allocated), and that import keeps every frame it ran in alive, in a
+    reference cycle that only a full garbage collection frees. Run inside a load, those frames
+    held the first weights a process built (and the pool's requests for them) long after their
+    last request ended; run in a thread of its own, they hold nothing of a model.
+    """
+    importer = threading.Thread(
+        target=importlib.import_module, args=("torch._dynamo",), name="raycache-import"
+    )
+    importer.start()
+    importer.join()
 
 
 def default_device() -> torch.device:
@@ -66,6 +86,7 @@ def load_model(spec: ModelSpec, device: torch.device | str | None = None) -> Wei
     cannot silently serve weights other than the ones it describes. A Hugging Face model loads
     from its published checkpoint directory, or else from `path`.
     """
+    _import_torch_dynamo()
     device = default_device() if device is None else torch.device(device)
     if spec.kind == "hf-encoder":
         assert spec.path is not None  # the spec's validation requires it
@@ -100,6 +121,7 @@ def check_weights(spec: ModelSpec) -> None:
 def weight_bytes_estimate(spec: ModelSpec) -> int:
     """The bytes `load_model(spec)` will take, computed without loading the weights (the
     model's modules built on the meta device)."""
+    _import_torch_dynamo()
     if spec.kind == "hf-encoder":
         assert spec.path is not None
         return HFEncoder.estimate_bytes(spec.checkpoint or spec.path, spec.dtype)

@@ -26,15 +26,22 @@ retires the old (the caller drains them); on a model that is not loaded it check
 weights can be found and records the version, which its next load serves. A load that finishes
 after a newer version was recorded loads again, so no request is served by weights older than
 the version the pool knows.
+
+Memory: weights the pool lets go of (evicted, replaced by a new version, or loaded and not
+needed) are freed once nothing references them, when their last request is done; then, in the
+loading thread, `on_weights_freed` runs, by default `return_free_heap`: malloc would otherwise
+keep their pages, and a replica would stay as large as it was with both versions loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -44,6 +51,7 @@ from cluster.versions.records import ModelVersion
 from serve_app.errors import ModelLoading
 from serve_app.models import CausalLM
 from serve_app.replica.change_signal import ChangeSignal
+from serve_app.replica.free_heap import return_free_heap
 from serve_app.replica.serving import ServingModel
 
 logger = logging.getLogger(__name__)
@@ -93,12 +101,15 @@ class ModelPool:
         pinned: Iterable[str] = (),
         on_loaded: Callable[[ServingModel], None] | None = None,
         check: Callable[[ModelVersion], None] | None = None,
+        on_weights_freed: Callable[[], object] = return_free_heap,
     ) -> None:
         """`versions`: the current version of every model served; `estimate_bytes(model)`:
         its weights' size before its first load; `on_loaded(serving)`: called in the loading
         thread with new weights before any request uses them (to warm pinned prompts);
         `check(record)`: raises when a version's weights cannot be found, without loading
-        them (a version of a model not in memory is checked so, then recorded)."""
+        them (a version of a model not in memory is checked so, then recorded);
+        `on_weights_freed()`: called in the loading thread after weights the pool let go of
+        were freed."""
         self._records = dict(versions)
         self._load_weights = load
         self._estimate_bytes = estimate_bytes
@@ -107,6 +118,7 @@ class ModelPool:
         self._pinned = frozenset(pinned)
         self._on_loaded = on_loaded
         self._check = check or (lambda _record: None)
+        self._on_weights_freed = on_weights_freed
         self._lock = threading.Lock()
         self._loaded: OrderedDict[str, ServingModel] = OrderedDict()
         self._loading: dict[str, concurrent.futures.Future[ServingModel]] = {}
@@ -269,9 +281,9 @@ class ModelPool:
                 self._install(model, serving)  # keeps its place in the LRU order
             # Otherwise it was evicted meanwhile (the next load reads `record`), or reloaded
             # at `record` already: these weights are not needed.
-            stale = {current, present} - {self._loaded.get(model), None}
+            stale = {current, present, serving} - {self._loaded.get(model), None}
         for old in stale:
-            old.retire()
+            self._let_go(old)
         self._changed.notify()
         return current
 
@@ -332,7 +344,7 @@ class ModelPool:
 
     def _evict(self, model: str) -> None:
         serving = self._loaded.pop(model)
-        serving.retire()
+        self._let_go(serving)
         self._evictions += 1
         logger.info("evicted model %s (%d bytes)", model, self._sizes.get(model, 0))
 
@@ -347,6 +359,22 @@ class ModelPool:
                 return
             if model != keep and self._idle(model, serving):
                 self._evict(model)
+
+    def _let_go(self, serving: ServingModel) -> None:
+        """Retire `serving` (no request enters it any more) and have the heap returned once
+        its weights are freed: a request in flight, or a computation that outlived its request,
+        still uses them until it ends."""
+        serving.retire()
+        # The finalizer runs as the last reference goes, in whichever thread drops it, just
+        # before the tensors are freed; the loading thread that then runs `on_weights_freed`
+        # needs the interpreter lock, which the freeing thread keeps until they are freed.
+        freed = weakref.finalize(serving.model, self._weights_freed)
+        freed.atexit = False
+
+    def _weights_freed(self) -> None:
+        # RuntimeError: the pool was closed, the process is ending.
+        with contextlib.suppress(RuntimeError):
+            self._executor.submit(self._on_weights_freed)
 
     # -- in the loading thread ----------------------------------------------------------------
 
@@ -368,6 +396,7 @@ class ModelPool:
                     self._loads += 1
                     self._load_seconds += time.monotonic() - started
                     if self._records[model].generation != record.generation:
+                        self._let_go(serving)
                         continue
                     self._install(model, serving)
                 logger.info(

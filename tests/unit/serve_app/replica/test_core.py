@@ -10,7 +10,9 @@ on a replica with room for fewer.
 from __future__ import annotations
 
 import asyncio
+import gc
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -330,6 +332,27 @@ async def test_a_version_switch_waits_for_requests_in_flight_and_then_serves_new
     assert (after.model_version, after.cache_tier) == ("2", None)  # the old answer was not kept
     assert after.text == reference(args, long_job, record)
     assert (await core.complete(long_job)).cache_tier == "local"
+    await core.close()
+
+
+@pytest.mark.asyncio
+async def test_a_drained_versions_weights_are_freed_without_garbage_collection() -> None:
+    core = await make_core(app_args())
+    long_job = job("A long answer", params=SamplingParams(max_tokens=100, temperature=0.0))
+    old = core.pool.loaded("tiny")
+    assert old is not None
+    weights = weakref.ref(old.model)
+    del old
+    gc.disable()  # nothing may keep them in a reference cycle: their heap is returned at once
+    try:
+        in_flight = asyncio.create_task(core.complete(long_job))
+        await asyncio.sleep(0.01)
+        record = ModelVersion("tiny", "2", generation=1, source="admin", seed=42)
+        await asyncio.to_thread(core.apply_version, record)
+        assert (await in_flight).model_version == "1"
+        assert weights() is None
+    finally:
+        gc.enable()
     await core.close()
 
 

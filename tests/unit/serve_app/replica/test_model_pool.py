@@ -1,12 +1,16 @@
 """`ModelPool`: models loaded on demand under a count and a byte budget, the least recently
 used idle one evicted, one load however many ask, pinned models kept, versions applied at the
-next load. Real TinyGPT weights (tiny ones), built from seeds."""
+next load, the heap returned once dropped weights are freed. Real TinyGPT weights (tiny ones),
+built from seeds."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 import time
+import weakref
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -300,3 +304,47 @@ def test_a_version_of_an_unloaded_model_whose_weights_cannot_be_found_is_refused
     with pytest.raises(FileNotFoundError):
         models.switch(ModelVersion("a", "missing", generation=1, source="admin", seed=1))
     assert models.record("a").version == "1"
+
+
+@pytest.fixture
+def no_garbage_collection() -> Iterator[None]:
+    """Weights must be freed by reference counting alone, when their last user lets go."""
+    gc.disable()
+    yield
+    gc.enable()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("no_garbage_collection")
+async def test_a_replaced_versions_heap_is_returned_once_its_last_generation_ends() -> None:
+    freed = threading.Event()
+    models = pool(Loader(), on_weights_freed=freed.set)
+    models.load_at_start(["a"])
+    old = await models.acquire("a", wait_s=5)
+    weights = weakref.ref(old.model)
+    old.hold()  # a generation that outlives its request
+    models.release(old)
+    record = ModelVersion("a", "2", generation=1, source="admin", seed=7)
+    assert await asyncio.to_thread(models.switch, record) is old
+    await asyncio.sleep(0.05)
+    assert weights() is not None and not freed.is_set()  # the generation still uses them
+    models.release(old)  # the generation ends
+    del old
+    assert weights() is None
+    assert await asyncio.to_thread(freed.wait, 5)
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("no_garbage_collection")
+async def test_an_evicted_models_heap_is_returned_once_its_weights_are_freed() -> None:
+    freed = threading.Event()
+    models = pool(Loader(), max_loaded_models=1, on_weights_freed=freed.set)
+    models.load_at_start(["a"])
+    loaded = models.loaded("a")
+    assert loaded is not None
+    weights = weakref.ref(loaded.model)
+    del loaded
+    models.release(await models.acquire("b", wait_s=5))  # evicts a, idle
+    assert weights() is None
+    assert await asyncio.to_thread(freed.wait, 5)
+    models.close()
