@@ -3,9 +3,11 @@ by every request streaming it (`TextFeed`), and the events a stream yields (`Tex
 one `StreamEnd`).
 
 A computation pushes its pieces from its generation thread (`push_threadsafe`); each request
-streaming it reads them from the first (`follow` or `pieces`), so one that joins late loses
-nothing. An answer from a cache is streamed in the pieces it was first generated in
-(`split_pieces`).
+streaming it reads them from the first (`pieces`, `grown_past`), so one that joins late loses
+nothing. A push wakes the event loop only once a request waits for the feed to grow: most
+computations are followed by no stream, and a wake-up per token takes the interpreter from the
+generation thread (about 3% of a 16-token answer of the tiny GPT). An answer from a cache is
+streamed in the pieces it was first generated in (`split_pieces`).
 """
 
 from __future__ import annotations
@@ -42,19 +44,24 @@ class TextFeed:
         self._loop = asyncio.get_running_loop()
         self.pieces: list[str] = []
         self._grown = asyncio.Event()
+        self._followed = False
         self.adopted = False
         """Whether a computation pushes into it (a feed nobody adopted stays empty)."""
 
     def push_threadsafe(self, piece: str) -> None:
-        self._loop.call_soon_threadsafe(self._push, piece)
-
-    def _push(self, piece: str) -> None:
+        # Appended first, then `_followed` read: a follower sets `_followed` before it reads
+        # the length, so either it sees this piece or this push sees it waiting.
         self.pieces.append(piece)
+        if self._followed:
+            self._loop.call_soon_threadsafe(self._wake)
+
+    def _wake(self) -> None:
         grown, self._grown = self._grown, asyncio.Event()
         grown.set()
 
     async def grown_past(self, count: int) -> None:
         """Return once the feed holds more than `count` pieces (never, if it does not grow)."""
+        self._followed = True
         while len(self.pieces) <= count:
             await self._grown.wait()
 
