@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
 import signal
 import socket
@@ -13,6 +14,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 import redis
+
+
+def python_output(code: str, env: dict[str, str] | None = None, timeout_s: float = 120) -> str:
+    """What `code` prints, run by this Python in a fresh process (one torch thread, and `env`
+    over this environment), stripped; raises if it fails."""
+    child = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=timeout_s,
+    )
+    return child.stdout.strip()
 
 
 def free_port() -> int:

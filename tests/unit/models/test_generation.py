@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import random
-import subprocess
-import sys
 from collections.abc import Iterator, Sequence
 
 import pytest
@@ -25,6 +22,7 @@ from serve_app.models import (
     pick_token,
 )
 from serve_app.models.generation import GenerationStopped
+from tests.support.processes import python_output
 
 TOKENIZER = ByteTokenizer()
 SMALL = TinyGPTConfig(n_layers=2, d_model=64, n_heads=4, max_context=128)
@@ -174,16 +172,8 @@ def test_seeded_sampling_is_reproducible_across_processes(model: TinyGPT) -> Non
         "p = SamplingParams(32, temperature=3.0, seed=1)\n"
         "print(list(generate(m, ByteTokenizer(), ByteTokenizer().encode('abc'), p).tokens))\n"
     )
-    child = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
     here = generate(model, TOKENIZER, TOKENIZER.encode("abc"), SamplingParams(32, 3.0, seed=1))
-    assert child.stdout.strip() == str(list(here.tokens))
+    assert python_output(code) == str(list(here.tokens))
 
 
 def test_unseeded_sampling_differs(model: TinyGPT) -> None:

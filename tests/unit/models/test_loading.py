@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
+from tests.support.processes import python_output
 
 
 def test_the_first_weights_a_process_builds_need_no_garbage_collection_to_be_freed() -> None:
@@ -17,12 +15,4 @@ def test_the_first_weights_a_process_builds_need_no_garbage_collection_to_be_fre
         "weights = weakref.ref(load_model(ModelSpec(id='a', seed=1), device='cpu'))\n"
         "print(weights() is None)\n"
     )
-    child = subprocess.run(
-        [sys.executable, "-c", code],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    assert child.stdout.strip() == "True"
+    assert python_output(code) == "True"
