@@ -366,9 +366,10 @@ class Ingress(GrpcMethods):
 
     @http_app.post("/v1/completions")
     async def http_completions(self, request: Request) -> Response:
-        started = time.perf_counter()
         tenant = self._tenant(request)
-        parsed = parse_completion_request(await _json_body(request))
+        body = await _json_body(request)
+        started = time.perf_counter()  # as `complete` counts: from the body, not its upload
+        parsed = parse_completion_request(body)
         if not parsed.stream:
             return JSONResponse(await self._complete(parsed, tenant, started))
         job = self._completion_job(parsed, tenant)
@@ -376,9 +377,10 @@ class Ingress(GrpcMethods):
 
     @http_app.post("/v1/chat/completions")
     async def http_chat(self, request: Request) -> Response:
-        started = time.perf_counter()
         tenant = self._tenant(request)
-        parsed = parse_chat_request(await _json_body(request))
+        body = await _json_body(request)
+        started = time.perf_counter()  # as `chat` counts: from the body, not its upload
+        parsed = parse_chat_request(body)
         if not parsed.stream:
             return JSONResponse(await self._chat(parsed, tenant, started))
         job = await self._chat_job(parsed, tenant)
@@ -448,7 +450,11 @@ class Ingress(GrpcMethods):
         return cache
 
     async def __del__(self) -> None:
-        """Serve's shutdown hook: stop following versions (unsubscribing, off the loop)."""
+        """Serve's shutdown hook: hand the tallied counts to Ray, and stop following versions
+        (unsubscribing, off the loop)."""
+        metrics = getattr(self, "_metrics", None)
+        if metrics is not None:
+            metrics.hand_over()
         follower = getattr(self, "_follower", None)
         if follower is not None:
             await asyncio.to_thread(follower.stop)

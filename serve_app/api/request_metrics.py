@@ -8,8 +8,8 @@ The ingress's own cache counts its lookups and hits in the replicas' series
 (`ray_raycache_result_cache_lookups_total` and `_hits_total`, tier `ingress`): a request it
 answers asks no replica, and one it does not answer is looked up at the replica as before.
 These two are tallied here and handed to Ray at most `COUNTS_EVERY_S` later, as one increment
-per label set: a Ray metric record costs tens of microseconds in a busy replica, a few percent
-of a hit the ingress answers, and Prometheus scrapes far less often than that.
+per label set: a Ray metric record is a noticeable part of a hit the ingress answers (see
+docs/benchmarks.md, `hit_floor`), and Prometheus scrapes far less often than that.
 
 `cache` is the answer's tier (`ingress`, `local`, `peer`, `redis`), `miss` when it was
 computed, and for embeddings `partial` when some inputs were cached and some not. Labels are
@@ -40,7 +40,8 @@ def cache_outcome(cache: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> str
 
 
 class RequestMetrics:
-    """Latency histograms and the retry counter of the ingress."""
+    """Latency histograms, the retry counter, and the lookups and hits of the ingress's cache
+    (tallied, see the module docstring)."""
 
     def __init__(self, backend: MetricsBackend) -> None:
         self._duration = backend.Histogram(

@@ -28,17 +28,18 @@ after a newer version was recorded loads again, so no request is served by weigh
 the version the pool knows.
 
 Memory: weights the pool lets go of (evicted, replaced by a new version, or loaded and not
-needed) are freed once nothing references them, when their last request is done; then, in the
-loading thread, `on_weights_freed` runs, by default `return_free_heap`: malloc would otherwise
-keep their pages, and a replica would stay as large as it was with both versions loaded.
+needed) are freed once nothing references them, when their last request is done; then, in a
+thread of the pool's own, `on_weights_freed` runs, by default `return_free_heap`: malloc would
+otherwise keep their pages, and a replica would stay as large as it was with both versions
+loaded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import contextlib
 import logging
+import queue
 import threading
 import time
 import weakref
@@ -108,8 +109,8 @@ class ModelPool:
         thread with new weights before any request uses them (to warm pinned prompts);
         `check(record)`: raises when a version's weights cannot be found, without loading
         them (a version of a model not in memory is checked so, then recorded);
-        `on_weights_freed()`: called in the loading thread after weights the pool let go of
-        were freed."""
+        `on_weights_freed()`: called in a thread of the pool's own after weights the pool let
+        go of were freed (once for several freed together)."""
         self._records = dict(versions)
         self._load_weights = load
         self._estimate_bytes = estimate_bytes
@@ -129,6 +130,11 @@ class ModelPool:
         self._executor = concurrent.futures.ThreadPoolExecutor(
             max_workers=_LOAD_WORKERS, thread_name_prefix="raycache-load"
         )
+        # Weights freed (True) or the pool closed (None). A finalizer may run inside a garbage
+        # collection in any thread, even one holding a lock of a thread pool's `submit`: it
+        # only puts into this queue, which takes no lock.
+        self._freed: queue.SimpleQueue[bool | None] = queue.SimpleQueue()
+        threading.Thread(target=self._return_heap, name="raycache-heap", daemon=True).start()
         self._loads = 0
         self._load_failures = 0
         self._evictions = 0
@@ -289,6 +295,7 @@ class ModelPool:
 
     def close(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self._freed.put(None)
 
     # -- under the lock -----------------------------------------------------------------------
 
@@ -364,17 +371,24 @@ class ModelPool:
         """Retire `serving` (no request enters it any more) and have the heap returned once
         its weights are freed: a request in flight, or a computation that outlived its request,
         still uses them until it ends."""
+        if serving.retired:
+            return  # let go of already (evicted during a switch): one finalizer is enough
         serving.retire()
-        # The finalizer runs as the last reference goes, in whichever thread drops it, just
-        # before the tensors are freed; the loading thread that then runs `on_weights_freed`
-        # needs the interpreter lock, which the freeing thread keeps until they are freed.
-        freed = weakref.finalize(serving.model, self._weights_freed)
+        # The finalizer runs as the last reference goes, in whichever thread drops it, usually
+        # just before the tensors are freed: a trim that comes too early returns less.
+        freed = weakref.finalize(serving.model, self._freed.put, True)
         freed.atexit = False
 
-    def _weights_freed(self) -> None:
-        # RuntimeError: the pool was closed, the process is ending.
-        with contextlib.suppress(RuntimeError):
-            self._executor.submit(self._on_weights_freed)
+    def _return_heap(self) -> None:
+        """Run `on_weights_freed` after each batch of freed weights, until the pool closes."""
+        while self._freed.get():
+            while not self._freed.empty():
+                if self._freed.get() is None:
+                    return
+            try:
+                self._on_weights_freed()
+            except Exception:  # a failed trim costs memory, never the pool
+                logger.exception("returning the free heap failed")
 
     # -- in the loading thread ----------------------------------------------------------------
 

@@ -6,7 +6,8 @@ A computation pushes its pieces from its generation thread (`push_threadsafe`); 
 streaming it reads them from the first (`pieces`, `grown_past`), so one that joins late loses
 nothing. A push wakes the event loop only once a request waits for the feed to grow: most
 computations are followed by no stream, and a wake-up per token takes the interpreter from the
-generation thread (about 3% of a 16-token answer of the tiny GPT). An answer from a cache is
+generation thread, which slows the generation (docs/benchmarks.md, `caching_cost`). The order
+of the appends and of `_followed` relies on the interpreter lock. An answer from a cache is
 streamed in the pieces it was first generated in (`split_pieces`).
 """
 

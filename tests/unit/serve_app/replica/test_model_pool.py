@@ -6,6 +6,7 @@ built from seeds."""
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import gc
 import threading
 import time
@@ -332,6 +333,7 @@ async def test_a_replaced_versions_heap_is_returned_once_its_last_generation_end
     del old
     assert weights() is None
     assert await asyncio.to_thread(freed.wait, 5)
+    models.close()
 
 
 @pytest.mark.asyncio
@@ -347,4 +349,40 @@ async def test_an_evicted_models_heap_is_returned_once_its_weights_are_freed() -
     models.release(await models.acquire("b", wait_s=5))  # evicts a, idle
     assert weights() is None
     assert await asyncio.to_thread(freed.wait, 5)
+    models.close()
+
+
+@pytest.mark.asyncio
+@pytest.mark.usefixtures("no_garbage_collection")
+async def test_weights_freed_by_a_collection_inside_a_thread_pools_submit_do_not_deadlock(
+    monkeypatch,
+) -> None:
+    """Weights held in a reference cycle are freed by whichever garbage collection comes next,
+    also one inside another thread pool's `submit`, which holds a lock every pool's `submit`
+    takes: what their finalizer does must not need it."""
+    freed = threading.Event()
+    models = pool(Loader(), max_loaded_models=1, on_weights_freed=freed.set)
+    models.load_at_start(["a"])
+    loaded = models.loaded("a")
+    assert loaded is not None
+    cycle: list[object] = [loaded.model]
+    cycle.append(cycle)
+    del loaded
+    models.release(await models.acquire("b", wait_s=5))  # evicts a: only the cycle holds it
+    del cycle
+    original = concurrent.futures.Future.__init__
+
+    def collecting(self: concurrent.futures.Future) -> None:  # a collection an allocation starts
+        original(self)
+        monkeypatch.setattr(concurrent.futures.Future, "__init__", original)
+        gc.collect()
+
+    monkeypatch.setattr(concurrent.futures.Future, "__init__", collecting)
+    other = concurrent.futures.ThreadPoolExecutor(max_workers=1)
+    submitting = threading.Thread(target=lambda: other.submit(int).result(), daemon=True)
+    submitting.start()
+    submitting.join(5)
+    assert not submitting.is_alive(), "the finalizer deadlocked the submit"
+    assert await asyncio.to_thread(freed.wait, 5)
+    other.shutdown()
     models.close()
