@@ -39,8 +39,8 @@ scored the most hits:
 - **A switch of admission rule alone is cheap**: between configurations with the same window
   nothing moves and the contents need not catch up, so the leader needs only a lead over
   chance (`rule_noise` standard deviations, no margin, in the warm-up too) and the margin does
-  not grow; otherwise
-  a lead built up in an earlier phase keeps the worse rule long after the other has overtaken.
+  not grow; otherwise a lead built up in an earlier phase keeps the worse rule long after the
+  other has overtaken.
   Chance is judged by the requests on which the two simulations disagree (one hit, the other
   missed), the only ones that move the lead: two rules that agree on most requests differ
   by chance far less than sqrt(requests), and a real lead shows within a short trace.
